@@ -1,0 +1,76 @@
+//! Builds the eBPF programs for `bpfel-unknown-none` and embeds the object in the agent.
+//!
+//! The BPF build needs Debian's rustc (it ships `core` for the BPF target) and
+//! bpf-linker; `cargo xtask setup` installs both (see ../shared/TOOLCHAIN.md). The BPF
+//! crate has a target directory of its own, `target/bpf`, so cargo does not wait on the
+//! lock of the build that runs this script, and a second build is incremental.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+const BPF_CRATE: &str = "dataplane-ebpf";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let workspace = manifest_dir.parent().unwrap();
+    let ebpf_dir = workspace.join("dataplane-ebpf");
+    println!("cargo:rerun-if-changed={}", ebpf_dir.display());
+    println!("cargo:rerun-if-changed={}", workspace.join("Cargo.lock").display());
+
+    let bpf_linker = find_bpf_linker().unwrap_or_else(|| {
+        panic!("bpf-linker not found on PATH or in ~/.cargo/bin: run `cargo xtask setup`")
+    });
+    if !Path::new(DEBIAN_RUSTC).exists() {
+        panic!("{DEBIAN_RUSTC} (Debian's rustc-web) not found: run `cargo xtask setup`");
+    }
+
+    let target_dir = workspace.join("target").join("bpf");
+    let path = env::join_paths(
+        std::iter::once(bpf_linker.parent().unwrap().to_path_buf())
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace)
+        .args(["build", "--release", "--ignore-rust-version", "--target", BPF_TARGET])
+        .args(["--package", BPF_CRATE, "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTC", DEBIAN_RUSTC)
+        // Debian's stable rustc must accept the unstable features aya-ebpf uses.
+        .env("RUSTC_BOOTSTRAP", "1")
+        // BTF in the object lets bpftool show the maps' types.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .env("PATH", path);
+    for inherited in [
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(inherited);
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+    assert!(status.success(), "eBPF build failed: {cmd:?}");
+
+    let object = target_dir.join(BPF_TARGET).join("release").join(BPF_CRATE);
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("dataplane.bpf.o");
+    std::fs::copy(&object, &out)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", object.display(), out.display()));
+}
+
+fn find_bpf_linker() -> Option<PathBuf> {
+    let home_bin = env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin"));
+    env::split_paths(&env::var_os("PATH").unwrap_or_default())
+        .chain(home_bin)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|candidate| candidate.is_file())
+}

@@ -1,0 +1,1 @@
+//! Pure core: model, validation, compiler.

@@ -1,0 +1,4 @@
+//! Everything that touches the kernel: the BPF object, its maps and links, netlink.
+
+/// The eBPF object built from `dataplane-ebpf/programs` by this crate's build script.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));

@@ -1,0 +1,8 @@
+//! The dataplane agent: receives desired state over gRPC, compiles it into eBPF map
+//! contents and keeps the node's datapath programmed.
+//!
+//! Layers, each a module: [`core`] is pure (model, validation, compiler: no kernel, no
+//! I/O); [`kernel`] owns BPF objects, maps, links and netlink; [`service`] converts
+//! between proto and the core and maps errors to gRPC codes; `main` wires them up.
+pub mod core;
+pub mod kernel;

@@ -1,0 +1,256 @@
+//! The map ABI between the eBPF programs and the agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, free of `bool`/`Option` and of implicit
+//! padding (explicit `_pad` fields, checked by the size asserts at the bottom), so the
+//! same bytes mean the same thing on both sides. A layout change never happens in place:
+//! bump [`ABI_VERSION`] (it is part of every pin path) and add new types beside the old.
+#![no_std]
+
+mod drop_reason;
+
+pub use drop_reason::DropReason;
+
+/// Version of the map layout below. Part of the bpffs pin path, so an agent never
+/// reads maps pinned by an agent with another layout.
+pub const ABI_VERSION: u32 = 1;
+
+/// Slot 0 of ports and networks is never assigned: it stands for "no port".
+pub const NO_SLOT: u32 = 0;
+
+/// Most ports of one network that one node floods a frame to. Bounds the flood loop.
+pub const MAX_FLOOD_PORTS: usize = 64;
+
+/// Map names as they appear in the object file (and under the pin directory).
+pub mod map_names {
+    pub const PORTS: &str = "PORTS";
+    pub const PORT_MACS: &str = "PORT_MACS";
+    pub const PORT_ADDR4: &str = "PORT_ADDR4";
+    pub const PORT_ADDR6: &str = "PORT_ADDR6";
+    pub const FDB: &str = "FDB";
+    pub const FLOOD: &str = "FLOOD";
+    pub const PORT_STATS: &str = "PORT_STATS";
+    pub const NOPORT_DROPS: &str = "NOPORT_DROPS";
+    pub const VERDICT: &str = "VERDICT";
+}
+
+/// Program names as they appear in the object file.
+pub mod program_names {
+    /// tcx ingress of a port's device: frames the VM sends.
+    pub const PORT_INGRESS: &str = "port_ingress";
+    /// tcx egress of a port's device: frames delivered to the VM.
+    pub const PORT_EGRESS: &str = "port_egress";
+    /// A classifier that returns `TC_ACT_OK` at once: the benchmark floor.
+    pub const NOOP_TC: &str = "noop_tc";
+}
+
+/// Names of read-only globals the loader may set (`.rodata`, frozen before load, so the
+/// verifier removes the code they switch off).
+pub mod global_names {
+    /// `u32`: when 1, every packet of `port_ingress` writes its [`super::Verdict`]
+    /// into the `VERDICT` map. Used by packet tests; off (0) in production.
+    pub const TRACE_VERDICT: &str = "TRACE_VERDICT";
+}
+
+/// `skb->mark` stamped by `port_ingress` on frames it hands to another port, so that
+/// `port_egress` can tell them from frames the host's own stack sends to the device.
+/// The low 16 bits carry the sending port's slot.
+pub const MARK_FROM_DATAPATH: u32 = 0x0d_a7_0000;
+pub const MARK_MAGIC_MASK: u32 = 0xffff_0000;
+
+/// `PortInfo::flags`.
+pub mod port_flags {
+    /// The port and its network are administratively up.
+    pub const ADMIN_UP: u32 = 1 << 0;
+    /// Port security checks apply (source MAC/IP, ARP, ND, RA, DHCP server).
+    pub const PORT_SECURITY: u32 = 1 << 1;
+}
+
+/// `FloodEntry::flags`.
+pub mod flood_flags {
+    /// Receives unicast frames whose destination MAC is in no FDB entry: ports without
+    /// port security, and ports whose allowed address pairs name other MACs.
+    pub const ACCEPTS_UNKNOWN: u32 = 1 << 0;
+}
+
+/// `PORTS`: hash map, key `u32` ifindex of the port's device on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortInfo {
+    pub port_slot: u32,
+    pub network_slot: u32,
+    pub flags: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// `PORT_MACS`: hash map of the source MACs a port may send from; value `u32` (unused, 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortMacKey {
+    pub port_slot: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Data of the `PORT_ADDR4` LPM trie key: (port, source MAC, source IPv4 prefix).
+/// The first [`PORT_ADDR_FIXED_BITS`] bits always match exactly, so a trie prefix
+/// length is `PORT_ADDR_FIXED_BITS + cidr prefix length`. Value `u32` (unused, 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortAddr4 {
+    pub port_slot: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Data of the `PORT_ADDR6` LPM trie key, as [`PortAddr4`] for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortAddr6 {
+    pub port_slot: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Bits of the port/MAC part of the address trie keys (`port_slot`, `mac`, `_pad`).
+pub const PORT_ADDR_FIXED_BITS: u32 = 96;
+
+/// `FDB`: hash map from (network, destination MAC) to the port that owns the MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FdbKey {
+    pub network_slot: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FdbEntry {
+    pub ifindex: u32,
+    pub port_slot: u32,
+}
+
+/// One port of a network's flood set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FloodEntry {
+    pub ifindex: u32,
+    pub flags: u32,
+}
+
+/// `FLOOD`: hash map, key `u32` network slot; the ports of that network on this node
+/// that broadcast, multicast and (with `ACCEPTS_UNKNOWN`) unknown unicast go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FloodSet {
+    /// Entries in use, from the front of `ports`.
+    pub count: u32,
+    pub _pad: u32,
+    pub ports: [FloodEntry; MAX_FLOOD_PORTS],
+}
+
+impl Default for FloodSet {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            _pad: 0,
+            ports: [FloodEntry::default(); MAX_FLOOD_PORTS],
+        }
+    }
+}
+
+/// `PORT_STATS`: per-CPU array indexed by port slot. "rx" is what the port's device
+/// received from the VM; "tx" is what was delivered to the VM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Indexed by `DropReason as usize`.
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Default for PortStats {
+    fn default() -> Self {
+        Self {
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            drops: [0; DropReason::COUNT],
+        }
+    }
+}
+
+/// `Verdict::action`.
+pub mod verdict_action {
+    pub const DROP: u32 = 1;
+    /// Delivered to one port: `ifindexes[0]`.
+    pub const UNICAST: u32 = 2;
+    /// Copied to `count` ports: `ifindexes[..count]`.
+    pub const FLOOD: u32 = 3;
+    /// Handed on unchanged (`TC_ACT_OK`).
+    pub const PASS: u32 = 4;
+}
+
+/// `VERDICT`: per-CPU array of one entry, written by `port_ingress` for each packet when
+/// `TRACE_VERDICT` is set. Lets packet tests see where a frame went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: u32,
+    /// `DropReason` when `action` is `DROP`.
+    pub reason: u32,
+    pub count: u32,
+    pub _pad: u32,
+    pub ifindexes: [u32; MAX_FLOOD_PORTS],
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Self {
+            action: 0,
+            reason: 0,
+            count: 0,
+            _pad: 0,
+            ifindexes: [0; MAX_FLOOD_PORTS],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `repr(C)`, `Copy`, with every byte part of a field (the
+    // size asserts below prove there is no implicit padding), so any bytes are valid.
+    unsafe impl aya::Pod for PortInfo {}
+    unsafe impl aya::Pod for PortMacKey {}
+    unsafe impl aya::Pod for PortAddr4 {}
+    unsafe impl aya::Pod for PortAddr6 {}
+    unsafe impl aya::Pod for FdbKey {}
+    unsafe impl aya::Pod for FdbEntry {}
+    unsafe impl aya::Pod for FloodEntry {}
+    unsafe impl aya::Pod for FloodSet {}
+    unsafe impl aya::Pod for PortStats {}
+    unsafe impl aya::Pod for Verdict {}
+}
+
+// No implicit padding: each size is the sum of its fields.
+const _: () = assert!(core::mem::size_of::<PortInfo>() == 20);
+const _: () = assert!(core::mem::size_of::<PortMacKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PortAddr4>() == 16);
+const _: () = assert!(core::mem::size_of::<PortAddr6>() == 28);
+const _: () = assert!(core::mem::size_of::<FdbKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FdbEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<FloodEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<FloodSet>() == 8 + 8 * MAX_FLOOD_PORTS);
+const _: () = assert!(core::mem::size_of::<PortStats>() == 32 + 8 * DropReason::COUNT);
+const _: () = assert!(core::mem::size_of::<Verdict>() == 16 + 4 * MAX_FLOOD_PORTS);
+const _: () = assert!(PORT_ADDR_FIXED_BITS as usize == 8 * 12);
