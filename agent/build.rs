@@ -4,6 +4,9 @@
 //! bpf-linker; `cargo xtask setup` installs both (see ../shared/TOOLCHAIN.md). The BPF
 //! crate has a target directory of its own, `target/bpf`, so cargo does not wait on the
 //! lock of the build that runs this script, and a second build is incremental.
+//!
+//! `DATAPLANE_BPF_OBJECT=<path>` embeds an object built elsewhere instead (packagers,
+//! or work on the agent while the programs are mid-edit).
 use std::{
     env,
     path::{Path, PathBuf},
@@ -15,6 +18,13 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_CRATE: &str = "dataplane-ebpf";
 
 fn main() {
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("dataplane.bpf.o");
+    println!("cargo:rerun-if-env-changed=DATAPLANE_BPF_OBJECT");
+    if let Some(prebuilt) = env::var_os("DATAPLANE_BPF_OBJECT") {
+        println!("cargo:rerun-if-changed={}", Path::new(&prebuilt).display());
+        copy(Path::new(&prebuilt), &out);
+        return;
+    }
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap();
     let ebpf_dir = workspace.join("dataplane-ebpf");
@@ -61,10 +71,12 @@ fn main() {
         .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
     assert!(status.success(), "eBPF build failed: {cmd:?}");
 
-    let object = target_dir.join(BPF_TARGET).join("release").join(BPF_CRATE);
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("dataplane.bpf.o");
-    std::fs::copy(&object, &out)
-        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", object.display(), out.display()));
+    copy(&target_dir.join(BPF_TARGET).join("release").join(BPF_CRATE), &out);
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
 }
 
 fn find_bpf_linker() -> Option<PathBuf> {

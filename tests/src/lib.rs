@@ -1,1 +1,8 @@
-
+//! Test support: network namespaces, crafted frames, BPF_PROG_TEST_RUN and the agent
+//! process. The tests themselves are in `tests/tests/`.
+//!
+//! Every test that touches the kernel needs root; each makes its own uniquely named
+//! namespaces and removes them on drop, also when the test fails.
+pub mod frames;
+pub mod netns;
+pub mod testrun;

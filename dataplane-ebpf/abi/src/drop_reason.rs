@@ -33,7 +33,7 @@ pub enum DropReason {
     DhcpServerFromPort = 13,
     /// An ethertype port security does not allow (not ARP, IPv4 or IPv6; VLAN tags too).
     EthertypeNotAllowed = 14,
-    /// Unicast to a MAC that no port of the network owns and no port accepts.
+    /// Unicast to a MAC that no other port of the network owns or accepts.
     UnknownDestination = 15,
     /// A frame the host's own stack sent to a port device: not part of any network.
     NotFromDatapath = 16,

@@ -24,8 +24,10 @@ pub const MAX_FLOOD_PORTS: usize = 64;
 pub mod map_names {
     pub const PORTS: &str = "PORTS";
     pub const PORT_MACS: &str = "PORT_MACS";
-    pub const PORT_ADDR4: &str = "PORT_ADDR4";
-    pub const PORT_ADDR6: &str = "PORT_ADDR6";
+    pub const PORT_IP4: &str = "PORT_IP4";
+    pub const PORT_NET4: &str = "PORT_NET4";
+    pub const PORT_IP6: &str = "PORT_IP6";
+    pub const PORT_NET6: &str = "PORT_NET6";
     pub const FDB: &str = "FDB";
     pub const FLOOD: &str = "FLOOD";
     pub const PORT_STATS: &str = "PORT_STATS";
@@ -63,6 +65,11 @@ pub mod port_flags {
     pub const ADMIN_UP: u32 = 1 << 0;
     /// Port security checks apply (source MAC/IP, ARP, ND, RA, DHCP server).
     pub const PORT_SECURITY: u32 = 1 << 1;
+    /// The port has IPv4 allowed address pairs wider than /32: consult `PORT_NET4`
+    /// when `PORT_IP4` has no exact entry. Keeps the trie walk off the common path.
+    pub const HAS_NET4: u32 = 1 << 2;
+    /// As `HAS_NET4`, for IPv6 prefixes shorter than /128 and `PORT_NET6`.
+    pub const HAS_NET6: u32 = 1 << 3;
 }
 
 /// `FloodEntry::flags`.
@@ -92,9 +99,12 @@ pub struct PortMacKey {
     pub _pad: [u8; 2],
 }
 
-/// Data of the `PORT_ADDR4` LPM trie key: (port, source MAC, source IPv4 prefix).
-/// The first [`PORT_ADDR_FIXED_BITS`] bits always match exactly, so a trie prefix
-/// length is `PORT_ADDR_FIXED_BITS + cidr prefix length`. Value `u32` (unused, 1).
+/// A (port, source MAC, source IPv4) the port may send from. Key of two maps, value
+/// `u32` (unused, 1):
+/// - `PORT_IP4`, a hash map of exact host addresses (fixed IPs, /32 pairs);
+/// - `PORT_NET4`, an LPM trie of pair prefixes shorter than /32, as the data of its key:
+///   the first [`PORT_ADDR_FIXED_BITS`] bits always match exactly, so an entry's prefix
+///   length is `PORT_ADDR_FIXED_BITS + cidr prefix length`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortAddr4 {
@@ -105,7 +115,7 @@ pub struct PortAddr4 {
     pub addr: [u8; 4],
 }
 
-/// Data of the `PORT_ADDR6` LPM trie key, as [`PortAddr4`] for IPv6.
+/// As [`PortAddr4`] for IPv6: key of `PORT_IP6` (hash) and `PORT_NET6` (LPM trie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortAddr6 {
