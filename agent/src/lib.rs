@@ -2,7 +2,12 @@
 //! contents and keeps the node's datapath programmed.
 //!
 //! Layers, each a module: [`core`] is pure (model, validation, compiler: no kernel, no
-//! I/O); [`kernel`] owns BPF objects, maps, links and netlink; [`service`] converts
-//! between proto and the core and maps errors to gRPC codes; `main` wires them up.
+//! I/O); [`kernel`] owns BPF objects, maps, links and netlink; [`node`] keeps desired
+//! state and datapath in step; [`service`] converts between proto and the core and maps
+//! errors to gRPC codes; `main` wires them up.
+pub mod client;
+pub mod config;
 pub mod core;
 pub mod kernel;
+pub mod node;
+pub mod service;

@@ -1,1 +1,337 @@
-fn main() {}
+//! `dataplane-agent run` serves the node; `dataplane-agent ctl ...` talks to a running one.
+
+use std::{
+    fs::File,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use dataplane_agent::{
+    client::connect_unix,
+    config::{Config, FileConfig, BPFFS_MOUNT, DEFAULT_STATE_DIR},
+    core::compile::Slots,
+    kernel::{
+        bpffs,
+        datapath::{Datapath, LoadOptions, MapLimits},
+        links::LinkEvents,
+    },
+    node::Node,
+    service::server,
+};
+use dataplane_proto::v1 as pb;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF data plane agent for hypervisor nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: serve the API and keep the datapath programmed.
+    Run(RunArgs),
+    /// Query a running agent.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_name: Option<String>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also serve on this TCP address, without authentication.
+    #[arg(long)]
+    grpc_tcp: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    bpffs_dir: Option<PathBuf>,
+    #[arg(long)]
+    max_ports: Option<u32>,
+    /// tracing filter, e.g. `info` or `dataplane_agent=debug` (RUST_LOG wins).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    #[arg(long, default_value_t = format!("{DEFAULT_STATE_DIR}/agent.sock"))]
+    socket: String,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Ports the agent knows, with their status.
+    Ports,
+    /// Packet and byte counters and drops by reason, per programmed port.
+    Counters {
+        /// Only this port.
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// Status of every resource.
+    Status,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Ctl(args) => runtime.block_on(ctl(args)),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log))
+                .context("parsing --log")?,
+        )
+        .init();
+
+    let file = match &args.config {
+        Some(path) => FileConfig::read(path)?,
+        None => FileConfig::default(),
+    };
+    let config = Config::resolve(
+        FileConfig {
+            node_name: args.node_name,
+            state_dir: args.state_dir,
+            socket: args.socket,
+            grpc_tcp: args.grpc_tcp,
+            bpffs_dir: args.bpffs_dir,
+            max_ports: args.max_ports,
+        },
+        file,
+    )?;
+    info!(?config, "starting");
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let _lock = lock_state_dir(&config.state_dir)?;
+
+    bpffs::ensure_mounted(Path::new(BPFFS_MOUNT)).context("mounting bpffs")?;
+    let datapath = Datapath::load(
+        MapLimits {
+            max_ports: config.max_ports,
+            max_addresses: config.max_ports * 16,
+            max_fdb: config.max_ports * 4,
+        },
+        &LoadOptions {
+            pin_root: Some(config.bpffs_dir.clone()),
+            trace_verdicts: false,
+        },
+    )
+    .context("loading the datapath")?;
+    let node = Arc::new(Node::new(
+        config.node_name.clone(),
+        datapath,
+        Slots::new(config.max_ports, config.max_ports),
+    ));
+
+    let devices = tokio::spawn(watch_devices(node.clone()));
+    let logs = tokio::spawn(forward_datapath_logs(node.clone()));
+
+    let mut terminate =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+    };
+    let served = server::serve(node.clone(), &config.socket, config.grpc_tcp, shutdown).await;
+    devices.abort();
+    logs.abort();
+    node.flush_datapath_logs().await;
+    info!("stopped");
+    served
+}
+
+/// One agent per state directory: a second one would fight the first over the socket
+/// and the pins.
+fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = state_dir.join("agent.lock");
+    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "another agent holds {} ({errno}); one agent per state directory",
+            path.display()
+        )
+    })
+}
+
+/// Re-resolves port devices on every link event, and every few seconds in case an
+/// event was missed.
+async fn watch_devices(node: Arc<Node>) {
+    const RESCAN: Duration = Duration::from_secs(2);
+    let mut events = match LinkEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!(error = %e, "no rtnetlink link events; polling devices only");
+            None
+        }
+    };
+    loop {
+        match &mut events {
+            Some(link_events) => {
+                tokio::select! {
+                    changed = link_events.changed() => if let Err(e) = changed {
+                        warn!(error = %e, "rtnetlink read failed; polling devices only");
+                        events = None;
+                    },
+                    () = tokio::time::sleep(RESCAN) => {}
+                }
+            }
+            None => tokio::time::sleep(RESCAN).await,
+        }
+        if let Err(e) = node.refresh_devices().await {
+            error!(error = ?e, "reprogramming after a device change failed");
+        }
+    }
+}
+
+/// Forwards aya-log records from the programs into tracing as they arrive.
+async fn forward_datapath_logs(node: Arc<Node>) {
+    let Some(fd) = node.datapath_log_fd().await else {
+        return;
+    };
+    // SAFETY: the fd belongs to the datapath's logger, which lives inside `node`; this
+    // task holds `node`, so the fd stays open for as long as it is registered.
+    let readable = match unsafe { AsyncFd::register(fd) } {
+        Ok(readable) => readable,
+        Err(e) => {
+            warn!(error = %e, "cannot wait on the datapath log buffer");
+            return;
+        }
+    };
+    loop {
+        match readable.readable().await {
+            Ok(mut guard) => {
+                node.flush_datapath_logs().await;
+                guard.clear_ready();
+            }
+            Err(e) => {
+                warn!(error = %e, "datapath log buffer");
+                return;
+            }
+        }
+    }
+}
+
+async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    let mut client = connect_unix(Path::new(&args.socket))
+        .await
+        .with_context(|| format!("connecting to {}", args.socket))?;
+    match args.command {
+        CtlCommand::Ports => {
+            let ports = client.list_ports(pb::ListRequest {}).await?.into_inner().ports;
+            println!("{:<38} {:<18} {:<16} {:<8} REASON", "PORT", "MAC", "DEVICE", "STATUS");
+            for entry in ports {
+                let port = entry.port.unwrap_or_default();
+                let (status, reason) = status_words(entry.status.as_ref());
+                let device = port.binding.map(|b| b.interface_name).unwrap_or_default();
+                println!(
+                    "{:<38} {:<18} {:<16} {:<8} {reason}",
+                    port.id, port.mac_address, device, status
+                );
+            }
+        }
+        CtlCommand::Counters { port } => {
+            let response = client
+                .get_port_counters(pb::GetPortCountersRequest {
+                    port_id: port.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{:<38} {:>10} {:>12} {:>10} {:>12}  DROPS",
+                "PORT", "RX_PKTS", "RX_BYTES", "TX_PKTS", "TX_BYTES"
+            );
+            for counters in response.ports {
+                println!(
+                    "{:<38} {:>10} {:>12} {:>10} {:>12}  {}",
+                    counters.port_id,
+                    counters.rx_packets,
+                    counters.rx_bytes,
+                    counters.tx_packets,
+                    counters.tx_bytes,
+                    drop_words(&counters.drops)
+                );
+            }
+            if !response.unattributed_drops.is_empty() {
+                println!("unattributed drops: {}", drop_words(&response.unattributed_drops));
+            }
+        }
+        CtlCommand::Status => {
+            let mut events = client
+                .watch(pb::WatchRequest {
+                    include_current: true,
+                })
+                .await?
+                .into_inner();
+            // The current statuses arrive at once; stop when the stream goes quiet.
+            while let Ok(message) =
+                tokio::time::timeout(Duration::from_millis(300), events.message()).await
+            {
+                let Some(event) = message? else { break };
+                if let Some(pb::watch_event::Event::Status(status)) = event.event {
+                    let kind = status
+                        .r#ref
+                        .as_ref()
+                        .and_then(|r| pb::ResourceKind::try_from(r.kind).ok())
+                        .map(|k| k.as_str_name().trim_start_matches("RESOURCE_KIND_").to_lowercase())
+                        .unwrap_or_default();
+                    let id = status.r#ref.as_ref().map(|r| r.id.clone()).unwrap_or_default();
+                    let (word, reason) = status_words(Some(&status));
+                    println!("{kind:<15} {id:<38} {word:<8} {reason}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status_words(status: Option<&pb::ResourceStatus>) -> (String, String) {
+    match status {
+        Some(status) => (
+            pb::Status::try_from(status.status)
+                .map(|s| s.as_str_name().trim_start_matches("STATUS_").to_owned())
+                .unwrap_or_else(|_| "?".into()),
+            status.reason.clone(),
+        ),
+        None => ("-".into(), String::new()),
+    }
+}
+
+fn drop_words(drops: &[pb::DropCount]) -> String {
+    drops
+        .iter()
+        .map(|drop| {
+            let reason = pb::DropReason::try_from(drop.reason)
+                .map(|r| r.as_str_name().trim_start_matches("DROP_REASON_").to_lowercase())
+                .unwrap_or_else(|_| drop.reason.to_string());
+            format!("{reason}={}", drop.packets)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

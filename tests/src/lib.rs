@@ -3,6 +3,10 @@
 //!
 //! Every test that touches the kernel needs root; each makes its own uniquely named
 //! namespaces and removes them on drop, also when the test fails.
+pub mod agent;
+pub mod api;
 pub mod frames;
 pub mod netns;
+pub mod reference;
 pub mod testrun;
+pub mod topology;

@@ -1,1 +1,10 @@
-//! Pure core: model, validation, compiler.
+//! The pure core: the domain model, its validation and the compiler to map contents.
+//! No I/O, no kernel, no async, no proto types.
+pub mod compile;
+pub mod model;
+pub mod validate;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod scale_tests;

@@ -1,4 +1,9 @@
 //! Everything that touches the kernel: the BPF object, its maps and links, netlink.
 
+pub mod bpffs;
+pub mod datapath;
+pub mod links;
+
 /// The eBPF object built from `dataplane-ebpf/programs` by this crate's build script.
-pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));

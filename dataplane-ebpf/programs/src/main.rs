@@ -1,11 +1,115 @@
+//! TC programs of a VM port's device. `port_ingress` (tcx ingress: frames the VM sends)
+//! validates, applies port security and switches; `port_egress` (tcx egress: frames
+//! delivered to the VM) only lets through what `port_ingress` switched.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod arp;
+mod drop;
+mod eth;
+mod ipv4;
+mod ipv6;
+mod l2;
+mod l4;
+mod maps;
+mod packet;
+mod port_security;
+mod trace;
 
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use dataplane_abi::{
+    port_flags, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH, MARK_MAGIC_MASK,
+};
+
+use crate::{
+    eth::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
+    packet::Packet,
+};
+
+/// Does nothing: the benchmark floor.
 #[classifier]
 pub fn noop_tc(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+#[classifier]
+pub fn port_ingress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    let Some((port, stats)) = maps::port(ifindex) else {
+        return drop::shot(None, DropReason::UnknownPort);
+    };
+    stats.rx_packets += 1;
+    stats.rx_bytes += u64::from(ctx.len());
+    match ingress(&ctx, port, ifindex, stats) {
+        Ok(action) => action,
+        Err(reason) => drop::shot(Some(stats), reason),
+    }
+}
+
+#[inline(always)]
+fn ingress(
+    ctx: &TcContext,
+    port: &PortInfo,
+    ifindex: u32,
+    stats: &mut PortStats,
+) -> Result<i32, DropReason> {
+    if port.flags & port_flags::ADMIN_UP == 0 {
+        return Err(DropReason::PortAdminDown);
+    }
+    let mut pkt = Packet::new(ctx);
+    let eth = eth::parse(&mut pkt)?;
+    let secure = port.flags & port_flags::PORT_SECURITY != 0;
+    // Network headers are validated on every port, before port security looks at them.
+    match eth.proto {
+        ETH_P_IP => {
+            let ip = ipv4::parse(&mut pkt)?;
+            if secure {
+                port_security::ipv4(&mut pkt, port, &eth, &ip)?;
+            }
+        }
+        ETH_P_IPV6 => {
+            let ip = ipv6::parse(&mut pkt)?;
+            if secure {
+                port_security::ipv6(&mut pkt, port, &eth, &ip)?;
+            }
+        }
+        ETH_P_ARP => {
+            let arp = arp::parse(&mut pkt)?;
+            if secure {
+                port_security::arp(port, &eth, &arp)?;
+            }
+        }
+        _ if secure => port_security::other(port, &eth)?,
+        _ => {}
+    }
+    l2::forward(ctx, port, ifindex, &eth.dst, stats)
+}
+
+#[classifier]
+pub fn port_egress(ctx: TcContext) -> i32 {
+    let Some((port, stats)) = maps::port(ifindex(&ctx)) else {
+        return drop::shot(None, DropReason::UnknownPort);
+    };
+    // SAFETY: `skb` is the context the kernel passed in.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    // Only frames `port_ingress` switched reach a VM, not the host stack's own.
+    if mark & MARK_MAGIC_MASK != MARK_FROM_DATAPATH {
+        return drop::shot(Some(stats), DropReason::NotFromDatapath);
+    }
+    ctx.set_mark(0);
+    if port.flags & port_flags::ADMIN_UP == 0 {
+        return drop::shot(Some(stats), DropReason::PortAdminDown);
+    }
+    stats.tx_packets += 1;
+    stats.tx_bytes += u64::from(ctx.len());
+    trace::pass();
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context the kernel passed in.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,567 @@
+//! The compiler: from a validated [`State`] and the devices present on this node to the
+//! contents the datapath's maps should have, and a status for every resource.
+//!
+//! Pure and deterministic: the same state, devices and slots give the same tables. The
+//! kernel layer diffs two [`DatapathTables`] to update the maps.
+
+use std::collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet};
+
+use dataplane_abi::{
+    flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4, PortAddr6,
+    PortInfo, PortMacKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
+};
+use ipnet::{IpNet, Ipv6Net};
+
+use super::model::{MacAddr, Network, Port, ResourceKind, ResourceRef, State};
+
+/// What the compiler needs to know about the node.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView<'a> {
+    /// Ports bound to this host are local.
+    pub node_name: &'a str,
+    /// Device name → ifindex of the devices present on this node.
+    pub interfaces: &'a BTreeMap<String, u32>,
+}
+
+/// Stable small numbers for local ports and networks: the index of per-port arrays and
+/// the key of per-network maps. A port or network keeps its slot while it stays
+/// programmed; a freed slot goes to the next newcomer (lowest first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slots {
+    ports: SlotPool,
+    networks: SlotPool,
+}
+
+impl Slots {
+    /// Slots are `1..max_ports` and `1..max_networks`: the maximum is the size of arrays
+    /// indexed by slot, whose entry 0 is [`NO_SLOT`].
+    pub fn new(max_ports: u32, max_networks: u32) -> Self {
+        Self {
+            ports: SlotPool::new(max_ports),
+            networks: SlotPool::new(max_networks),
+        }
+    }
+
+    pub fn port_slot(&self, port_id: &str) -> Option<u32> {
+        self.ports.get(port_id)
+    }
+
+    pub fn network_slot(&self, network_id: &str) -> Option<u32> {
+        self.networks.get(network_id)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SlotPool {
+    /// One past the highest slot.
+    end: u32,
+    assigned: HashMap<String, u32>,
+    /// Freed slots below `next_unused`, handed out again lowest first.
+    released: BTreeSet<u32>,
+    next_unused: u32,
+}
+
+impl SlotPool {
+    fn new(end: u32) -> Self {
+        Self {
+            end,
+            assigned: HashMap::new(),
+            released: BTreeSet::new(),
+            next_unused: NO_SLOT + 1,
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<u32> {
+        self.assigned.get(id).copied()
+    }
+
+    /// Frees the slots of ids `keep` says no to.
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let released = &mut self.released;
+        self.assigned.retain(|id, slot| {
+            let kept = keep(id);
+            if !kept {
+                released.insert(*slot);
+            }
+            kept
+        });
+    }
+
+    fn release(&mut self, id: &str) {
+        if let Some(slot) = self.assigned.remove(id) {
+            self.released.insert(slot);
+        }
+    }
+
+    /// The id's slot, assigning the lowest free one if it has none; `None` when full.
+    fn assign(&mut self, id: &str) -> Option<u32> {
+        if let Some(slot) = self.get(id) {
+            return Some(slot);
+        }
+        let slot = match self.released.pop_first() {
+            Some(slot) => slot,
+            None if self.next_unused < self.end => {
+                self.next_unused += 1;
+                self.next_unused - 1
+            }
+            None => return None,
+        };
+        self.assigned.insert(id.to_owned(), slot);
+        Some(slot)
+    }
+
+    fn capacity(&self) -> u32 {
+        self.end.saturating_sub(NO_SLOT + 1)
+    }
+}
+
+/// The desired contents of the datapath's maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathTables {
+    /// `PORTS`, by ifindex.
+    pub ports: BTreeMap<u32, PortInfo>,
+    pub port_macs: BTreeSet<PortMacKey>,
+    pub port_ip4: BTreeSet<PortAddr4>,
+    /// `PORT_NET4`: (trie prefix length, key with the address masked to the prefix).
+    pub port_net4: BTreeSet<(u32, PortAddr4)>,
+    pub port_ip6: BTreeSet<PortAddr6>,
+    pub port_net6: BTreeSet<(u32, PortAddr6)>,
+    pub fdb: BTreeMap<FdbKey, FdbEntry>,
+    /// `FLOOD`, by network slot.
+    pub flood: BTreeMap<u32, FloodSet>,
+}
+
+/// A port the datapath serves on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedPort {
+    pub port_id: String,
+    pub slot: u32,
+    pub ifindex: u32,
+    pub interface_name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StatusKind {
+    Active,
+    Down,
+    Build,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceStatus {
+    pub status: StatusKind,
+    /// Empty when ACTIVE; otherwise why, in words an operator can act on.
+    pub reason: String,
+    /// The revision the status refers to.
+    pub revision_number: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub tables: DatapathTables,
+    /// By port id.
+    pub ports: Vec<ProgrammedPort>,
+    /// Every resource of the state.
+    pub statuses: BTreeMap<ResourceRef, ResourceStatus>,
+}
+
+pub const ROUTING_NOT_IMPLEMENTED: &str = "routing/NAT is not implemented by this datapath yet";
+
+/// A local port whose device is present, before slots are settled.
+struct Candidate<'s> {
+    port: &'s Port,
+    network: &'s Network,
+    ifindex: u32,
+}
+
+/// Compiles `state` for this node. Updates `slots`: ports and networks no longer
+/// programmed give theirs up, new ones get one.
+pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compiled {
+    let mut statuses = Statuses::default();
+    for network in state.networks.values() {
+        let (status, reason) = if network.admin_state_up {
+            (StatusKind::Active, "")
+        } else {
+            (StatusKind::Down, "admin_state_up is false")
+        };
+        statuses.set(ResourceKind::Network, &network.id, network.revision_number, status, reason);
+    }
+    for subnet in state.subnets.values() {
+        statuses.active(ResourceKind::Subnet, &subnet.id, subnet.revision_number);
+    }
+    for group in state.security_groups.values() {
+        statuses.active(ResourceKind::SecurityGroup, &group.id, group.revision_number);
+    }
+    for policy in state.qos_policies.values() {
+        statuses.active(ResourceKind::QosPolicy, &policy.id, policy.revision_number);
+    }
+    for router in state.routers.values() {
+        statuses.set(
+            ResourceKind::Router,
+            &router.id,
+            router.revision_number,
+            StatusKind::Down,
+            ROUTING_NOT_IMPLEMENTED,
+        );
+    }
+    for floating_ip in state.floating_ips.values() {
+        statuses.set(
+            ResourceKind::FloatingIp,
+            &floating_ip.id,
+            floating_ip.revision_number,
+            StatusKind::Down,
+            ROUTING_NOT_IMPLEMENTED,
+        );
+    }
+
+    let mut candidates = local_candidates(state, node, &mut statuses);
+    settle_slots(&mut candidates, slots, &mut statuses);
+
+    let mut tables = DatapathTables::default();
+    let mut programmed = Vec::new();
+    for (network_id, ports) in &candidates {
+        let Some(network_slot) = slots.network_slot(network_id) else {
+            continue;
+        };
+        let claims = mac_claims(ports);
+        let mut flood = FloodSet::default();
+        for (entry, candidate) in flood.ports.iter_mut().zip(ports) {
+            let port = candidate.port;
+            let Some(port_slot) = slots.port_slot(&port.id) else {
+                continue;
+            };
+            let own_mac = port.mac_address;
+            let other_macs = pair_macs(port);
+            let port_security = port
+                .port_security_enabled
+                .unwrap_or(candidate.network.port_security_enabled);
+            let fdb_entry = FdbEntry {
+                ifindex: candidate.ifindex,
+                port_slot,
+            };
+            tables.fdb.insert(fdb_key(network_slot, own_mac), fdb_entry);
+            for mac in &other_macs {
+                // A MAC two ports claim is nobody's: frames to it go to both as unknown.
+                if claims.get(mac) == Some(&1) {
+                    tables.fdb.insert(fdb_key(network_slot, *mac), fdb_entry);
+                }
+            }
+
+            *entry = FloodEntry {
+                ifindex: candidate.ifindex,
+                flags: if !port_security || !other_macs.is_empty() {
+                    flood_flags::ACCEPTS_UNKNOWN
+                } else {
+                    0
+                },
+            };
+            flood.count += 1;
+
+            let mut flags = 0;
+            let (status, reason) = if !port.admin_state_up {
+                (StatusKind::Down, "admin_state_up is false".to_owned())
+            } else if !candidate.network.admin_state_up {
+                (
+                    StatusKind::Down,
+                    format!("network {network_id} has admin_state_up false"),
+                )
+            } else {
+                flags |= port_flags::ADMIN_UP;
+                (StatusKind::Active, String::new())
+            };
+            if port_security {
+                flags |= port_flags::PORT_SECURITY | add_port_addresses(&mut tables, port_slot, port);
+            }
+            tables.ports.insert(
+                candidate.ifindex,
+                PortInfo {
+                    port_slot,
+                    network_slot,
+                    flags,
+                    mac: own_mac.0,
+                    _pad: [0; 2],
+                },
+            );
+            statuses.set(ResourceKind::Port, &port.id, port.revision_number, status, reason);
+            programmed.push(ProgrammedPort {
+                port_id: port.id.clone(),
+                slot: port_slot,
+                ifindex: candidate.ifindex,
+                interface_name: port.binding.interface_name.clone(),
+            });
+        }
+        tables.flood.insert(network_slot, flood);
+    }
+    programmed.sort_by(|a, b| a.port_id.cmp(&b.port_id));
+
+    Compiled {
+        tables,
+        ports: programmed,
+        statuses: statuses.0,
+    }
+}
+
+#[derive(Default)]
+struct Statuses(BTreeMap<ResourceRef, ResourceStatus>);
+
+impl Statuses {
+    fn set(
+        &mut self,
+        kind: ResourceKind,
+        id: &str,
+        revision_number: u64,
+        status: StatusKind,
+        reason: impl Into<String>,
+    ) {
+        self.0.insert(
+            ResourceRef {
+                kind,
+                id: id.to_owned(),
+            },
+            ResourceStatus {
+                status,
+                reason: reason.into(),
+                revision_number,
+            },
+        );
+    }
+
+    fn active(&mut self, kind: ResourceKind, id: &str, revision_number: u64) {
+        self.set(kind, id, revision_number, StatusKind::Active, "");
+    }
+
+    fn port(&mut self, port: &Port, status: StatusKind, reason: impl Into<String>) {
+        self.set(ResourceKind::Port, &port.id, port.revision_number, status, reason);
+    }
+}
+
+/// Local ports whose device is present, by network id, each network's in port id order
+/// and at most [`MAX_FLOOD_PORTS`] of them. Gives every other port its status.
+fn local_candidates<'s>(
+    state: &'s State,
+    node: &NodeView<'_>,
+    statuses: &mut Statuses,
+) -> BTreeMap<&'s str, Vec<Candidate<'s>>> {
+    let mut candidates: BTreeMap<&str, Vec<Candidate>> = BTreeMap::new();
+    let mut device_users: HashMap<u32, &str> = HashMap::new();
+    for port in state.ports.values() {
+        let binding = &port.binding;
+        if binding.host.is_empty() {
+            statuses.port(port, StatusKind::Down, "not bound to a node");
+            continue;
+        }
+        if binding.host != node.node_name {
+            statuses.port(
+                port,
+                StatusKind::Down,
+                format!("bound to host {}, not this node", binding.host),
+            );
+            continue;
+        }
+        if binding.interface_name.is_empty() {
+            statuses.port(port, StatusKind::Build, "waiting for the binding's interface_name");
+            continue;
+        }
+        let Some(&ifindex) = node.interfaces.get(&binding.interface_name) else {
+            statuses.port(
+                port,
+                StatusKind::Build,
+                format!("waiting for interface {}", binding.interface_name),
+            );
+            continue;
+        };
+        // A validated state has the network; a state built by hand might not.
+        let Some(network) = state.networks.get(&port.network_id) else {
+            statuses.port(
+                port,
+                StatusKind::Error,
+                format!("network {} does not exist", port.network_id),
+            );
+            continue;
+        };
+        // One device, one port: the map is keyed by ifindex.
+        match device_users.entry(ifindex) {
+            Entry::Occupied(user) => {
+                statuses.port(
+                    port,
+                    StatusKind::Error,
+                    format!(
+                        "interface {} is already the device of port {}",
+                        binding.interface_name,
+                        user.get()
+                    ),
+                );
+                continue;
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(&port.id);
+            }
+        }
+        candidates.entry(&port.network_id).or_default().push(Candidate {
+            port,
+            network,
+            ifindex,
+        });
+    }
+    for (network_id, ports) in &mut candidates {
+        if ports.len() > MAX_FLOOD_PORTS {
+            for extra in ports.drain(MAX_FLOOD_PORTS..) {
+                statuses.port(
+                    extra.port,
+                    StatusKind::Error,
+                    format!(
+                        "network {network_id} already has {MAX_FLOOD_PORTS} ports on this node, \
+                         the most the datapath floods to"
+                    ),
+                );
+            }
+        }
+    }
+    candidates
+}
+
+/// Frees the slots of what is no longer programmed, then gives newcomers slots in id
+/// order; a candidate that gets none becomes ERROR and is dropped.
+fn settle_slots(
+    candidates: &mut BTreeMap<&str, Vec<Candidate<'_>>>,
+    slots: &mut Slots,
+    statuses: &mut Statuses,
+) {
+    slots.networks.retain(|id| candidates.contains_key(id));
+    let network_capacity = slots.networks.capacity();
+    for (network_id, ports) in candidates.iter_mut() {
+        if slots.networks.assign(network_id).is_none() {
+            for candidate in ports.drain(..) {
+                statuses.port(
+                    candidate.port,
+                    StatusKind::Error,
+                    format!("no free network slot on this node (all {network_capacity} in use)"),
+                );
+            }
+        }
+    }
+
+    let wanted: BTreeSet<&str> = candidates
+        .values()
+        .flatten()
+        .map(|candidate| candidate.port.id.as_str())
+        .collect();
+    slots.ports.retain(|id| wanted.contains(id));
+    let port_capacity = slots.ports.capacity();
+    let without_slot: HashSet<&str> = wanted
+        .into_iter()
+        .filter(|id| slots.ports.assign(id).is_none())
+        .collect();
+    for ports in candidates.values_mut() {
+        ports.retain(|candidate| {
+            let has_slot = !without_slot.contains(candidate.port.id.as_str());
+            if !has_slot {
+                statuses.port(
+                    candidate.port,
+                    StatusKind::Error,
+                    format!("no free port slot on this node (all {port_capacity} in use)"),
+                );
+            }
+            has_slot
+        });
+    }
+    candidates.retain(|network_id, ports| {
+        if ports.is_empty() {
+            slots.networks.release(network_id);
+        }
+        !ports.is_empty()
+    });
+}
+
+/// How many of the network's programmed ports claim each MAC (own or pair MAC).
+fn mac_claims(ports: &[Candidate<'_>]) -> HashMap<MacAddr, usize> {
+    let mut claims = HashMap::new();
+    for candidate in ports {
+        let own = candidate.port.mac_address;
+        for mac in std::iter::once(own).chain(pair_macs(candidate.port)) {
+            *claims.entry(mac).or_insert(0) += 1;
+        }
+    }
+    claims
+}
+
+/// The port's pair MACs other than its own, each once.
+fn pair_macs(port: &Port) -> BTreeSet<MacAddr> {
+    port.allowed_address_pairs
+        .iter()
+        .filter_map(|pair| pair.mac_address)
+        .filter(|mac| *mac != port.mac_address)
+        .collect()
+}
+
+fn fdb_key(network_slot: u32, mac: MacAddr) -> FdbKey {
+    FdbKey {
+        network_slot,
+        mac: mac.0,
+        _pad: [0; 2],
+    }
+}
+
+/// Adds the (MAC, address) pairs the port may send from; returns the `HAS_NET*` flags.
+fn add_port_addresses(tables: &mut DatapathTables, slot: u32, port: &Port) -> u32 {
+    let own = port.mac_address;
+    let mut flags = 0;
+    let mut allow = |mac: MacAddr, net: IpNet| match net {
+        IpNet::V4(net) => {
+            let key = |addr: std::net::Ipv4Addr| PortAddr4 {
+                port_slot: slot,
+                mac: mac.0,
+                _pad: [0; 2],
+                addr: addr.octets(),
+            };
+            if net.prefix_len() == net.max_prefix_len() {
+                tables.port_ip4.insert(key(net.addr()));
+            } else {
+                let prefix = PORT_ADDR_FIXED_BITS + u32::from(net.prefix_len());
+                tables.port_net4.insert((prefix, key(net.network())));
+                flags |= port_flags::HAS_NET4;
+            }
+        }
+        IpNet::V6(net) => {
+            let key = |addr: std::net::Ipv6Addr| PortAddr6 {
+                port_slot: slot,
+                mac: mac.0,
+                _pad: [0; 2],
+                addr: addr.octets(),
+            };
+            if net.prefix_len() == net.max_prefix_len() {
+                tables.port_ip6.insert(key(net.addr()));
+            } else {
+                let prefix = PORT_ADDR_FIXED_BITS + u32::from(net.prefix_len());
+                tables.port_net6.insert((prefix, key(net.network())));
+                flags |= port_flags::HAS_NET6;
+            }
+        }
+    };
+    let link_local = |mac: MacAddr| IpNet::V6(Ipv6Net::from(mac.ipv6_link_local()));
+
+    for fixed_ip in &port.fixed_ips {
+        allow(own, IpNet::from(fixed_ip.ip_address));
+    }
+    // Neutron lets every port use the link-local address of each of its MACs.
+    allow(own, link_local(own));
+    for pair in &port.allowed_address_pairs {
+        allow(pair.mac_address.unwrap_or(own), pair.ip_address);
+    }
+    let other_macs = pair_macs(port);
+    for mac in &other_macs {
+        allow(*mac, link_local(*mac));
+    }
+    for mac in std::iter::once(own).chain(other_macs) {
+        tables.port_macs.insert(PortMacKey {
+            port_slot: slot,
+            mac: mac.0,
+            _pad: [0; 2],
+        });
+    }
+    flags
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,648 @@
+//! The loaded BPF object: its maps, its programs and their attachments to port devices.
+//!
+//! [`Datapath::sync`] makes the maps equal to a compiled [`DatapathTables`] by writing
+//! only the difference, in an order that never lets a packet see a port before its
+//! address and forwarding entries exist, nor forwarding entries outlive their port.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
+    programs::{
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+    },
+    util::nr_cpus,
+    Ebpf, EbpfLoader,
+};
+use dataplane_abi::{
+    global_names, map_names, program_names, DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4,
+    PortAddr6, PortInfo, PortMacKey, PortStats, Verdict, ABI_VERSION,
+};
+use tracing::{debug, info, warn};
+
+use super::BPF_OBJECT;
+use crate::core::compile::{DatapathTables, ProgrammedPort};
+
+/// Sizes of the maps that grow with the node's ports.
+#[derive(Clone, Copy, Debug)]
+pub struct MapLimits {
+    /// Ports programmed on this node (PORTS, PORT_STATS, also the slot space).
+    pub max_ports: u32,
+    /// Exact (port, MAC, address) entries, each of PORT_IP4 and PORT_IP6.
+    pub max_addresses: u32,
+    /// (network, MAC) forwarding entries.
+    pub max_fdb: u32,
+}
+
+/// How to load the object.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin the maps under `<root>/v<ABI_VERSION>/maps` (needs bpffs there).
+    pub pin_root: Option<PathBuf>,
+    /// Record every `port_ingress` decision in the `VERDICT` map (packet tests only:
+    /// production leaves it off and the verifier removes the code).
+    pub trace_verdicts: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the BPF object")]
+    Load(#[from] aya::EbpfError),
+    #[error("the BPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching to {interface} ({direction})")]
+    Attach {
+        interface: String,
+        direction: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pinning map {map} at {path}")]
+    Pin {
+        map: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("preparing pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `sizeof(struct __sk_buff)` and the offsets of the fields a test run may set.
+const SKB_CTX_LEN: usize = 192;
+const SKB_MARK: usize = 8;
+const SKB_IFINDEX: usize = 40;
+
+/// What one BPF_PROG_TEST_RUN did.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRunOutcome {
+    /// The program's return code (`TC_ACT_*`).
+    pub return_code: i32,
+    /// Average time of one run, as the kernel measured it.
+    pub per_run: std::time::Duration,
+    pub verdict: Verdict,
+}
+
+/// Per-port and unattributed counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Non-zero drop counts by reason.
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+struct Attachment {
+    interface: String,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
+struct Maps {
+    ports: HashMap<MapData, u32, PortInfo>,
+    port_macs: HashMap<MapData, PortMacKey, u32>,
+    port_ip4: HashMap<MapData, PortAddr4, u32>,
+    port_net4: LpmTrie<MapData, PortAddr4, u32>,
+    port_ip6: HashMap<MapData, PortAddr6, u32>,
+    port_net6: LpmTrie<MapData, PortAddr6, u32>,
+    fdb: HashMap<MapData, FdbKey, FdbEntry>,
+    flood: HashMap<MapData, u32, FloodSet>,
+    port_stats: PerCpuArray<MapData, PortStats>,
+    noport_drops: PerCpuArray<MapData, u64>,
+}
+
+pub struct Datapath {
+    // Programs live in `ebpf`; the maps were taken out of it into `maps`.
+    ebpf: Ebpf,
+    maps: Maps,
+    /// What the maps hold now.
+    programmed: DatapathTables,
+    /// Slot of each programmed port, to notice slots that change hands.
+    slots: BTreeMap<String, u32>,
+    attachments: StdHashMap<u32, Attachment>,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Where this agent pins its maps: `<root>/v<ABI_VERSION>/maps`. The version in the path
+/// keeps agents with another map layout from ever opening these maps.
+pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
+    bpffs_root.join(format!("v{ABI_VERSION}")).join("maps")
+}
+
+impl Datapath {
+    /// Loads and verifies the programs, sizes and optionally pins the maps (for
+    /// inspection with bpftool; a previous run's pins are replaced), and starts
+    /// forwarding the programs' log records to `tracing`.
+    pub fn load(limits: MapLimits, options: &LoadOptions) -> Result<Self, DatapathError> {
+        let trace = u32::from(options.trace_verdicts);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(global_names::TRACE_VERDICT, &trace, true)
+            .map_max_entries(map_names::PORTS, limits.max_ports)
+            .map_max_entries(map_names::PORT_STATS, limits.max_ports)
+            .map_max_entries(map_names::FLOOD, limits.max_ports)
+            .map_max_entries(map_names::PORT_IP4, limits.max_addresses)
+            .map_max_entries(map_names::PORT_IP6, limits.max_addresses)
+            .map_max_entries(map_names::FDB, limits.max_fdb)
+            .load(BPF_OBJECT)?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                debug!(error = %e, "programs have no log map; nothing to forward");
+                None
+            }
+        };
+
+        for name in [program_names::PORT_INGRESS, program_names::PORT_EGRESS] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
+
+        let pins = options.pin_root.as_deref().map(pin_dir);
+        if let Some(pins) = &pins {
+            replace_dir(pins)?;
+        }
+        let pins = pins.as_deref();
+        let maps = Maps {
+            ports: take(&mut ebpf, map_names::PORTS, pins)?,
+            port_macs: take(&mut ebpf, map_names::PORT_MACS, pins)?,
+            port_ip4: take(&mut ebpf, map_names::PORT_IP4, pins)?,
+            port_net4: take(&mut ebpf, map_names::PORT_NET4, pins)?,
+            port_ip6: take(&mut ebpf, map_names::PORT_IP6, pins)?,
+            port_net6: take(&mut ebpf, map_names::PORT_NET6, pins)?,
+            fdb: take(&mut ebpf, map_names::FDB, pins)?,
+            flood: take(&mut ebpf, map_names::FLOOD, pins)?,
+            port_stats: take(&mut ebpf, map_names::PORT_STATS, pins)?,
+            noport_drops: take(&mut ebpf, map_names::NOPORT_DROPS, pins)?,
+        };
+        info!(pins = ?pins, trace = options.trace_verdicts, "datapath loaded");
+        Ok(Self {
+            ebpf,
+            maps,
+            programmed: DatapathTables::default(),
+            slots: BTreeMap::new(),
+            attachments: StdHashMap::new(),
+            _logger: logger,
+        })
+    }
+
+    /// Forwards pending log records of the programs to `tracing`.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self._logger {
+            logger.flush();
+        }
+    }
+
+    /// The log ring buffer's fd, to wait on, if the programs log at all.
+    pub fn log_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self._logger.as_ref().map(|logger| logger.as_raw_fd())
+    }
+
+    /// Makes maps and attachments match `desired`. On error the datapath may hold part
+    /// of `desired`; the caller re-syncs the previous tables to roll back.
+    pub fn sync(
+        &mut self,
+        desired: &DatapathTables,
+        ports: &[ProgrammedPort],
+    ) -> Result<(), DatapathError> {
+        let old = std::mem::take(&mut self.programmed);
+        // Entries a new port's frames are checked against go in first, then the port;
+        // on the way out the port goes first. Counters of a slot that changes hands
+        // start from zero.
+        let new_slots: BTreeMap<String, u32> = ports
+            .iter()
+            .map(|port| (port.port_id.clone(), port.slot))
+            .collect();
+        let reused: BTreeSet<u32> = new_slots
+            .iter()
+            .filter(|(id, slot)| self.slots.get(*id) != Some(slot))
+            .map(|(_, slot)| *slot)
+            .collect();
+        let result = self.write(&old, desired, &reused, ports);
+        // Whatever happened, remember the tables as wanted: a failed sync is followed by
+        // a sync back to the previous tables, which then rewrites every difference.
+        self.programmed = desired.clone();
+        self.slots = new_slots;
+        result
+    }
+
+    fn write(
+        &mut self,
+        old: &DatapathTables,
+        new: &DatapathTables,
+        reused_slots: &BTreeSet<u32>,
+        ports: &[ProgrammedPort],
+    ) -> Result<(), DatapathError> {
+        let m = &mut self.maps;
+        for slot in reused_slots {
+            zero_stats(&mut m.port_stats, *slot)?;
+        }
+        upsert_set(&mut m.port_macs, &old.port_macs, &new.port_macs, map_names::PORT_MACS)?;
+        upsert_set(&mut m.port_ip4, &old.port_ip4, &new.port_ip4, map_names::PORT_IP4)?;
+        upsert_set(&mut m.port_ip6, &old.port_ip6, &new.port_ip6, map_names::PORT_IP6)?;
+        upsert_trie(&mut m.port_net4, &old.port_net4, &new.port_net4, map_names::PORT_NET4)?;
+        upsert_trie(&mut m.port_net6, &old.port_net6, &new.port_net6, map_names::PORT_NET6)?;
+        upsert_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
+        upsert_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
+        upsert_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
+
+        self.attach_new(ports)?;
+
+        let m = &mut self.maps;
+        remove_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
+        remove_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
+        remove_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
+        remove_trie(&mut m.port_net6, &old.port_net6, &new.port_net6, map_names::PORT_NET6)?;
+        remove_trie(&mut m.port_net4, &old.port_net4, &new.port_net4, map_names::PORT_NET4)?;
+        remove_set(&mut m.port_ip6, &old.port_ip6, &new.port_ip6, map_names::PORT_IP6)?;
+        remove_set(&mut m.port_ip4, &old.port_ip4, &new.port_ip4, map_names::PORT_IP4)?;
+        remove_set(&mut m.port_macs, &old.port_macs, &new.port_macs, map_names::PORT_MACS)?;
+        Ok(())
+    }
+
+    /// Attaches both programs to every port device not yet attached, and detaches from
+    /// devices that no longer carry a programmed port (or were replaced by a new device
+    /// with the same name).
+    fn attach_new(&mut self, ports: &[ProgrammedPort]) -> Result<(), DatapathError> {
+        let wanted: StdHashMap<u32, &ProgrammedPort> =
+            ports.iter().map(|port| (port.ifindex, port)).collect();
+        let stale: Vec<u32> = self
+            .attachments
+            .keys()
+            .filter(|ifindex| !wanted.contains_key(ifindex))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            if let Some(attachment) = self.attachments.remove(&ifindex) {
+                self.detach(attachment);
+            }
+        }
+        for (ifindex, port) in wanted {
+            if self.attachments.contains_key(&ifindex) {
+                continue;
+            }
+            let ingress = self.attach(program_names::PORT_INGRESS, port, TcAttachType::Ingress)?;
+            let egress = match self.attach(program_names::PORT_EGRESS, port, TcAttachType::Egress)
+            {
+                Ok(egress) => egress,
+                Err(e) => {
+                    self.detach_one(program_names::PORT_INGRESS, ingress, &port.interface_name);
+                    return Err(e);
+                }
+            };
+            info!(interface = %port.interface_name, ifindex, port = %port.port_id, "attached");
+            self.attachments.insert(
+                ifindex,
+                Attachment {
+                    interface: port.interface_name.clone(),
+                    ingress,
+                    egress,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn attach(
+        &mut self,
+        program: &'static str,
+        port: &ProgrammedPort,
+        direction: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, DatapathError> {
+        classifier(&mut self.ebpf, program)?
+            .attach_with_options(
+                &port.interface_name,
+                direction,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| DatapathError::Attach {
+                interface: port.interface_name.clone(),
+                direction: match direction {
+                    TcAttachType::Ingress => "ingress",
+                    _ => "egress",
+                },
+                source,
+            })
+    }
+
+    fn detach(&mut self, attachment: Attachment) {
+        self.detach_one(program_names::PORT_INGRESS, attachment.ingress, &attachment.interface);
+        self.detach_one(program_names::PORT_EGRESS, attachment.egress, &attachment.interface);
+        info!(interface = %attachment.interface, "detached");
+    }
+
+    fn detach_one(&mut self, program: &'static str, link: SchedClassifierLinkId, interface: &str) {
+        // A device that is gone took its tcx links with it: nothing to undo then.
+        if let Err(e) = classifier(&mut self.ebpf, program).and_then(|prog| {
+            prog.detach(link)
+                .map_err(|source| DatapathError::Program { program, source })
+        }) {
+            debug!(interface, error = %e, "detach");
+        }
+    }
+
+    /// Runs `frame` through a loaded program with BPF_PROG_TEST_RUN, as if it had
+    /// arrived on (ingress) or were leaving by (egress) device `ifindex`, `repeat` times.
+    /// The device must exist in the calling thread's network namespace. For packet tests
+    /// and benchmarks; the verdict is all zero unless loaded with `trace_verdicts`.
+    pub fn test_run(
+        &mut self,
+        program: &'static str,
+        ifindex: u32,
+        mark: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
+        let verdict_err = map_err(map_names::VERDICT);
+        let mut verdicts: PerCpuArray<&mut MapData, Verdict> = PerCpuArray::try_from(
+            self.ebpf.map_mut(map_names::VERDICT).ok_or(DatapathError::Missing {
+                kind: "map",
+                name: map_names::VERDICT,
+            })?,
+        )
+        .map_err(&verdict_err)?;
+        // Cleared first, so the one CPU entry the run fills is the only non-empty one.
+        verdicts
+            .set(0, per_cpu(Verdict::default(), map_names::VERDICT)?, 0)
+            .map_err(&verdict_err)?;
+
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = classifier(&mut self.ebpf, program)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DatapathError::Program { program, source })?;
+
+        let verdicts: PerCpuArray<&MapData, Verdict> = PerCpuArray::try_from(
+            self.ebpf.map(map_names::VERDICT).ok_or(DatapathError::Missing {
+                kind: "map",
+                name: map_names::VERDICT,
+            })?,
+        )
+        .map_err(&verdict_err)?;
+        let verdict = verdicts
+            .get(&0, 0)
+            .map_err(&verdict_err)?
+            .iter()
+            .copied()
+            .find(|verdict| verdict.action != 0)
+            .unwrap_or_default();
+        Ok(TestRunOutcome {
+            return_code: result.return_value as i32,
+            per_run: result.duration,
+            verdict,
+        })
+    }
+
+    /// Counters of the port in `slot`, summed over CPUs.
+    pub fn port_counters(&self, slot: u32) -> Result<Counters, DatapathError> {
+        let per_cpu = self
+            .maps
+            .port_stats
+            .get(&slot, 0)
+            .map_err(|source| DatapathError::Map {
+                map: map_names::PORT_STATS,
+                source,
+            })?;
+        let mut drops = [0u64; DropReason::COUNT];
+        let mut counters = Counters::default();
+        for stats in per_cpu.iter() {
+            counters.rx_packets += stats.rx_packets;
+            counters.rx_bytes += stats.rx_bytes;
+            counters.tx_packets += stats.tx_packets;
+            counters.tx_bytes += stats.tx_bytes;
+            for (total, count) in drops.iter_mut().zip(stats.drops) {
+                *total += count;
+            }
+        }
+        counters.drops = nonzero_drops(|reason| drops[reason as usize]);
+        Ok(counters)
+    }
+
+    /// Drops no port could be charged with, by reason.
+    pub fn unattributed_drops(&self) -> Result<Vec<(DropReason, u64)>, DatapathError> {
+        let mut totals = [0u64; DropReason::COUNT];
+        for reason in DropReason::ALL {
+            let per_cpu = self
+                .maps
+                .noport_drops
+                .get(&(reason as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    map: map_names::NOPORT_DROPS,
+                    source,
+                })?;
+            totals[reason as usize] = per_cpu.iter().sum();
+        }
+        Ok(nonzero_drops(|reason| totals[reason as usize]))
+    }
+}
+
+fn nonzero_drops(count: impl Fn(DropReason) -> u64) -> Vec<(DropReason, u64)> {
+    DropReason::ALL
+        .into_iter()
+        .map(|reason| (reason, count(reason)))
+        .filter(|(_, count)| *count > 0)
+        .collect()
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Takes a map out of the object as its typed handle, pinned under `pins` if given.
+fn take<T>(ebpf: &mut Ebpf, name: &'static str, pins: Option<&Path>) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+    if let Some(pins) = pins {
+        let path = pins.join(name);
+        map.pin(&path).map_err(|source| DatapathError::Pin {
+            map: name,
+            path,
+            source,
+        })?;
+    }
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+/// Empties (or creates) the pin directory: pins from an earlier run of this agent are
+/// replaced by this run's maps.
+fn replace_dir(dir: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if dir.exists() {
+        for entry in std::fs::read_dir(dir).map_err(err)? {
+            std::fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(err)
+}
+
+fn zero_stats(stats: &mut PerCpuArray<MapData, PortStats>, slot: u32) -> Result<(), DatapathError> {
+    let zero = per_cpu(PortStats::default(), map_names::PORT_STATS)?;
+    stats
+        .set(slot, zero, 0)
+        .map_err(map_err(map_names::PORT_STATS))
+}
+
+/// `value` on every possible CPU.
+fn per_cpu<T: aya::Pod>(value: T, map: &'static str) -> Result<PerCpuValues<T>, DatapathError> {
+    let cpus = nr_cpus().map_err(|(_, source)| DatapathError::Map {
+        map,
+        source: MapError::IoError(source),
+    })?;
+    PerCpuValues::try_from(vec![value; cpus]).map_err(|source| DatapathError::Map {
+        map,
+        source: MapError::IoError(source),
+    })
+}
+
+type MapResult = Result<(), DatapathError>;
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn upsert_map<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    name: &'static str,
+) -> MapResult
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    for (key, value) in new {
+        if old.get(key) != Some(value) {
+            map.insert(key, value, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_map<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    name: &'static str,
+) -> MapResult
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    for key in old.keys().filter(|key| !new.contains_key(key)) {
+        remove_present(map.remove(key), name)?;
+    }
+    Ok(())
+}
+
+fn upsert_set<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, u32>,
+    old: &BTreeSet<K>,
+    new: &BTreeSet<K>,
+    name: &'static str,
+) -> MapResult {
+    for key in new.difference(old) {
+        map.insert(key, 1, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn remove_set<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, u32>,
+    old: &BTreeSet<K>,
+    new: &BTreeSet<K>,
+    name: &'static str,
+) -> MapResult {
+    for key in old.difference(new) {
+        remove_present(map.remove(key), name)?;
+    }
+    Ok(())
+}
+
+fn upsert_trie<K: aya::Pod + Ord>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    old: &BTreeSet<(u32, K)>,
+    new: &BTreeSet<(u32, K)>,
+    name: &'static str,
+) -> MapResult {
+    for (prefix_len, data) in new.difference(old) {
+        trie.insert(&LpmKey::new(*prefix_len, *data), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn remove_trie<K: aya::Pod + Ord>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    old: &BTreeSet<(u32, K)>,
+    new: &BTreeSet<(u32, K)>,
+    name: &'static str,
+) -> MapResult {
+    for (prefix_len, data) in old.difference(new) {
+        remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
+    }
+    Ok(())
+}
+
+/// A removal of an entry that is already gone is what the caller wanted anyway.
+fn remove_present(result: Result<(), MapError>, name: &'static str) -> MapResult {
+    match result {
+        Err(MapError::KeyNotFound) => {
+            warn!(map = name, "entry to remove was already gone");
+            Ok(())
+        }
+        other => other.map_err(map_err(name)),
+    }
+}

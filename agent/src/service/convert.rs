@@ -1,0 +1,901 @@
+//! Proto ⇄ core conversion.
+//!
+//! From proto, every value is parsed into its type; what does not parse is refused with
+//! an INVALID_ARGUMENT [`ValidationError`] whose `field` is the path inside the request
+//! list item (`upsert.port.mac_address` for Apply, `port.mac_address` for Sync), and
+//! whose `index` is the item's position. To proto is lossless: converting back gives the
+//! same core value. Host addresses of allowed address pairs are written without a prefix
+//! length and protocol numbers with a name are written as the name, so proto text that
+//! was already in that form comes back unchanged.
+
+use std::net::IpAddr;
+
+use dataplane_abi::DropReason;
+use dataplane_proto::v1 as pb;
+use ipnet::IpNet;
+
+use crate::core::{
+    compile::{ResourceStatus, StatusKind},
+    model::{
+        id_problem, AllocationPool, AllowedAddressPair, BandwidthLimitRule, Change, Direction,
+        DscpMarkingRule, EtherType, ExternalFixedIp, ExternalGatewayInfo, FixedIp, FloatingIp,
+        HostRoute, IpVersion, MacAddr, Network, NetworkType, Port, PortBinding, Protocol,
+        ProtocolParseError,
+        ProviderNetwork, QosDirection, QosPolicy, Resource, ResourceKind, ResourceRef, Route,
+        Router, RouterInterface, SecurityGroup, SecurityGroupRule, Subnet,
+    },
+    validate::ValidationError,
+};
+
+type Converted<T> = Result<T, ValidationError>;
+
+/// Apply's changes; errors carry the change's index.
+pub fn changes_from_proto(changes: Vec<pb::Change>) -> Converted<Vec<Change>> {
+    changes
+        .into_iter()
+        .enumerate()
+        .map(|(index, change)| Change::try_from(change).map_err(|e| e.at(index)))
+        .collect()
+}
+
+/// Sync's resources; errors carry the resource's index.
+pub fn resources_from_proto(resources: Vec<pb::Resource>) -> Converted<Vec<Resource>> {
+    resources
+        .into_iter()
+        .enumerate()
+        .map(|(index, resource)| Resource::try_from(resource).map_err(|e| e.at(index)))
+        .collect()
+}
+
+pub fn status_to_proto(reference: &ResourceRef, status: &ResourceStatus) -> pb::ResourceStatus {
+    pb::ResourceStatus {
+        r#ref: Some(reference.into()),
+        status: pb::Status::from(status.status) as i32,
+        reason: status.reason.clone(),
+        revision_number: status.revision_number,
+    }
+}
+
+pub fn drop_reason_to_proto(reason: DropReason) -> pb::DropReason {
+    // Exhaustive on purpose: a new reason in the ABI does not compile until it is here.
+    match reason {
+        DropReason::MalformedEthernet => pb::DropReason::MalformedEthernet,
+        DropReason::MalformedArp => pb::DropReason::MalformedArp,
+        DropReason::MalformedIpv4 => pb::DropReason::MalformedIpv4,
+        DropReason::MalformedIpv6 => pb::DropReason::MalformedIpv6,
+        DropReason::MalformedL4 => pb::DropReason::MalformedL4,
+        DropReason::UnknownPort => pb::DropReason::UnknownPort,
+        DropReason::PortAdminDown => pb::DropReason::PortAdminDown,
+        DropReason::SourceMacSpoofed => pb::DropReason::SourceMacSpoofed,
+        DropReason::SourceIpSpoofed => pb::DropReason::SourceIpSpoofed,
+        DropReason::ArpSpoofed => pb::DropReason::ArpSpoofed,
+        DropReason::NdSpoofed => pb::DropReason::NdSpoofed,
+        DropReason::RouterAdvertisementFromPort => pb::DropReason::RouterAdvertisementFromPort,
+        DropReason::DhcpServerFromPort => pb::DropReason::DhcpServerFromPort,
+        DropReason::EthertypeNotAllowed => pb::DropReason::EthertypeNotAllowed,
+        DropReason::UnknownDestination => pb::DropReason::UnknownDestination,
+        DropReason::NotFromDatapath => pb::DropReason::NotFromDatapath,
+        DropReason::RedirectFailed => pb::DropReason::RedirectFailed,
+        DropReason::NoFloodTarget => pb::DropReason::NoFloodTarget,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Field parsers: `field` is relative to the message being converted.
+// ---------------------------------------------------------------------------------
+
+fn invalid(field: &str, message: impl Into<String>) -> ValidationError {
+    ValidationError::invalid_argument(field, message)
+}
+
+fn id(field: &str, value: String) -> Converted<String> {
+    match id_problem(&value) {
+        Some(problem) => Err(invalid(field, format!("id {value:?} {problem}"))),
+        None => Ok(value),
+    }
+}
+
+/// Empty: no reference.
+fn optional_id(field: &str, value: String) -> Converted<Option<String>> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        id(field, value).map(Some)
+    }
+}
+
+fn ip(field: &str, value: &str) -> Converted<IpAddr> {
+    value
+        .parse()
+        .map_err(|_| invalid(field, format!("{value:?} is not an IP address")))
+}
+
+/// Empty: none.
+fn optional_ip(field: &str, value: &str) -> Converted<Option<IpAddr>> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        ip(field, value).map(Some)
+    }
+}
+
+/// A network prefix: host bits must be clear, as the Networking API requires of a
+/// subnet's cidr and of route destinations.
+fn cidr(field: &str, value: &str) -> Converted<IpNet> {
+    let net: IpNet = value
+        .parse()
+        .map_err(|_| invalid(field, format!("{value:?} is not a CIDR")))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            field,
+            format!("{value} has host bits set; the prefix is {}", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+/// An address (held as /32 or /128) or a prefix, normalised to the prefix: allowed
+/// address pairs and remote_ip_prefix accept `10.0.0.5/24` as `10.0.0.0/24`.
+fn address_or_prefix(field: &str, value: &str) -> Converted<IpNet> {
+    if let Ok(net) = value.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    value
+        .parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| invalid(field, format!("{value:?} is neither an IP address nor a CIDR")))
+}
+
+fn optional_address_or_prefix(field: &str, value: &str) -> Converted<Option<IpNet>> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        address_or_prefix(field, value).map(Some)
+    }
+}
+
+/// Port and pair MACs: a frame from a group or all-zero MAC is never a VM's own.
+fn unicast_mac(field: &str, value: &str) -> Converted<MacAddr> {
+    let mac: MacAddr = value
+        .parse()
+        .map_err(|e| invalid(field, format!("{value:?} is not a MAC address: {e}")))?;
+    if mac.is_multicast() || mac.is_zero() {
+        return Err(invalid(field, format!("{mac} is not a unicast MAC address")));
+    }
+    Ok(mac)
+}
+
+fn optional_unicast_mac(field: &str, value: &str) -> Converted<Option<MacAddr>> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        unicast_mac(field, value).map(Some)
+    }
+}
+
+/// Converts each item of a repeated field; errors name the item (`name[i].…`).
+fn each<T, U>(items: Vec<T>, name: &str, convert: impl Fn(T) -> Converted<U>) -> Converted<Vec<U>> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| convert(item).map_err(|e| e.under(&format!("{name}[{i}]"))))
+        .collect()
+}
+
+/// A proto enum field: unknown values and UNSPECIFIED are refused.
+fn known<E: TryFrom<i32>>(field: &str, value: i32, type_name: &str) -> Converted<E> {
+    E::try_from(value).map_err(|_| invalid(field, format!("{value} is not a {type_name} value")))
+}
+
+fn unspecified(field: &str) -> ValidationError {
+    invalid(field, "must be set (not UNSPECIFIED)")
+}
+
+fn ip_net_to_string(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+fn optional_to_string<T: ToString>(value: &Option<T>) -> String {
+    value.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------
+// Enums
+// ---------------------------------------------------------------------------------
+
+fn network_type(value: i32) -> Converted<NetworkType> {
+    match known("network_type", value, "NetworkType")? {
+        pb::NetworkType::Unspecified => Err(unspecified("network_type")),
+        pb::NetworkType::Flat => Ok(NetworkType::Flat),
+        pb::NetworkType::Vlan => Ok(NetworkType::Vlan),
+        pb::NetworkType::Vxlan => Ok(NetworkType::Vxlan),
+        pb::NetworkType::Local => Ok(NetworkType::Local),
+    }
+}
+
+impl From<NetworkType> for pb::NetworkType {
+    fn from(value: NetworkType) -> Self {
+        match value {
+            NetworkType::Flat => pb::NetworkType::Flat,
+            NetworkType::Vlan => pb::NetworkType::Vlan,
+            NetworkType::Vxlan => pb::NetworkType::Vxlan,
+            NetworkType::Local => pb::NetworkType::Local,
+        }
+    }
+}
+
+fn direction(value: i32) -> Converted<Direction> {
+    match known("direction", value, "Direction")? {
+        pb::Direction::Unspecified => Err(unspecified("direction")),
+        pb::Direction::Ingress => Ok(Direction::Ingress),
+        pb::Direction::Egress => Ok(Direction::Egress),
+    }
+}
+
+impl From<Direction> for pb::Direction {
+    fn from(value: Direction) -> Self {
+        match value {
+            Direction::Ingress => pb::Direction::Ingress,
+            Direction::Egress => pb::Direction::Egress,
+        }
+    }
+}
+
+fn ether_type(value: i32) -> Converted<EtherType> {
+    match known("ethertype", value, "EtherType")? {
+        pb::EtherType::Unspecified => Err(unspecified("ethertype")),
+        pb::EtherType::Ipv4 => Ok(EtherType::Ipv4),
+        pb::EtherType::Ipv6 => Ok(EtherType::Ipv6),
+    }
+}
+
+impl From<EtherType> for pb::EtherType {
+    fn from(value: EtherType) -> Self {
+        match value {
+            EtherType::Ipv4 => pb::EtherType::Ipv4,
+            EtherType::Ipv6 => pb::EtherType::Ipv6,
+        }
+    }
+}
+
+fn qos_direction(value: i32) -> Converted<QosDirection> {
+    match known("direction", value, "QosDirection")? {
+        pb::QosDirection::Unspecified => Err(unspecified("direction")),
+        pb::QosDirection::Egress => Ok(QosDirection::Egress),
+        pb::QosDirection::Ingress => Ok(QosDirection::Ingress),
+    }
+}
+
+impl From<QosDirection> for pb::QosDirection {
+    fn from(value: QosDirection) -> Self {
+        match value {
+            QosDirection::Egress => pb::QosDirection::Egress,
+            QosDirection::Ingress => pb::QosDirection::Ingress,
+        }
+    }
+}
+
+fn resource_kind(value: i32) -> Converted<ResourceKind> {
+    match known("kind", value, "ResourceKind")? {
+        pb::ResourceKind::Unspecified => Err(unspecified("kind")),
+        pb::ResourceKind::Network => Ok(ResourceKind::Network),
+        pb::ResourceKind::Subnet => Ok(ResourceKind::Subnet),
+        pb::ResourceKind::Port => Ok(ResourceKind::Port),
+        pb::ResourceKind::SecurityGroup => Ok(ResourceKind::SecurityGroup),
+        pb::ResourceKind::Router => Ok(ResourceKind::Router),
+        pb::ResourceKind::FloatingIp => Ok(ResourceKind::FloatingIp),
+        pb::ResourceKind::QosPolicy => Ok(ResourceKind::QosPolicy),
+    }
+}
+
+impl From<ResourceKind> for pb::ResourceKind {
+    fn from(value: ResourceKind) -> Self {
+        match value {
+            ResourceKind::Network => pb::ResourceKind::Network,
+            ResourceKind::Subnet => pb::ResourceKind::Subnet,
+            ResourceKind::Port => pb::ResourceKind::Port,
+            ResourceKind::SecurityGroup => pb::ResourceKind::SecurityGroup,
+            ResourceKind::Router => pb::ResourceKind::Router,
+            ResourceKind::FloatingIp => pb::ResourceKind::FloatingIp,
+            ResourceKind::QosPolicy => pb::ResourceKind::QosPolicy,
+        }
+    }
+}
+
+impl From<StatusKind> for pb::Status {
+    fn from(value: StatusKind) -> Self {
+        match value {
+            StatusKind::Active => pb::Status::Active,
+            StatusKind::Down => pb::Status::Down,
+            StatusKind::Build => pb::Status::Build,
+            StatusKind::Error => pb::Status::Error,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Networks and subnets
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::ProviderNetwork> for ProviderNetwork {
+    type Error = ValidationError;
+
+    fn try_from(provider: pb::ProviderNetwork) -> Converted<Self> {
+        Ok(ProviderNetwork {
+            network_type: network_type(provider.network_type)?,
+            physical_network: provider.physical_network,
+            segmentation_id: provider.segmentation_id,
+        })
+    }
+}
+
+impl From<&ProviderNetwork> for pb::ProviderNetwork {
+    fn from(provider: &ProviderNetwork) -> Self {
+        pb::ProviderNetwork {
+            network_type: pb::NetworkType::from(provider.network_type) as i32,
+            physical_network: provider.physical_network.clone(),
+            segmentation_id: provider.segmentation_id,
+        }
+    }
+}
+
+impl TryFrom<pb::Network> for Network {
+    type Error = ValidationError;
+
+    fn try_from(network: pb::Network) -> Converted<Self> {
+        Ok(Network {
+            id: id("id", network.id)?,
+            name: network.name,
+            project_id: network.project_id,
+            admin_state_up: network.admin_state_up,
+            shared: network.shared,
+            router_external: network.router_external,
+            mtu: network.mtu,
+            provider: network
+                .provider
+                .map(ProviderNetwork::try_from)
+                .transpose()
+                .map_err(|e| e.under("provider"))?,
+            port_security_enabled: network.port_security_enabled,
+            revision_number: network.revision_number,
+        })
+    }
+}
+
+impl From<&Network> for pb::Network {
+    fn from(network: &Network) -> Self {
+        pb::Network {
+            id: network.id.clone(),
+            name: network.name.clone(),
+            project_id: network.project_id.clone(),
+            admin_state_up: network.admin_state_up,
+            shared: network.shared,
+            router_external: network.router_external,
+            mtu: network.mtu,
+            provider: network.provider.as_ref().map(Into::into),
+            port_security_enabled: network.port_security_enabled,
+            revision_number: network.revision_number,
+        }
+    }
+}
+
+impl TryFrom<pb::Subnet> for Subnet {
+    type Error = ValidationError;
+
+    fn try_from(subnet: pb::Subnet) -> Converted<Self> {
+        let ip_version = match subnet.ip_version {
+            4 => IpVersion::V4,
+            6 => IpVersion::V6,
+            other => return Err(invalid("ip_version", format!("{other} is not 4 or 6"))),
+        };
+        Ok(Subnet {
+            id: id("id", subnet.id)?,
+            network_id: id("network_id", subnet.network_id)?,
+            ip_version,
+            cidr: cidr("cidr", &subnet.cidr)?,
+            gateway_ip: optional_ip("gateway_ip", &subnet.gateway_ip)?,
+            allocation_pools: each(subnet.allocation_pools, "allocation_pools", |pool| {
+                Ok(AllocationPool {
+                    start: ip("start", &pool.start)?,
+                    end: ip("end", &pool.end)?,
+                })
+            })?,
+            dns_nameservers: each(subnet.dns_nameservers, "dns_nameservers", |server| {
+                ip("", &server)
+            })?,
+            host_routes: each(subnet.host_routes, "host_routes", |route| {
+                Ok(HostRoute {
+                    destination: cidr("destination", &route.destination)?,
+                    nexthop: ip("nexthop", &route.nexthop)?,
+                })
+            })?,
+            enable_dhcp: subnet.enable_dhcp,
+            name: subnet.name,
+            project_id: subnet.project_id,
+            revision_number: subnet.revision_number,
+        })
+    }
+}
+
+impl From<&Subnet> for pb::Subnet {
+    fn from(subnet: &Subnet) -> Self {
+        pb::Subnet {
+            id: subnet.id.clone(),
+            network_id: subnet.network_id.clone(),
+            ip_version: subnet.ip_version.number(),
+            cidr: subnet.cidr.to_string(),
+            gateway_ip: optional_to_string(&subnet.gateway_ip),
+            allocation_pools: subnet
+                .allocation_pools
+                .iter()
+                .map(|pool| pb::AllocationPool {
+                    start: pool.start.to_string(),
+                    end: pool.end.to_string(),
+                })
+                .collect(),
+            dns_nameservers: subnet.dns_nameservers.iter().map(ToString::to_string).collect(),
+            host_routes: subnet
+                .host_routes
+                .iter()
+                .map(|route| pb::HostRoute {
+                    destination: route.destination.to_string(),
+                    nexthop: route.nexthop.to_string(),
+                })
+                .collect(),
+            enable_dhcp: subnet.enable_dhcp,
+            name: subnet.name.clone(),
+            project_id: subnet.project_id.clone(),
+            revision_number: subnet.revision_number,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Ports
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::Port> for Port {
+    type Error = ValidationError;
+
+    fn try_from(port: pb::Port) -> Converted<Self> {
+        let binding = port.binding.unwrap_or_default();
+        Ok(Port {
+            id: id("id", port.id)?,
+            network_id: id("network_id", port.network_id)?,
+            mac_address: unicast_mac("mac_address", &port.mac_address)?,
+            fixed_ips: each(port.fixed_ips, "fixed_ips", |fixed_ip| {
+                Ok(FixedIp {
+                    subnet_id: id("subnet_id", fixed_ip.subnet_id)?,
+                    ip_address: ip("ip_address", &fixed_ip.ip_address)?,
+                })
+            })?,
+            allowed_address_pairs: each(port.allowed_address_pairs, "allowed_address_pairs", |pair| {
+                Ok(AllowedAddressPair {
+                    ip_address: address_or_prefix("ip_address", &pair.ip_address)?,
+                    mac_address: optional_unicast_mac("mac_address", &pair.mac_address)?,
+                })
+            })?,
+            security_group_ids: each(port.security_group_ids, "security_group_ids", |group| {
+                id("", group)
+            })?,
+            port_security_enabled: port.port_security_enabled,
+            admin_state_up: port.admin_state_up,
+            device_owner: port.device_owner,
+            device_id: port.device_id,
+            qos_policy_id: optional_id("qos_policy_id", port.qos_policy_id)?,
+            binding: PortBinding {
+                host: binding.host,
+                interface_name: binding.interface_name,
+            },
+            name: port.name,
+            project_id: port.project_id,
+            revision_number: port.revision_number,
+        })
+    }
+}
+
+impl From<&Port> for pb::Port {
+    fn from(port: &Port) -> Self {
+        let binding = &port.binding;
+        pb::Port {
+            id: port.id.clone(),
+            network_id: port.network_id.clone(),
+            mac_address: port.mac_address.to_string(),
+            fixed_ips: port
+                .fixed_ips
+                .iter()
+                .map(|fixed_ip| pb::FixedIp {
+                    subnet_id: fixed_ip.subnet_id.clone(),
+                    ip_address: fixed_ip.ip_address.to_string(),
+                })
+                .collect(),
+            allowed_address_pairs: port
+                .allowed_address_pairs
+                .iter()
+                .map(|pair| pb::AllowedAddressPair {
+                    ip_address: ip_net_to_string(&pair.ip_address),
+                    mac_address: optional_to_string(&pair.mac_address),
+                })
+                .collect(),
+            security_group_ids: port.security_group_ids.clone(),
+            port_security_enabled: port.port_security_enabled,
+            admin_state_up: port.admin_state_up,
+            device_owner: port.device_owner.clone(),
+            device_id: port.device_id.clone(),
+            qos_policy_id: port.qos_policy_id.clone().unwrap_or_default(),
+            // An unbound port has no binding message, as it came.
+            binding: (*binding != PortBinding::default()).then(|| pb::PortBinding {
+                host: binding.host.clone(),
+                interface_name: binding.interface_name.clone(),
+            }),
+            name: port.name.clone(),
+            project_id: port.project_id.clone(),
+            revision_number: port.revision_number,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Security groups
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::SecurityGroupRule> for SecurityGroupRule {
+    type Error = ValidationError;
+
+    fn try_from(rule: pb::SecurityGroupRule) -> Converted<Self> {
+        Ok(SecurityGroupRule {
+            id: id("id", rule.id)?,
+            direction: direction(rule.direction)?,
+            ethertype: ether_type(rule.ethertype)?,
+            protocol: rule
+                .protocol
+                .parse()
+                .map_err(|e: ProtocolParseError| invalid("protocol", e.to_string()))?,
+            port_range_min: rule.port_range_min,
+            port_range_max: rule.port_range_max,
+            remote_ip_prefix: optional_address_or_prefix("remote_ip_prefix", &rule.remote_ip_prefix)?,
+            remote_group_id: optional_id("remote_group_id", rule.remote_group_id)?,
+            revision_number: rule.revision_number,
+        })
+    }
+}
+
+fn protocol_to_string(protocol: Protocol) -> String {
+    match protocol {
+        Protocol::Any => String::new(),
+        Protocol::Number(_) => protocol.to_string(),
+    }
+}
+
+impl From<&SecurityGroupRule> for pb::SecurityGroupRule {
+    fn from(rule: &SecurityGroupRule) -> Self {
+        pb::SecurityGroupRule {
+            id: rule.id.clone(),
+            direction: pb::Direction::from(rule.direction) as i32,
+            ethertype: pb::EtherType::from(rule.ethertype) as i32,
+            protocol: protocol_to_string(rule.protocol),
+            port_range_min: rule.port_range_min,
+            port_range_max: rule.port_range_max,
+            // The Networking API shows remote prefixes with their length, /32 included.
+            remote_ip_prefix: optional_to_string(&rule.remote_ip_prefix),
+            remote_group_id: rule.remote_group_id.clone().unwrap_or_default(),
+            revision_number: rule.revision_number,
+        }
+    }
+}
+
+impl TryFrom<pb::SecurityGroup> for SecurityGroup {
+    type Error = ValidationError;
+
+    fn try_from(group: pb::SecurityGroup) -> Converted<Self> {
+        Ok(SecurityGroup {
+            id: id("id", group.id)?,
+            project_id: group.project_id,
+            name: group.name,
+            stateful: group.stateful,
+            rules: each(group.rules, "rules", SecurityGroupRule::try_from)?,
+            revision_number: group.revision_number,
+        })
+    }
+}
+
+impl From<&SecurityGroup> for pb::SecurityGroup {
+    fn from(group: &SecurityGroup) -> Self {
+        pb::SecurityGroup {
+            id: group.id.clone(),
+            project_id: group.project_id.clone(),
+            name: group.name.clone(),
+            stateful: group.stateful,
+            rules: group.rules.iter().map(Into::into).collect(),
+            revision_number: group.revision_number,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Routers and floating IPs
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::ExternalGatewayInfo> for ExternalGatewayInfo {
+    type Error = ValidationError;
+
+    fn try_from(gateway: pb::ExternalGatewayInfo) -> Converted<Self> {
+        Ok(ExternalGatewayInfo {
+            network_id: id("network_id", gateway.network_id)?,
+            enable_snat: gateway.enable_snat,
+            external_fixed_ips: each(gateway.external_fixed_ips, "external_fixed_ips", |external| {
+                Ok(ExternalFixedIp {
+                    subnet_id: id("subnet_id", external.subnet_id)?,
+                    ip_address: ip("ip_address", &external.ip_address)?,
+                })
+            })?,
+        })
+    }
+}
+
+impl TryFrom<pb::Router> for Router {
+    type Error = ValidationError;
+
+    fn try_from(router: pb::Router) -> Converted<Self> {
+        Ok(Router {
+            id: id("id", router.id)?,
+            name: router.name,
+            project_id: router.project_id,
+            admin_state_up: router.admin_state_up,
+            interfaces: each(router.interfaces, "interfaces", |interface| {
+                Ok(RouterInterface {
+                    subnet_id: id("subnet_id", interface.subnet_id)?,
+                    port_id: optional_id("port_id", interface.port_id)?,
+                })
+            })?,
+            external_gateway_info: router
+                .external_gateway_info
+                .map(ExternalGatewayInfo::try_from)
+                .transpose()
+                .map_err(|e| e.under("external_gateway_info"))?,
+            routes: each(router.routes, "routes", |route| {
+                Ok(Route {
+                    destination: cidr("destination", &route.destination)?,
+                    nexthop: ip("nexthop", &route.nexthop)?,
+                })
+            })?,
+            revision_number: router.revision_number,
+        })
+    }
+}
+
+impl From<&Router> for pb::Router {
+    fn from(router: &Router) -> Self {
+        pb::Router {
+            id: router.id.clone(),
+            name: router.name.clone(),
+            project_id: router.project_id.clone(),
+            admin_state_up: router.admin_state_up,
+            interfaces: router
+                .interfaces
+                .iter()
+                .map(|interface| pb::RouterInterface {
+                    subnet_id: interface.subnet_id.clone(),
+                    port_id: interface.port_id.clone().unwrap_or_default(),
+                })
+                .collect(),
+            external_gateway_info: router.external_gateway_info.as_ref().map(|gateway| {
+                pb::ExternalGatewayInfo {
+                    network_id: gateway.network_id.clone(),
+                    enable_snat: gateway.enable_snat,
+                    external_fixed_ips: gateway
+                        .external_fixed_ips
+                        .iter()
+                        .map(|external| pb::ExternalFixedIp {
+                            subnet_id: external.subnet_id.clone(),
+                            ip_address: external.ip_address.to_string(),
+                        })
+                        .collect(),
+                }
+            }),
+            routes: router
+                .routes
+                .iter()
+                .map(|route| pb::Route {
+                    destination: route.destination.to_string(),
+                    nexthop: route.nexthop.to_string(),
+                })
+                .collect(),
+            revision_number: router.revision_number,
+        }
+    }
+}
+
+impl TryFrom<pb::FloatingIp> for FloatingIp {
+    type Error = ValidationError;
+
+    fn try_from(floating_ip: pb::FloatingIp) -> Converted<Self> {
+        Ok(FloatingIp {
+            id: id("id", floating_ip.id)?,
+            floating_network_id: id("floating_network_id", floating_ip.floating_network_id)?,
+            floating_ip_address: ip("floating_ip_address", &floating_ip.floating_ip_address)?,
+            port_id: optional_id("port_id", floating_ip.port_id)?,
+            fixed_ip_address: optional_ip("fixed_ip_address", &floating_ip.fixed_ip_address)?,
+            router_id: optional_id("router_id", floating_ip.router_id)?,
+            project_id: floating_ip.project_id,
+            revision_number: floating_ip.revision_number,
+        })
+    }
+}
+
+impl From<&FloatingIp> for pb::FloatingIp {
+    fn from(floating_ip: &FloatingIp) -> Self {
+        pb::FloatingIp {
+            id: floating_ip.id.clone(),
+            floating_network_id: floating_ip.floating_network_id.clone(),
+            floating_ip_address: floating_ip.floating_ip_address.to_string(),
+            port_id: floating_ip.port_id.clone().unwrap_or_default(),
+            fixed_ip_address: optional_to_string(&floating_ip.fixed_ip_address),
+            router_id: floating_ip.router_id.clone().unwrap_or_default(),
+            project_id: floating_ip.project_id.clone(),
+            revision_number: floating_ip.revision_number,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// QoS
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::QosPolicy> for QosPolicy {
+    type Error = ValidationError;
+
+    fn try_from(policy: pb::QosPolicy) -> Converted<Self> {
+        Ok(QosPolicy {
+            id: id("id", policy.id)?,
+            name: policy.name,
+            project_id: policy.project_id,
+            bandwidth_limit_rules: each(policy.bandwidth_limit_rules, "bandwidth_limit_rules", |rule| {
+                Ok(BandwidthLimitRule {
+                    id: id("id", rule.id)?,
+                    max_kbps: rule.max_kbps,
+                    max_burst_kbps: rule.max_burst_kbps,
+                    direction: qos_direction(rule.direction)?,
+                })
+            })?,
+            dscp_marking_rules: each(policy.dscp_marking_rules, "dscp_marking_rules", |rule| {
+                Ok(DscpMarkingRule {
+                    id: id("id", rule.id)?,
+                    dscp_mark: rule.dscp_mark,
+                })
+            })?,
+            revision_number: policy.revision_number,
+        })
+    }
+}
+
+impl From<&QosPolicy> for pb::QosPolicy {
+    fn from(policy: &QosPolicy) -> Self {
+        pb::QosPolicy {
+            id: policy.id.clone(),
+            name: policy.name.clone(),
+            project_id: policy.project_id.clone(),
+            bandwidth_limit_rules: policy
+                .bandwidth_limit_rules
+                .iter()
+                .map(|rule| pb::BandwidthLimitRule {
+                    id: rule.id.clone(),
+                    max_kbps: rule.max_kbps,
+                    max_burst_kbps: rule.max_burst_kbps,
+                    direction: pb::QosDirection::from(rule.direction) as i32,
+                })
+                .collect(),
+            dscp_marking_rules: policy
+                .dscp_marking_rules
+                .iter()
+                .map(|rule| pb::DscpMarkingRule {
+                    id: rule.id.clone(),
+                    dscp_mark: rule.dscp_mark,
+                })
+                .collect(),
+            revision_number: policy.revision_number,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Resources, references, changes
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::Resource> for Resource {
+    type Error = ValidationError;
+
+    /// Fields are relative to the `Resource`: `port.mac_address`.
+    fn try_from(resource: pb::Resource) -> Converted<Self> {
+        use pb::resource::Kind;
+        let Some(kind) = resource.kind else {
+            return Err(invalid("kind", "no resource set (network, subnet, port, ...)"));
+        };
+        let (kind, converted) = match kind {
+            Kind::Network(r) => (ResourceKind::Network, Network::try_from(r).map(Resource::Network)),
+            Kind::Subnet(r) => (ResourceKind::Subnet, Subnet::try_from(r).map(Resource::Subnet)),
+            Kind::Port(r) => (ResourceKind::Port, Port::try_from(r).map(Resource::Port)),
+            Kind::SecurityGroup(r) => (
+                ResourceKind::SecurityGroup,
+                SecurityGroup::try_from(r).map(Resource::SecurityGroup),
+            ),
+            Kind::Router(r) => (ResourceKind::Router, Router::try_from(r).map(Resource::Router)),
+            Kind::FloatingIp(r) => (
+                ResourceKind::FloatingIp,
+                FloatingIp::try_from(r).map(Resource::FloatingIp),
+            ),
+            Kind::QosPolicy(r) => (
+                ResourceKind::QosPolicy,
+                QosPolicy::try_from(r).map(Resource::QosPolicy),
+            ),
+        };
+        converted.map_err(|e| e.under(kind.field_name()))
+    }
+}
+
+impl From<&Resource> for pb::Resource {
+    fn from(resource: &Resource) -> Self {
+        use pb::resource::Kind;
+        let kind = match resource {
+            Resource::Network(r) => Kind::Network(r.into()),
+            Resource::Subnet(r) => Kind::Subnet(r.into()),
+            Resource::Port(r) => Kind::Port(r.into()),
+            Resource::SecurityGroup(r) => Kind::SecurityGroup(r.into()),
+            Resource::Router(r) => Kind::Router(r.into()),
+            Resource::FloatingIp(r) => Kind::FloatingIp(r.into()),
+            Resource::QosPolicy(r) => Kind::QosPolicy(r.into()),
+        };
+        pb::Resource { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::ResourceRef> for ResourceRef {
+    type Error = ValidationError;
+
+    fn try_from(reference: pb::ResourceRef) -> Converted<Self> {
+        Ok(ResourceRef {
+            kind: resource_kind(reference.kind)?,
+            id: id("id", reference.id)?,
+        })
+    }
+}
+
+impl From<&ResourceRef> for pb::ResourceRef {
+    fn from(reference: &ResourceRef) -> Self {
+        pb::ResourceRef {
+            kind: pb::ResourceKind::from(reference.kind) as i32,
+            id: reference.id.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::Change> for Change {
+    type Error = ValidationError;
+
+    /// Fields are relative to the `Change`: `upsert.port.mac_address`, `delete.id`.
+    fn try_from(change: pb::Change) -> Converted<Self> {
+        match change.op {
+            None => Err(invalid("op", "no upsert or delete set")),
+            Some(pb::change::Op::Upsert(resource)) => Resource::try_from(resource)
+                .map(Change::Upsert)
+                .map_err(|e| e.under("upsert")),
+            Some(pb::change::Op::Delete(reference)) => ResourceRef::try_from(reference)
+                .map(Change::Delete)
+                .map_err(|e| e.under("delete")),
+        }
+    }
+}
+
+impl From<&Change> for pb::Change {
+    fn from(change: &Change) -> Self {
+        let op = match change {
+            Change::Upsert(resource) => pb::change::Op::Upsert(resource.into()),
+            Change::Delete(reference) => pb::change::Op::Delete(reference.into()),
+        };
+        pb::Change { op: Some(op) }
+    }
+}

@@ -1,0 +1,81 @@
+//! Domain errors to gRPC statuses: the code says what kind of wrong, a BadRequest field
+//! violation names the field, with its full path in the request.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::error;
+
+use crate::{
+    core::validate::{ErrorCode, ValidationError},
+    node::NodeError,
+};
+
+/// Which repeated field of the request a [`ValidationError::index`] points into.
+#[derive(Clone, Copy)]
+pub enum RequestList {
+    /// `ApplyRequest.changes`
+    Changes,
+    /// `SyncRequest.resources`
+    Resources,
+}
+
+impl RequestList {
+    fn name(self) -> &'static str {
+        match self {
+            RequestList::Changes => "changes",
+            RequestList::Resources => "resources",
+        }
+    }
+}
+
+pub fn validation_status(error: &ValidationError, list: RequestList) -> Status {
+    let field = match (error.index, error.field.is_empty()) {
+        (Some(index), true) => format!("{}[{index}]", list.name()),
+        (Some(index), false) => format!("{}[{index}].{}", list.name(), error.field),
+        (None, _) => error.field.clone(),
+    };
+    let code = match error.code {
+        ErrorCode::InvalidArgument => Code::InvalidArgument,
+        ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::AlreadyExists => Code::AlreadyExists,
+        ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+    };
+    Status::with_error_details(
+        code,
+        format!("{field}: {}", error.message),
+        ErrorDetails::with_bad_request_violation(field, error.message.clone()),
+    )
+}
+
+pub fn node_status(error: NodeError, list: RequestList) -> Status {
+    match error {
+        NodeError::Invalid(invalid) => validation_status(&invalid, list),
+        NodeError::PortNotProgrammed { .. } => Status::not_found(error.to_string()),
+        NodeError::Datapath(ref datapath) => {
+            // The request was valid; the kernel refused (a full map, a vanished device).
+            error!(error = ?datapath, "datapath update failed");
+            Status::internal(format!("{error}: {}", chain(datapath)))
+        }
+    }
+}
+
+/// An error and its sources, joined: the operator sees the kernel's reason.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// For requests that name one resource by id.
+pub fn not_found(kind: &str, id: &str) -> Status {
+    Status::with_error_details(
+        Code::NotFound,
+        format!("id: no {kind} {id}"),
+        ErrorDetails::with_bad_request_violation("id", format!("no {kind} {id}")),
+    )
+}

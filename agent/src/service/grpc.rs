@@ -1,0 +1,325 @@
+//! The `dataplane.v1.Dataplane` service: converts requests to the core's types, calls the
+//! node, converts results back. No logic of its own beyond that.
+
+use std::{pin::Pin, sync::Arc};
+
+use dataplane_proto::v1 as pb;
+use futures::Stream;
+use tokio_stream::{wrappers::BroadcastStream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use super::{
+    convert::{changes_from_proto, drop_reason_to_proto, resources_from_proto, status_to_proto},
+    errors::{node_status, not_found, validation_status, RequestList},
+};
+use crate::{
+    core::model::{ResourceKind, ResourceRef},
+    node::{Committed, Node, NodeEvent},
+};
+
+pub struct DataplaneService {
+    node: Arc<Node>,
+}
+
+impl DataplaneService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+fn statuses(committed: &Committed) -> Vec<pb::ResourceStatus> {
+    committed
+        .statuses
+        .iter()
+        .map(|(reference, status)| status_to_proto(reference, status))
+        .collect()
+}
+
+fn event_to_proto(event: NodeEvent) -> pb::WatchEvent {
+    let event = match event {
+        NodeEvent::Status(reference, status) => {
+            pb::watch_event::Event::Status(status_to_proto(&reference, &status))
+        }
+        NodeEvent::Applied {
+            generation,
+            operation,
+            changes,
+        } => pb::watch_event::Event::Applied(pb::ApplyResult {
+            generation,
+            operation: operation.as_str().to_owned(),
+            changes,
+        }),
+    };
+    pb::WatchEvent { event: Some(event) }
+}
+
+fn drop_counts(drops: &[(dataplane_abi::DropReason, u64)]) -> Vec<pb::DropCount> {
+    drops
+        .iter()
+        .map(|(reason, packets)| pb::DropCount {
+            reason: drop_reason_to_proto(*reason) as i32,
+            packets: *packets,
+        })
+        .collect()
+}
+
+/// Body of a Get: the resource as stored plus its status, or NOT_FOUND.
+macro_rules! get_body {
+    ($self:ident, $request:ident, $field:ident, $kind:ident, $label:literal,
+     $with_status:ident { $item:ident }) => {{
+        let id = $request.into_inner().id;
+        $self
+            .node
+            .read(|state, statuses| {
+                state.$field.get(&id).map(|resource| pb::$with_status {
+                    $item: Some(resource.into()),
+                    status: lookup_status(statuses, ResourceKind::$kind, &id),
+                })
+            })
+            .await
+            .map(Response::new)
+            .ok_or_else(|| not_found($label, &id))
+    }};
+}
+
+/// Body of a List: every resource of the kind with its status.
+macro_rules! list_body {
+    ($self:ident, $field:ident, $kind:ident, $with_status:ident { $item:ident },
+     $list_response:ident { $items:ident }) => {{
+        let $items = $self
+            .node
+            .read(|state, statuses| {
+                state
+                    .$field
+                    .iter()
+                    .map(|(id, resource)| pb::$with_status {
+                        $item: Some(resource.into()),
+                        status: lookup_status(statuses, ResourceKind::$kind, id),
+                    })
+                    .collect()
+            })
+            .await;
+        Ok(Response::new(pb::$list_response { $items }))
+    }};
+}
+
+fn lookup_status(
+    statuses: &std::collections::BTreeMap<ResourceRef, crate::core::compile::ResourceStatus>,
+    kind: ResourceKind,
+    id: &str,
+) -> Option<pb::ResourceStatus> {
+    let reference = ResourceRef {
+        kind,
+        id: id.to_owned(),
+    };
+    statuses
+        .get(&reference)
+        .map(|status| status_to_proto(&reference, status))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::dataplane_server::Dataplane for DataplaneService {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let changes = changes_from_proto(request.into_inner().changes)
+            .map_err(|e| validation_status(&e, RequestList::Changes))?;
+        let committed = self
+            .node
+            .apply(&changes)
+            .await
+            .map_err(|e| node_status(e, RequestList::Changes))?;
+        Ok(Response::new(pb::ApplyResponse {
+            statuses: statuses(&committed),
+            generation: committed.generation,
+        }))
+    }
+
+    async fn sync(
+        &self,
+        request: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        let resources = resources_from_proto(request.into_inner().resources)
+            .map_err(|e| validation_status(&e, RequestList::Resources))?;
+        let committed = self
+            .node
+            .sync(&resources)
+            .await
+            .map_err(|e| node_status(e, RequestList::Resources))?;
+        Ok(Response::new(pb::SyncResponse {
+            statuses: statuses(&committed),
+            generation: committed.generation,
+            created: committed.created,
+            updated: committed.updated,
+            deleted: committed.deleted,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        // Subscribe before reading the current statuses so nothing falls in between.
+        let events = BroadcastStream::new(self.node.subscribe()).filter_map(|event| match event {
+            Ok(event) => Some(Ok(event_to_proto(event))),
+            Err(lagged) => {
+                warn!(error = %lagged, "a watcher fell behind; events were dropped");
+                Some(Err(Status::data_loss(format!(
+                    "{lagged}; re-subscribe with include_current"
+                ))))
+            }
+        });
+        let current: Vec<Result<pb::WatchEvent, Status>> = if request.into_inner().include_current
+        {
+            self.node
+                .read(|_, statuses| {
+                    statuses
+                        .iter()
+                        .map(|(reference, status)| {
+                            Ok(event_to_proto(NodeEvent::Status(
+                                reference.clone(),
+                                status.clone(),
+                            )))
+                        })
+                        .collect()
+                })
+                .await
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(current).chain(events),
+        )))
+    }
+
+    async fn get_network(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::NetworkWithStatus>, Status> {
+        get_body!(self, request, networks, Network, "network", NetworkWithStatus { network })
+    }
+
+    async fn list_networks(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        list_body!(self, networks, Network, NetworkWithStatus { network }, ListNetworksResponse { networks })
+    }
+
+    async fn get_subnet(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::SubnetWithStatus>, Status> {
+        get_body!(self, request, subnets, Subnet, "subnet", SubnetWithStatus { subnet })
+    }
+
+    async fn list_subnets(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListSubnetsResponse>, Status> {
+        list_body!(self, subnets, Subnet, SubnetWithStatus { subnet }, ListSubnetsResponse { subnets })
+    }
+
+    async fn get_port(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::PortWithStatus>, Status> {
+        get_body!(self, request, ports, Port, "port", PortWithStatus { port })
+    }
+
+    async fn list_ports(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListPortsResponse>, Status> {
+        list_body!(self, ports, Port, PortWithStatus { port }, ListPortsResponse { ports })
+    }
+
+    async fn get_security_group(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::SecurityGroupWithStatus>, Status> {
+        get_body!(self, request, security_groups, SecurityGroup, "security group", SecurityGroupWithStatus { security_group })
+    }
+
+    async fn list_security_groups(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListSecurityGroupsResponse>, Status> {
+        list_body!(self, security_groups, SecurityGroup, SecurityGroupWithStatus { security_group }, ListSecurityGroupsResponse { security_groups })
+    }
+
+    async fn get_router(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::RouterWithStatus>, Status> {
+        get_body!(self, request, routers, Router, "router", RouterWithStatus { router })
+    }
+
+    async fn list_routers(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListRoutersResponse>, Status> {
+        list_body!(self, routers, Router, RouterWithStatus { router }, ListRoutersResponse { routers })
+    }
+
+    async fn get_floating_ip(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::FloatingIpWithStatus>, Status> {
+        get_body!(self, request, floating_ips, FloatingIp, "floating IP", FloatingIpWithStatus { floating_ip })
+    }
+
+    async fn list_floating_ips(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListFloatingIpsResponse>, Status> {
+        list_body!(self, floating_ips, FloatingIp, FloatingIpWithStatus { floating_ip }, ListFloatingIpsResponse { floating_ips })
+    }
+
+    async fn get_qos_policy(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::QosPolicyWithStatus>, Status> {
+        get_body!(self, request, qos_policies, QosPolicy, "QoS policy", QosPolicyWithStatus { qos_policy })
+    }
+
+    async fn list_qos_policies(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListQosPoliciesResponse>, Status> {
+        list_body!(self, qos_policies, QosPolicy, QosPolicyWithStatus { qos_policy }, ListQosPoliciesResponse { qos_policies })
+    }
+
+    async fn get_port_counters(
+        &self,
+        request: Request<pb::GetPortCountersRequest>,
+    ) -> Result<Response<pb::GetPortCountersResponse>, Status> {
+        let port_id = request.into_inner().port_id;
+        let port_id = (!port_id.is_empty()).then_some(port_id.as_str());
+        let (ports, unattributed) = self
+            .node
+            .counters(port_id)
+            .await
+            .map_err(|e| node_status(e, RequestList::Changes))?;
+        Ok(Response::new(pb::GetPortCountersResponse {
+            ports: ports
+                .into_iter()
+                .map(|(port_id, counters)| pb::PortCounters {
+                    port_id,
+                    rx_packets: counters.rx_packets,
+                    rx_bytes: counters.rx_bytes,
+                    tx_packets: counters.tx_packets,
+                    tx_bytes: counters.tx_bytes,
+                    drops: drop_counts(&counters.drops),
+                })
+                .collect(),
+            unattributed_drops: drop_counts(&unattributed),
+        }))
+    }
+}

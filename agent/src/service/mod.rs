@@ -1,0 +1,5 @@
+//! The gRPC service layer: proto ⇄ core conversion, error mapping, serving.
+pub mod convert;
+pub mod errors;
+pub mod grpc;
+pub mod server;

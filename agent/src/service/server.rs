@@ -1,0 +1,103 @@
+//! Serving the API: the Dataplane service with the standard health and reflection
+//! services beside it, on a unix socket (always) and a TCP address (optional).
+
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use dataplane_proto::v1::{dataplane_server::DataplaneServer, FILE_DESCRIPTOR_SET};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{server::Router, Server};
+use tracing::{info, warn};
+
+use super::grpc::DataplaneService;
+use crate::node::Node;
+
+/// Largest request the agent decodes (a Sync of a large node's whole state fits).
+const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
+
+async fn router(node: Arc<Node>) -> anyhow::Result<Router> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<DataplaneServer<DataplaneService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let dataplane = DataplaneServer::new(DataplaneService::new(node))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    Ok(Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(dataplane))
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    node: Arc<Node>,
+    socket: &Path,
+    tcp: Option<SocketAddr>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // A socket file left by an earlier run (the state directory lock says none is
+    // running now) would make bind fail.
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale socket {}", socket.display()))
+        }
+        _ => {}
+    }
+    let unix = UnixListener::bind(socket)
+        .with_context(|| format!("binding unix socket {}", socket.display()))?;
+    // Only root (the API server's relay on this node) may program the datapath.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    info!(socket = %socket.display(), "gRPC listening on unix socket");
+
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut servers = tokio::task::JoinSet::new();
+    {
+        let router = router(node.clone()).await?;
+        let mut stopped = stop.subscribe();
+        servers.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(unix), async move {
+                    let _ = stopped.recv().await;
+                })
+                .await
+                .context("unix socket server")
+        });
+    }
+    if let Some(address) = tcp {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding TCP {address}"))?;
+        warn!(%address, "gRPC listening on TCP without authentication: anyone who can reach it can program this node");
+        let router = router(node).await?;
+        let mut stopped = stop.subscribe();
+        servers.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stopped.recv().await;
+                })
+                .await
+                .context("TCP server")
+        });
+    }
+
+    tokio::select! {
+        () = shutdown => {}
+        Some(finished) = servers.join_next() => {
+            finished.context("server task")??;
+            anyhow::bail!("a gRPC server stopped unexpectedly");
+        }
+    }
+    let _ = stop.send(());
+    while let Some(finished) = servers.join_next().await {
+        finished.context("server task")??;
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! The single exit for dropped frames, and the drop counters.
+use aya_ebpf::bindings::TC_ACT_SHOT;
+use dataplane_abi::{DropReason, PortStats};
+
+use crate::{maps::NOPORT_DROPS, trace};
+
+/// Counts a drop against the port. Also used for a failed flood copy, which does not
+/// end the frame's journey.
+#[inline(always)]
+pub fn count(stats: &mut PortStats, reason: DropReason) {
+    if let Some(c) = stats.drops.get_mut(reason as usize) {
+        *c += 1;
+    }
+}
+
+/// Drops the frame: counts it against `stats`, or in `NOPORT_DROPS` when the device
+/// has no port, and traces it. The only place that returns `TC_ACT_SHOT`.
+#[inline(always)]
+pub fn shot(stats: Option<&mut PortStats>, reason: DropReason) -> i32 {
+    match stats {
+        Some(stats) => count(stats, reason),
+        None => {
+            if let Some(c) = NOPORT_DROPS.get_ptr_mut(reason as u32) {
+                // SAFETY: per-CPU value, only touched by the program running on this CPU.
+                unsafe { *c += 1 };
+            }
+        }
+    }
+    trace::drop(reason);
+    TC_ACT_SHOT
+}

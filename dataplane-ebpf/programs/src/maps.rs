@@ -1,0 +1,57 @@
+//! The maps of the L2 port path. Names, key and value types are the ABI in
+//! `dataplane_abi`; sizes are defaults the loader may change with `set_max_entries`.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray},
+};
+use dataplane_abi::{
+    DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey,
+    PortStats, Verdict,
+};
+
+#[map]
+pub static PORTS: HashMap<u32, PortInfo> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+pub static PORT_MACS: HashMap<PortMacKey, u32> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static PORT_IP4: HashMap<PortAddr4, u32> = HashMap::with_max_entries(65536, 0);
+
+/// `LpmTrie` adds `BPF_F_NO_PREALLOC` itself (the kernel requires it).
+#[map]
+pub static PORT_NET4: LpmTrie<PortAddr4, u32> = LpmTrie::with_max_entries(16384, 0);
+
+#[map]
+pub static PORT_IP6: HashMap<PortAddr6, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static PORT_NET6: LpmTrie<PortAddr6, u32> = LpmTrie::with_max_entries(16384, 0);
+
+#[map]
+pub static FDB: HashMap<FdbKey, FdbEntry> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static FLOOD: HashMap<u32, FloodSet> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::with_max_entries(4096, 0);
+
+#[map]
+pub static NOPORT_DROPS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(DropReason::COUNT as u32, 0);
+
+#[map]
+pub static VERDICT: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);
+
+/// The port on device `ifindex` and its counters. A port whose slot has no counters
+/// (a slot beyond `PORT_STATS`' size) is treated as no port: nothing it does could be
+/// accounted for.
+#[inline(always)]
+pub fn port(ifindex: u32) -> Option<(&'static PortInfo, &'static mut PortStats)> {
+    // SAFETY: the agent replaces a port's entry with one update, never in place.
+    let port = unsafe { PORTS.get(ifindex) }?;
+    let stats = PORT_STATS.get_ptr_mut(port.port_slot)?;
+    // SAFETY: per-CPU value; this program is its only user on this CPU for the packet.
+    Some((port, unsafe { &mut *stats }))
+}

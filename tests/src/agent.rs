@@ -1,0 +1,162 @@
+//! The real agent binary, started inside a test's "node" namespace and stopped (SIGTERM,
+//! then SIGKILL) when the guard drops.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use dataplane_proto::v1::dataplane_client::DataplaneClient;
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use tonic::transport::Channel;
+
+use crate::netns::NetNs;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How long an agent may take to load its programs and open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a SIGTERM may take before the guard uses SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent binary: `DATAPLANE_AGENT_BIN`, else `dataplane-agent` beside the test
+/// binary's `deps/` directory (built by `cargo xtask test` before the tests run).
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("DATAPLANE_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary outside target/<profile>/deps")?;
+    let candidate = profile_dir.join("dataplane-agent");
+    if !candidate.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build -p dataplane-agent` (`cargo xtask test` does)",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+/// A running agent; stopped and its state directory removed on drop.
+pub struct Agent {
+    child: Option<Child>,
+    node_name: String,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `dataplane-agent run` inside `node` with its own node name, state
+    /// directory, socket and bpffs directory, and waits until its API answers.
+    pub async fn start(node: &NetNs, node_name: &str) -> Result<Agent> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let state_dir =
+            std::env::temp_dir().join(format!("dp-agent-{}-{n}-{node_name}", std::process::id()));
+        std::fs::create_dir_all(&state_dir)?;
+        let socket = state_dir.join("agent.sock");
+        let log = state_dir.join("agent.log");
+        let log_file = File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", node.name()])
+            .arg(agent_binary()?)
+            .args(["run", "--node-name", node_name, "--log", "info,dataplane_agent=debug"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--bpffs-dir")
+            .arg(format!("/sys/fs/bpf/dataplane-test/{node_name}-{}-{n}", std::process::id()))
+            .arg("--max-ports")
+            .arg("256")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("spawning the agent")?;
+        let mut agent = Agent {
+            child: Some(child),
+            node_name: node_name.to_owned(),
+            state_dir,
+            socket,
+            log,
+        };
+        agent.wait_ready().await?;
+        Ok(agent)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent exited during start ({status}):\n{}", self.logs());
+            }
+            if self.socket.exists() && self.client().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after {START_TIMEOUT:?}:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn client(&self) -> Result<DataplaneClient<Channel>> {
+        Ok(dataplane_agent::client::connect_unix(&self.socket).await?)
+    }
+
+    /// Everything the agent logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; the agent must stop on its own in time.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent ignored SIGTERM for {STOP_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(e) = self.terminate() {
+                eprintln!("warning: {e:#}");
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent {} log ---\n{}", self.node_name, self.logs());
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}

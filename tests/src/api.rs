@@ -1,0 +1,111 @@
+//! Builders for `dataplane.v1` requests, as an API server would send them.
+
+use dataplane_proto::v1 as pb;
+
+pub fn network(id: &str) -> pb::Network {
+    pb::Network {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        project_id: "tenant".to_owned(),
+        admin_state_up: true,
+        mtu: 1500,
+        provider: Some(pb::ProviderNetwork {
+            network_type: pb::NetworkType::Local as i32,
+            ..Default::default()
+        }),
+        port_security_enabled: true,
+        revision_number: 1,
+        ..Default::default()
+    }
+}
+
+pub fn subnet(id: &str, network_id: &str, cidr: &str) -> pb::Subnet {
+    let ip_version = if cidr.contains(':') { 6 } else { 4 };
+    pb::Subnet {
+        id: id.to_owned(),
+        network_id: network_id.to_owned(),
+        ip_version,
+        cidr: cidr.to_owned(),
+        name: id.to_owned(),
+        project_id: "tenant".to_owned(),
+        revision_number: 1,
+        ..Default::default()
+    }
+}
+
+/// A port bound to `host`'s device `interface`, with `(subnet_id, address)` fixed IPs.
+pub fn port(
+    id: &str,
+    network_id: &str,
+    mac: &str,
+    fixed_ips: &[(&str, &str)],
+    host: &str,
+    interface: &str,
+) -> pb::Port {
+    pb::Port {
+        id: id.to_owned(),
+        network_id: network_id.to_owned(),
+        mac_address: mac.to_owned(),
+        fixed_ips: fixed_ips
+            .iter()
+            .map(|(subnet_id, ip)| pb::FixedIp {
+                subnet_id: (*subnet_id).to_owned(),
+                ip_address: (*ip).to_owned(),
+            })
+            .collect(),
+        admin_state_up: true,
+        device_owner: "compute:nova".to_owned(),
+        binding: Some(pb::PortBinding {
+            host: host.to_owned(),
+            interface_name: interface.to_owned(),
+        }),
+        name: id.to_owned(),
+        project_id: "tenant".to_owned(),
+        revision_number: 1,
+        ..Default::default()
+    }
+}
+
+/// Any resource message, wrapped as `Resource`.
+pub trait IntoResource {
+    fn into_resource(self) -> pb::Resource;
+}
+
+macro_rules! into_resource {
+    ($($message:ident => $variant:ident),+ $(,)?) => {$(
+        impl IntoResource for pb::$message {
+            fn into_resource(self) -> pb::Resource {
+                pb::Resource { kind: Some(pb::resource::Kind::$variant(self)) }
+            }
+        }
+    )+};
+}
+
+into_resource!(
+    Network => Network,
+    Subnet => Subnet,
+    Port => Port,
+    SecurityGroup => SecurityGroup,
+    Router => Router,
+    FloatingIp => FloatingIp,
+    QosPolicy => QosPolicy,
+);
+
+pub fn upsert(resource: impl IntoResource) -> pb::Change {
+    pb::Change {
+        op: Some(pb::change::Op::Upsert(resource.into_resource())),
+    }
+}
+
+pub fn delete(kind: pb::ResourceKind, id: &str) -> pb::Change {
+    pb::Change {
+        op: Some(pb::change::Op::Delete(pb::ResourceRef {
+            kind: kind as i32,
+            id: id.to_owned(),
+        })),
+    }
+}
+
+pub fn apply(changes: Vec<pb::Change>) -> pb::ApplyRequest {
+    pb::ApplyRequest { changes }
+}
