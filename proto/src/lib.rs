@@ -2,6 +2,8 @@
 
 /// `dataplane.v1`, generated from `proto/dataplane.proto`.
 pub mod v1 {
+    // Generated code: `Change.op` holds a whole resource by design.
+    #![allow(clippy::large_enum_variant)]
     tonic::include_proto!("dataplane.v1");
 
     /// Encoded descriptor set of `dataplane.proto`, for the gRPC reflection service.

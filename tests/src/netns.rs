@@ -13,12 +13,12 @@
 //!   tcx attach by ifindex.
 use std::{
     fs::File,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd},
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// Length limit of an interface name (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -114,6 +114,15 @@ impl NetNs {
         })?
     }
 
+    /// Sends `frame` (from its Ethernet header on) out of `dev` in this namespace
+    /// through a raw packet socket, as a VM behind the device would. The frame must be
+    /// at least an Ethernet header long.
+    pub fn send_frame(&self, dev: &str, frame: &[u8]) -> Result<()> {
+        let ifindex = self.ifindex(dev)?;
+        self.run(|| send_raw(ifindex, frame))?
+            .with_context(|| format!("sending a frame out of {dev} in {}", self.name))
+    }
+
     /// Runs `f` on a new thread that has joined this namespace and returns its result.
     /// A panic in `f` is resumed on the caller's thread. The caller's own thread never
     /// changes namespace.
@@ -148,6 +157,36 @@ impl Drop for NetNs {
             eprintln!("warning: could not delete netns {}: {err:#}", self.name);
         }
     }
+}
+
+/// One frame out of `ifindex` of the calling thread's namespace, on an AF_PACKET socket.
+fn send_raw(ifindex: u32, frame: &[u8]) -> Result<()> {
+    // SAFETY: plain syscalls; the fd is owned right away, the address is a valid
+    // `sockaddr_ll` whose size is passed along.
+    unsafe {
+        // Protocol 0: a send-only socket that receives nothing.
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        let sent = libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error()).context("sendto");
+        }
+        ensure!(sent as usize == frame.len(), "sent {sent} of {} bytes", frame.len());
+    }
+    Ok(())
 }
 
 fn run_checked(cmd: &mut Command) -> Result<String> {

@@ -16,7 +16,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         HashMap, MapData, PerCpuArray, PerCpuValues,
     },
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{tc::TcAttachType, SchedClassifier, TestRun, TestRunOptions},
     util::nr_cpus,
     Ebpf, EbpfLoader, Pod,
 };
@@ -81,7 +81,13 @@ impl Harness {
     /// Loads `dataplane_agent::kernel::BPF_OBJECT` with verdict tracing on and maps of
     /// [`TEST_MAX_ENTRIES`], and the port programs.
     pub fn load() -> Result<Harness> {
-        let trace: u32 = 1;
+        Harness::load_with_trace(true)
+    }
+
+    /// As [`Harness::load`]; `trace: false` loads the programs as production does
+    /// (verdicts are then not written): for measurements.
+    pub fn load_with_trace(trace: bool) -> Result<Harness> {
+        let trace = u32::from(trace);
         let mut loader = EbpfLoader::new();
         loader.override_global(global_names::TRACE_VERDICT, &trace, true);
         for name in [
@@ -119,6 +125,20 @@ impl Harness {
             prog.load().map_err(|e| anyhow::anyhow!("loading {name}: {e:#}"))?;
         }
         Ok(Harness { ebpf })
+    }
+
+    /// Attaches the classifier `program` to `iface` (tcx where the kernel has it), for
+    /// tests that send real frames. Call from the namespace of `iface`; the link goes
+    /// with the harness.
+    pub fn attach(&mut self, program: &str, iface: &str, attach_type: TcAttachType) -> Result<()> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .with_context(|| format!("no program {program}"))?
+            .try_into()?;
+        prog.attach(iface, attach_type)
+            .with_context(|| format!("attaching {program} to {iface}"))?;
+        Ok(())
     }
 
     pub fn ebpf(&mut self) -> &mut Ebpf {

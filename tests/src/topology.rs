@@ -216,7 +216,7 @@ fn receive_until(socket: &OwnedFd, timeout: Duration) -> Result<Vec<Vec<u8>>> {
                 &mut from_len,
             )
         };
-        if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+        if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
             frames.push(buf[..n as usize].to_vec());
         }
     }

@@ -308,7 +308,7 @@ fn random_frame(rng: &mut StdRng, state: &State) -> (String, Vec<u8>) {
         .iter()
         .filter_map(|pair| pair.mac_address.map(|mac| mac.0))
         .collect();
-    let other: &Port = *pick(rng, &ports);
+    let other = *pick(rng, &ports);
     let src: Mac = match rng.random_range(0..20) {
         0..=11 => port.mac_address.0,
         12..=14 if !pair_macs.is_empty() => *pick(rng, &pair_macs),

@@ -8,6 +8,7 @@ use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
     agent::Agent,
     api::{apply, delete, network, port, subnet, upsert},
+    frames,
     netns::NetNs,
     topology::Vm,
 };
@@ -343,7 +344,7 @@ async fn bad_requests_get_precise_codes_and_change_nothing() -> Result<()> {
         (vec![upsert(dup_ip)], Code::AlreadyExists, "changes[0].upsert.port.fixed_ips[0].ip_address"),
         (vec![upsert(no_net)], Code::NotFound, "changes[0].upsert.port.network_id"),
         (vec![delete(pb::ResourceKind::Network, "net1")], Code::FailedPrecondition, "changes[0].delete"),
-        (vec![delete(pb::ResourceKind::Port, "nope")], Code::NotFound, "changes[0].delete"),
+        (vec![delete(pb::ResourceKind::Port, "nope")], Code::NotFound, "changes[0].delete.id"),
         (vec![upsert(stale)], Code::FailedPrecondition, "changes[0].upsert.port.revision_number"),
     ];
     for (changes, code, field) in cases {
@@ -362,5 +363,44 @@ async fn bad_requests_get_precise_codes_and_change_nothing() -> Result<()> {
     assert!(client.get_network(pb::GetRequest { id: "net9".into() }).await.is_err());
     // Traffic is untouched too.
     assert!(t.a.ping(ip("10.0.0.2"), 2)?.all_replied());
+    Ok(())
+}
+
+#[tokio::test]
+async fn broadcast_reaches_the_networks_other_ports_only() -> Result<()> {
+    let t = TwoVms::start("flood").await?;
+    let c = Vm::create(&t.node, "flood-c", "tap-c", MAC_C, &["10.0.0.3/24".parse()?])?;
+    let mut client = t.agent.client().await?;
+    client
+        .apply(apply(vec![
+            upsert(network("net2")),
+            upsert(subnet("sub4-2", "net2", "10.0.0.0/24")),
+            upsert(port("port-c", "net2", &mac_text(MAC_C), &[("sub4-2", "10.0.0.3")], NODE, "tap-c")),
+        ]))
+        .await?;
+    wait_status(&mut client, "port-c", pb::Status::Active).await?;
+
+    // A broadcast UDP datagram from a, marked so it can be told from other traffic.
+    let marker = b"dataplane-flood-test";
+    let frame = frames::ethernet(
+        frames::BROADCAST,
+        MAC_A,
+        frames::ethertype::IPV4,
+        &frames::ipv4(
+            "10.0.0.1".parse()?,
+            "10.0.0.255".parse()?,
+            frames::proto::UDP,
+            &frames::udp(40000, 9, marker),
+        ),
+    );
+    let carries_marker = |frames: &[Vec<u8>]| {
+        frames
+            .iter()
+            .any(|f| f.windows(marker.len()).any(|w| w == marker))
+    };
+    let (_, at_b) = t.b.capture_while(Duration::from_millis(500), || t.a.send_frame(&frame))?;
+    let (_, at_c) = c.capture_while(Duration::from_millis(500), || t.a.send_frame(&frame))?;
+    assert!(carries_marker(&at_b), "b, on a's network, got the broadcast");
+    assert!(!carries_marker(&at_c), "c, on another network, must not");
     Ok(())
 }

@@ -65,7 +65,8 @@ fn main() -> anyhow::Result<()> {
             // Integration tests start the agent binary, which `cargo test` does not build
             // for another package.
             cargo(&root, &["build", "-p", "dataplane-agent", "--bins"])?;
-            let mut test = vec!["test", "--workspace", "--no-fail-fast"];
+            // The default members: the eBPF crate only builds for the BPF target.
+            let mut test = vec!["test", "--no-fail-fast"];
             if !args.is_empty() {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));

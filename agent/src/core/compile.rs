@@ -185,13 +185,23 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
         } else {
             (StatusKind::Down, "admin_state_up is false")
         };
-        statuses.set(ResourceKind::Network, &network.id, network.revision_number, status, reason);
+        statuses.set(
+            ResourceKind::Network,
+            &network.id,
+            network.revision_number,
+            status,
+            reason,
+        );
     }
     for subnet in state.subnets.values() {
         statuses.active(ResourceKind::Subnet, &subnet.id, subnet.revision_number);
     }
     for group in state.security_groups.values() {
-        statuses.active(ResourceKind::SecurityGroup, &group.id, group.revision_number);
+        statuses.active(
+            ResourceKind::SecurityGroup,
+            &group.id,
+            group.revision_number,
+        );
     }
     for policy in state.qos_policies.values() {
         statuses.active(ResourceKind::QosPolicy, &policy.id, policy.revision_number);
@@ -226,7 +236,7 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
         };
         let claims = mac_claims(ports);
         let mut flood = FloodSet::default();
-        for (entry, candidate) in flood.ports.iter_mut().zip(ports) {
+        for candidate in ports {
             let port = candidate.port;
             let Some(port_slot) = slots.port_slot(&port.id) else {
                 continue;
@@ -248,15 +258,18 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                 }
             }
 
-            *entry = FloodEntry {
-                ifindex: candidate.ifindex,
-                flags: if !port_security || !other_macs.is_empty() {
-                    flood_flags::ACCEPTS_UNKNOWN
-                } else {
-                    0
-                },
-            };
-            flood.count += 1;
+            // Candidates were cut to MAX_FLOOD_PORTS per network, so there is room.
+            if let Some(entry) = flood.ports.get_mut(flood.count as usize) {
+                *entry = FloodEntry {
+                    ifindex: candidate.ifindex,
+                    flags: if !port_security || !other_macs.is_empty() {
+                        flood_flags::ACCEPTS_UNKNOWN
+                    } else {
+                        0
+                    },
+                };
+                flood.count += 1;
+            }
 
             let mut flags = 0;
             let (status, reason) = if !port.admin_state_up {
@@ -271,7 +284,8 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                 (StatusKind::Active, String::new())
             };
             if port_security {
-                flags |= port_flags::PORT_SECURITY | add_port_addresses(&mut tables, port_slot, port);
+                flags |=
+                    port_flags::PORT_SECURITY | add_port_addresses(&mut tables, port_slot, port);
             }
             tables.ports.insert(
                 candidate.ifindex,
@@ -283,7 +297,13 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                     _pad: [0; 2],
                 },
             );
-            statuses.set(ResourceKind::Port, &port.id, port.revision_number, status, reason);
+            statuses.set(
+                ResourceKind::Port,
+                &port.id,
+                port.revision_number,
+                status,
+                reason,
+            );
             programmed.push(ProgrammedPort {
                 port_id: port.id.clone(),
                 slot: port_slot,
@@ -332,7 +352,13 @@ impl Statuses {
     }
 
     fn port(&mut self, port: &Port, status: StatusKind, reason: impl Into<String>) {
-        self.set(ResourceKind::Port, &port.id, port.revision_number, status, reason);
+        self.set(
+            ResourceKind::Port,
+            &port.id,
+            port.revision_number,
+            status,
+            reason,
+        );
     }
 }
 
@@ -360,7 +386,11 @@ fn local_candidates<'s>(
             continue;
         }
         if binding.interface_name.is_empty() {
-            statuses.port(port, StatusKind::Build, "waiting for the binding's interface_name");
+            statuses.port(
+                port,
+                StatusKind::Build,
+                "waiting for the binding's interface_name",
+            );
             continue;
         }
         let Some(&ifindex) = node.interfaces.get(&binding.interface_name) else {
@@ -398,11 +428,14 @@ fn local_candidates<'s>(
                 slot.insert(&port.id);
             }
         }
-        candidates.entry(&port.network_id).or_default().push(Candidate {
-            port,
-            network,
-            ifindex,
-        });
+        candidates
+            .entry(&port.network_id)
+            .or_default()
+            .push(Candidate {
+                port,
+                network,
+                ifindex,
+            });
     }
     for (network_id, ports) in &mut candidates {
         if ports.len() > MAX_FLOOD_PORTS {

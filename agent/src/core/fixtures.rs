@@ -87,9 +87,7 @@ pub fn fixed_ip(subnet_id: &str, address: &str) -> FixedIp {
 
 pub fn pair(address: &str, mac_address: Option<&str>) -> AllowedAddressPair {
     AllowedAddressPair {
-        ip_address: address
-            .parse()
-            .unwrap_or_else(|_| IpNet::from(ip(address))),
+        ip_address: address.parse().unwrap_or_else(|_| IpNet::from(ip(address))),
         mac_address: mac_address.map(mac),
     }
 }

@@ -1,8 +1,9 @@
 //! The Networking API's resources as the agent holds them: values parsed into their
 //! types (addresses, prefixes, MACs, enums), references kept as ids.
 //!
-//! A [`State`] is only ever made by [`State::apply`] or [`State::replace`] (or empty by
-//! `Default`), which validate it whole; its fields are public for reading.
+//! A [`State`] made by [`State::apply`] or [`State::replace`] (or empty, by `Default`) is
+//! consistent, and `apply` relies on that: it checks only what its changes can affect.
+//! The fields are public for reading; build states through those two.
 
 use std::{
     collections::BTreeMap,
@@ -671,8 +672,18 @@ macro_rules! resource_from {
         }
     )*};
 }
-resource_from!(Network, Subnet, Port, SecurityGroup, Router, FloatingIp, QosPolicy);
+resource_from!(
+    Network,
+    Subnet,
+    Port,
+    SecurityGroup,
+    Router,
+    FloatingIp,
+    QosPolicy
+);
 
+// Mostly upserts anyway; boxing would only add an allocation per change.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Create, or replace the resource with the same kind and id.
@@ -716,46 +727,6 @@ impl State {
             ResourceKind::FloatingIp => self.floating_ips.get(id).map(|r| r.revision_number),
             ResourceKind::QosPolicy => self.qos_policies.get(id).map(|r| r.revision_number),
         }
-    }
-
-    /// A copy of one resource.
-    pub fn get(&self, reference: &ResourceRef) -> Option<Resource> {
-        let id = reference.id.as_str();
-        match reference.kind {
-            ResourceKind::Network => self.networks.get(id).cloned().map(Resource::Network),
-            ResourceKind::Subnet => self.subnets.get(id).cloned().map(Resource::Subnet),
-            ResourceKind::Port => self.ports.get(id).cloned().map(Resource::Port),
-            ResourceKind::SecurityGroup => self
-                .security_groups
-                .get(id)
-                .cloned()
-                .map(Resource::SecurityGroup),
-            ResourceKind::Router => self.routers.get(id).cloned().map(Resource::Router),
-            ResourceKind::FloatingIp => self.floating_ips.get(id).cloned().map(Resource::FloatingIp),
-            ResourceKind::QosPolicy => self.qos_policies.get(id).cloned().map(Resource::QosPolicy),
-        }
-    }
-
-    /// Every resource, by kind then id.
-    pub fn resources(&self) -> impl Iterator<Item = Resource> + '_ {
-        let networks = self.networks.values().cloned().map(Resource::Network);
-        let subnets = self.subnets.values().cloned().map(Resource::Subnet);
-        let ports = self.ports.values().cloned().map(Resource::Port);
-        let groups = self
-            .security_groups
-            .values()
-            .cloned()
-            .map(Resource::SecurityGroup);
-        let routers = self.routers.values().cloned().map(Resource::Router);
-        let floating_ips = self.floating_ips.values().cloned().map(Resource::FloatingIp);
-        let qos = self.qos_policies.values().cloned().map(Resource::QosPolicy);
-        networks
-            .chain(subnets)
-            .chain(ports)
-            .chain(groups)
-            .chain(routers)
-            .chain(floating_ips)
-            .chain(qos)
     }
 
     pub fn len(&self) -> usize {
@@ -855,7 +826,13 @@ mod tests {
             "fa:16:3e:0a:bb".parse::<MacAddr>(),
             Err(MacAddrParseError::OctetCount { found: 5 })
         );
-        for bad in ["fa:16:3e:0a:bb:1", "fa:16:3e:0a:bb:+1", "fa:16:3e:0a:bb:xx", "fa-16-3e-0a-bb-01", ""] {
+        for bad in [
+            "fa:16:3e:0a:bb:1",
+            "fa:16:3e:0a:bb:+1",
+            "fa:16:3e:0a:bb:xx",
+            "fa-16-3e-0a-bb-01",
+            "",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

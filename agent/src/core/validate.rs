@@ -12,7 +12,6 @@
 use std::{
     cell::OnceCell,
     collections::{hash_map::Entry, HashMap, HashSet},
-    fmt,
     net::IpAddr,
 };
 
@@ -35,17 +34,6 @@ pub enum ErrorCode {
     AlreadyExists,
     /// Wrong because of the state (stale revision, still in use, ...).
     FailedPrecondition,
-}
-
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ErrorCode::InvalidArgument => "invalid argument",
-            ErrorCode::NotFound => "not found",
-            ErrorCode::AlreadyExists => "already exists",
-            ErrorCode::FailedPrecondition => "failed precondition",
-        })
-    }
 }
 
 /// Why a request was refused, and where in it.
@@ -151,7 +139,6 @@ impl State {
             };
             checked.map_err(|e| e.at(index))?;
         }
-        drop(checker);
         Ok(next)
     }
 
@@ -176,7 +163,6 @@ impl State {
                 .upsert(index, resource, repeated[index])
                 .map_err(|e| e.under(resource.kind().field_name()).at(index))?;
         }
-        drop(checker);
         Ok(next)
     }
 }
@@ -315,12 +301,17 @@ impl<'a> Checker<'a> {
                 format!("{kind} {id} appears more than once in this request"),
             ));
         }
-        if let Some(held) = self.before.and_then(|before| before.revision_number(kind, id)) {
+        if let Some(held) = self
+            .before
+            .and_then(|before| before.revision_number(kind, id))
+        {
             let revision = resource.revision_number();
             if revision < held {
                 return Err(ValidationError::failed_precondition(
                     "revision_number",
-                    format!("revision {revision} of {kind} {id} is older than the held revision {held}"),
+                    format!(
+                        "revision {revision} of {kind} {id} is older than the held revision {held}"
+                    ),
                 ));
             }
         }
@@ -394,7 +385,12 @@ impl<'a> Checker<'a> {
         }
         for subnet in self.subnets_of(&network.id) {
             for (kind, id) in self.untouched_referrers(ResourceKind::Subnet, &subnet.id) {
-                let Some(router) = self.state.routers.get(id).filter(|_| kind == ResourceKind::Router) else {
+                let Some(router) = self
+                    .state
+                    .routers
+                    .get(id)
+                    .filter(|_| kind == ResourceKind::Router)
+                else {
                     continue;
                 };
                 for (i, interface) in router.interfaces.iter().enumerate() {
@@ -431,7 +427,8 @@ impl<'a> Checker<'a> {
             }
         }
         let previous = self.before.and_then(|b| b.subnets.get(&subnet.id));
-        if previous.is_some_and(|old| old.cidr != subnet.cidr || old.network_id != subnet.network_id)
+        if previous
+            .is_some_and(|old| old.cidr != subnet.cidr || old.network_id != subnet.network_id)
         {
             self.subnet_dependents(subnet, network)?;
         }
@@ -443,7 +440,12 @@ impl<'a> Checker<'a> {
         for (kind, id) in self.untouched_referrers(ResourceKind::Subnet, &subnet.id) {
             let on_network = |e| depends_on("network_id", kind, id, e);
             let on_cidr = |e| depends_on("cidr", kind, id, e);
-            if let Some(port) = self.state.ports.get(id).filter(|_| kind == ResourceKind::Port) {
+            if let Some(port) = self
+                .state
+                .ports
+                .get(id)
+                .filter(|_| kind == ResourceKind::Port)
+            {
                 for (i, fixed_ip) in port.fixed_ips.iter().enumerate() {
                     if fixed_ip.subnet_id == subnet.id {
                         check_fixed_ip_network(port, i, subnet).map_err(on_network)?;
@@ -451,7 +453,12 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
-            if let Some(router) = self.state.routers.get(id).filter(|_| kind == ResourceKind::Router) {
+            if let Some(router) = self
+                .state
+                .routers
+                .get(id)
+                .filter(|_| kind == ResourceKind::Router)
+            {
                 for (i, interface) in router.interfaces.iter().enumerate() {
                     if interface.subnet_id == subnet.id {
                         check_interface_network(i, subnet, network).map_err(on_network)?;
@@ -545,7 +552,12 @@ impl<'a> Checker<'a> {
         let previous = self.before.and_then(|b| b.ports.get(&port.id));
         if previous.is_some_and(|old| old.fixed_ips != port.fixed_ips) {
             for (kind, id) in self.untouched_referrers(ResourceKind::Port, &port.id) {
-                if let Some(floating_ip) = self.state.floating_ips.get(id).filter(|_| kind == ResourceKind::FloatingIp) {
+                if let Some(floating_ip) = self
+                    .state
+                    .floating_ips
+                    .get(id)
+                    .filter(|_| kind == ResourceKind::FloatingIp)
+                {
                     check_floating_fixed_ip(floating_ip, port)
                         .map_err(|e| depends_on("fixed_ips", kind, id, e))?;
                 }
@@ -743,7 +755,11 @@ fn referrers_of<'s>(state: &'s State, target: ResourceKind) -> Referrers<'s> {
                 }
             }
             for group in state.security_groups.values() {
-                for remote in group.rules.iter().filter_map(|r| r.remote_group_id.as_ref()) {
+                for remote in group
+                    .rules
+                    .iter()
+                    .filter_map(|r| r.remote_group_id.as_ref())
+                {
                     // A group's rules naming the group itself do not keep it alive.
                     if *remote != group.id {
                         add(remote, ResourceKind::SecurityGroup, &group.id);
@@ -772,10 +788,18 @@ fn referrers_of<'s>(state: &'s State, target: ResourceKind) -> Referrers<'s> {
 
 /// An upsert that would break a resource outside the request: reported on the upsert,
 /// naming the resource it breaks.
-fn depends_on(field: &str, kind: ResourceKind, id: &str, error: ValidationError) -> ValidationError {
+fn depends_on(
+    field: &str,
+    kind: ResourceKind,
+    id: &str,
+    error: ValidationError,
+) -> ValidationError {
     ValidationError::failed_precondition(
         field,
-        format!("{kind} {id} depends on it: {}: {}", error.field, error.message),
+        format!(
+            "{kind} {id} depends on it: {}: {}",
+            error.field, error.message
+        ),
     )
 }
 
@@ -886,7 +910,10 @@ fn check_inside_cidr(field: &str, what: &str, addr: &IpAddr, subnet: &Subnet) ->
     if !subnet.cidr.contains(addr) {
         return Err(ValidationError::invalid_argument(
             field,
-            format!("{what} {addr} is not inside the subnet's cidr {}", subnet.cidr),
+            format!(
+                "{what} {addr} is not inside the subnet's cidr {}",
+                subnet.cidr
+            ),
         ));
     }
     Ok(())
@@ -918,8 +945,18 @@ fn check_subnet(subnet: &Subnet) -> Checked {
         check_inside_cidr("gateway_ip", "gateway", gateway, subnet)?;
     }
     for (i, pool) in subnet.allocation_pools.iter().enumerate() {
-        check_inside_cidr(&format!("allocation_pools[{i}].start"), "pool start", &pool.start, subnet)?;
-        check_inside_cidr(&format!("allocation_pools[{i}].end"), "pool end", &pool.end, subnet)?;
+        check_inside_cidr(
+            &format!("allocation_pools[{i}].start"),
+            "pool start",
+            &pool.start,
+            subnet,
+        )?;
+        check_inside_cidr(
+            &format!("allocation_pools[{i}].end"),
+            "pool end",
+            &pool.end,
+            subnet,
+        )?;
         if pool.start > pool.end {
             return Err(ValidationError::invalid_argument(
                 format!("allocation_pools[{i}]"),
@@ -928,7 +965,12 @@ fn check_subnet(subnet: &Subnet) -> Checked {
         }
     }
     for (i, server) in subnet.dns_nameservers.iter().enumerate() {
-        check_version(&format!("dns_nameservers[{i}]"), "DNS server", server, subnet.ip_version)?;
+        check_version(
+            &format!("dns_nameservers[{i}]"),
+            "DNS server",
+            server,
+            subnet.ip_version,
+        )?;
     }
     for (i, route) in subnet.host_routes.iter().enumerate() {
         check_version(
@@ -977,7 +1019,10 @@ fn check_fixed_ip_address(i: usize, addr: IpAddr, subnet: &Subnet) -> Checked {
     if !subnet.cidr.contains(&addr) {
         return Err(ValidationError::invalid_argument(
             field(),
-            format!("{addr} is not inside subnet {} ({})", subnet.id, subnet.cidr),
+            format!(
+                "{addr} is not inside subnet {} ({})",
+                subnet.id, subnet.cidr
+            ),
         ));
     }
     // /31 and /32 have neither (RFC 3021).
@@ -1020,11 +1065,10 @@ fn check_fixed_ip_network(port: &Port, i: usize, subnet: &Subnet) -> Checked {
 fn check_security_group(group: &SecurityGroup) -> Checked {
     let mut ids = HashSet::with_capacity(group.rules.len());
     for (i, rule) in group.rules.iter().enumerate() {
-        let prefix = format!("rules[{i}]");
-        check_rule(rule).map_err(|e| e.under(&prefix))?;
+        check_rule(rule).map_err(|e| e.under(&format!("rules[{i}]")))?;
         if !ids.insert(rule.id.as_str()) {
             return Err(ValidationError::invalid_argument(
-                format!("{prefix}.id"),
+                format!("rules[{i}].id"),
                 format!("rule id {} is used twice in the group", rule.id),
             ));
         }
@@ -1061,7 +1105,10 @@ fn check_rule(rule: &SecurityGroupRule) -> Checked {
             }
         }
     } else if protocol.is_icmp() {
-        for (field, what, value) in [("port_range_min", "type", min), ("port_range_max", "code", max)] {
+        for (field, what, value) in [
+            ("port_range_min", "type", min),
+            ("port_range_max", "code", max),
+        ] {
             if let Some(value) = value.filter(|&value| value > 255) {
                 return Err(ValidationError::invalid_argument(
                     field,
@@ -1172,7 +1219,10 @@ fn check_external_address(i: usize, addr: IpAddr, subnet: &Subnet) -> Checked {
     if !subnet.cidr.contains(&addr) {
         return Err(ValidationError::invalid_argument(
             format!("external_gateway_info.external_fixed_ips[{i}].ip_address"),
-            format!("{addr} is not inside subnet {} ({})", subnet.id, subnet.cidr),
+            format!(
+                "{addr} is not inside subnet {} ({})",
+                subnet.id, subnet.cidr
+            ),
         ));
     }
     Ok(())

@@ -399,7 +399,13 @@ impl Datapath {
         let mut ctx = [0u8; SKB_CTX_LEN];
         ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
         ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-        let result = classifier(&mut self.ebpf, program)?
+        let prog = classifier(&mut self.ebpf, program)?;
+        // Programs only benchmarks run (the no-op floor) are loaded on first use.
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DatapathError::Program { program, source })?;
+        }
+        let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 ctx_in: Some(&ctx),

@@ -20,9 +20,8 @@ use crate::core::{
         id_problem, AllocationPool, AllowedAddressPair, BandwidthLimitRule, Change, Direction,
         DscpMarkingRule, EtherType, ExternalFixedIp, ExternalGatewayInfo, FixedIp, FloatingIp,
         HostRoute, IpVersion, MacAddr, Network, NetworkType, Port, PortBinding, Protocol,
-        ProtocolParseError,
-        ProviderNetwork, QosDirection, QosPolicy, Resource, ResourceKind, ResourceRef, Route,
-        Router, RouterInterface, SecurityGroup, SecurityGroupRule, Subnet,
+        ProtocolParseError, ProviderNetwork, QosDirection, QosPolicy, Resource, ResourceKind,
+        ResourceRef, Route, Router, RouterInterface, SecurityGroup, SecurityGroupRule, Subnet,
     },
     validate::ValidationError,
 };
@@ -140,10 +139,12 @@ fn address_or_prefix(field: &str, value: &str) -> Converted<IpNet> {
     if let Ok(net) = value.parse::<IpNet>() {
         return Ok(net.trunc());
     }
-    value
-        .parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| invalid(field, format!("{value:?} is neither an IP address nor a CIDR")))
+    value.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        invalid(
+            field,
+            format!("{value:?} is neither an IP address nor a CIDR"),
+        )
+    })
 }
 
 fn optional_address_or_prefix(field: &str, value: &str) -> Converted<Option<IpNet>> {
@@ -160,7 +161,10 @@ fn unicast_mac(field: &str, value: &str) -> Converted<MacAddr> {
         .parse()
         .map_err(|e| invalid(field, format!("{value:?} is not a MAC address: {e}")))?;
     if mac.is_multicast() || mac.is_zero() {
-        return Err(invalid(field, format!("{mac} is not a unicast MAC address")));
+        return Err(invalid(
+            field,
+            format!("{mac} is not a unicast MAC address"),
+        ));
     }
     Ok(mac)
 }
@@ -437,7 +441,11 @@ impl From<&Subnet> for pb::Subnet {
                     end: pool.end.to_string(),
                 })
                 .collect(),
-            dns_nameservers: subnet.dns_nameservers.iter().map(ToString::to_string).collect(),
+            dns_nameservers: subnet
+                .dns_nameservers
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             host_routes: subnet
                 .host_routes
                 .iter()
@@ -473,12 +481,16 @@ impl TryFrom<pb::Port> for Port {
                     ip_address: ip("ip_address", &fixed_ip.ip_address)?,
                 })
             })?,
-            allowed_address_pairs: each(port.allowed_address_pairs, "allowed_address_pairs", |pair| {
-                Ok(AllowedAddressPair {
-                    ip_address: address_or_prefix("ip_address", &pair.ip_address)?,
-                    mac_address: optional_unicast_mac("mac_address", &pair.mac_address)?,
-                })
-            })?,
+            allowed_address_pairs: each(
+                port.allowed_address_pairs,
+                "allowed_address_pairs",
+                |pair| {
+                    Ok(AllowedAddressPair {
+                        ip_address: address_or_prefix("ip_address", &pair.ip_address)?,
+                        mac_address: optional_unicast_mac("mac_address", &pair.mac_address)?,
+                    })
+                },
+            )?,
             security_group_ids: each(port.security_group_ids, "security_group_ids", |group| {
                 id("", group)
             })?,
@@ -557,7 +569,10 @@ impl TryFrom<pb::SecurityGroupRule> for SecurityGroupRule {
                 .map_err(|e: ProtocolParseError| invalid("protocol", e.to_string()))?,
             port_range_min: rule.port_range_min,
             port_range_max: rule.port_range_max,
-            remote_ip_prefix: optional_address_or_prefix("remote_ip_prefix", &rule.remote_ip_prefix)?,
+            remote_ip_prefix: optional_address_or_prefix(
+                "remote_ip_prefix",
+                &rule.remote_ip_prefix,
+            )?,
             remote_group_id: optional_id("remote_group_id", rule.remote_group_id)?,
             revision_number: rule.revision_number,
         })
@@ -627,12 +642,16 @@ impl TryFrom<pb::ExternalGatewayInfo> for ExternalGatewayInfo {
         Ok(ExternalGatewayInfo {
             network_id: id("network_id", gateway.network_id)?,
             enable_snat: gateway.enable_snat,
-            external_fixed_ips: each(gateway.external_fixed_ips, "external_fixed_ips", |external| {
-                Ok(ExternalFixedIp {
-                    subnet_id: id("subnet_id", external.subnet_id)?,
-                    ip_address: ip("ip_address", &external.ip_address)?,
-                })
-            })?,
+            external_fixed_ips: each(
+                gateway.external_fixed_ips,
+                "external_fixed_ips",
+                |external| {
+                    Ok(ExternalFixedIp {
+                        subnet_id: id("subnet_id", external.subnet_id)?,
+                        ip_address: ip("ip_address", &external.ip_address)?,
+                    })
+                },
+            )?,
         })
     }
 }
@@ -754,14 +773,18 @@ impl TryFrom<pb::QosPolicy> for QosPolicy {
             id: id("id", policy.id)?,
             name: policy.name,
             project_id: policy.project_id,
-            bandwidth_limit_rules: each(policy.bandwidth_limit_rules, "bandwidth_limit_rules", |rule| {
-                Ok(BandwidthLimitRule {
-                    id: id("id", rule.id)?,
-                    max_kbps: rule.max_kbps,
-                    max_burst_kbps: rule.max_burst_kbps,
-                    direction: qos_direction(rule.direction)?,
-                })
-            })?,
+            bandwidth_limit_rules: each(
+                policy.bandwidth_limit_rules,
+                "bandwidth_limit_rules",
+                |rule| {
+                    Ok(BandwidthLimitRule {
+                        id: id("id", rule.id)?,
+                        max_kbps: rule.max_kbps,
+                        max_burst_kbps: rule.max_burst_kbps,
+                        direction: qos_direction(rule.direction)?,
+                    })
+                },
+            )?,
             dscp_marking_rules: each(policy.dscp_marking_rules, "dscp_marking_rules", |rule| {
                 Ok(DscpMarkingRule {
                     id: id("id", rule.id)?,
@@ -813,17 +836,29 @@ impl TryFrom<pb::Resource> for Resource {
     fn try_from(resource: pb::Resource) -> Converted<Self> {
         use pb::resource::Kind;
         let Some(kind) = resource.kind else {
-            return Err(invalid("kind", "no resource set (network, subnet, port, ...)"));
+            return Err(invalid(
+                "kind",
+                "no resource set (network, subnet, port, ...)",
+            ));
         };
         let (kind, converted) = match kind {
-            Kind::Network(r) => (ResourceKind::Network, Network::try_from(r).map(Resource::Network)),
-            Kind::Subnet(r) => (ResourceKind::Subnet, Subnet::try_from(r).map(Resource::Subnet)),
+            Kind::Network(r) => (
+                ResourceKind::Network,
+                Network::try_from(r).map(Resource::Network),
+            ),
+            Kind::Subnet(r) => (
+                ResourceKind::Subnet,
+                Subnet::try_from(r).map(Resource::Subnet),
+            ),
             Kind::Port(r) => (ResourceKind::Port, Port::try_from(r).map(Resource::Port)),
             Kind::SecurityGroup(r) => (
                 ResourceKind::SecurityGroup,
                 SecurityGroup::try_from(r).map(Resource::SecurityGroup),
             ),
-            Kind::Router(r) => (ResourceKind::Router, Router::try_from(r).map(Resource::Router)),
+            Kind::Router(r) => (
+                ResourceKind::Router,
+                Router::try_from(r).map(Resource::Router),
+            ),
             Kind::FloatingIp(r) => (
                 ResourceKind::FloatingIp,
                 FloatingIp::try_from(r).map(Resource::FloatingIp),
@@ -897,5 +932,728 @@ impl From<&Change> for pb::Change {
             Change::Delete(reference) => pb::change::Op::Delete(reference.into()),
         };
         pb::Change { op: Some(op) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::validate::ErrorCode;
+
+    fn full_network() -> pb::Network {
+        pb::Network {
+            id: "n1".into(),
+            name: "net".into(),
+            project_id: "proj".into(),
+            admin_state_up: true,
+            shared: true,
+            router_external: false,
+            mtu: 9000,
+            provider: Some(pb::ProviderNetwork {
+                network_type: pb::NetworkType::Vlan as i32,
+                physical_network: "physnet1".into(),
+                segmentation_id: Some(100),
+            }),
+            port_security_enabled: true,
+            revision_number: 3,
+        }
+    }
+
+    fn full_subnet() -> pb::Subnet {
+        pb::Subnet {
+            id: "s1".into(),
+            network_id: "n1".into(),
+            ip_version: 6,
+            cidr: "2001:db8::/64".into(),
+            gateway_ip: "2001:db8::1".into(),
+            allocation_pools: vec![pb::AllocationPool {
+                start: "2001:db8::10".into(),
+                end: "2001:db8::ffff".into(),
+            }],
+            dns_nameservers: vec!["2001:4860:4860::8888".into()],
+            host_routes: vec![pb::HostRoute {
+                destination: "2001:db8:ff::/48".into(),
+                nexthop: "2001:db8::fe".into(),
+            }],
+            enable_dhcp: true,
+            name: "sub".into(),
+            project_id: "proj".into(),
+            revision_number: 4,
+        }
+    }
+
+    fn full_port() -> pb::Port {
+        pb::Port {
+            id: "p1".into(),
+            network_id: "n1".into(),
+            mac_address: "fa:16:3e:00:00:01".into(),
+            fixed_ips: vec![
+                pb::FixedIp {
+                    subnet_id: "s4".into(),
+                    ip_address: "10.0.0.5".into(),
+                },
+                pb::FixedIp {
+                    subnet_id: "s1".into(),
+                    ip_address: "2001:db8::5".into(),
+                },
+            ],
+            allowed_address_pairs: vec![
+                pb::AllowedAddressPair {
+                    ip_address: "10.0.0.100".into(),
+                    mac_address: String::new(),
+                },
+                pb::AllowedAddressPair {
+                    ip_address: "192.168.0.0/16".into(),
+                    mac_address: "02:00:00:00:00:01".into(),
+                },
+            ],
+            security_group_ids: vec!["sg1".into(), "sg2".into()],
+            port_security_enabled: Some(false),
+            admin_state_up: true,
+            device_owner: "compute:nova".into(),
+            device_id: "vm1".into(),
+            qos_policy_id: "q1".into(),
+            binding: Some(pb::PortBinding {
+                host: "node-a".into(),
+                interface_name: "tap1".into(),
+            }),
+            name: "port".into(),
+            project_id: "proj".into(),
+            revision_number: 5,
+        }
+    }
+
+    fn full_rule() -> pb::SecurityGroupRule {
+        pb::SecurityGroupRule {
+            id: "r1".into(),
+            direction: pb::Direction::Ingress as i32,
+            ethertype: pb::EtherType::Ipv4 as i32,
+            protocol: "tcp".into(),
+            port_range_min: Some(22),
+            port_range_max: Some(22),
+            remote_ip_prefix: "10.0.0.0/8".into(),
+            remote_group_id: String::new(),
+            revision_number: 2,
+        }
+    }
+
+    fn full_security_group() -> pb::SecurityGroup {
+        pb::SecurityGroup {
+            id: "sg1".into(),
+            project_id: "proj".into(),
+            name: "default".into(),
+            stateful: true,
+            rules: vec![
+                full_rule(),
+                pb::SecurityGroupRule {
+                    id: "r2".into(),
+                    direction: pb::Direction::Egress as i32,
+                    ethertype: pb::EtherType::Ipv6 as i32,
+                    protocol: String::new(),
+                    port_range_min: None,
+                    port_range_max: None,
+                    remote_ip_prefix: String::new(),
+                    remote_group_id: "sg1".into(),
+                    revision_number: 2,
+                },
+                pb::SecurityGroupRule {
+                    id: "r3".into(),
+                    ethertype: pb::EtherType::Ipv6 as i32,
+                    protocol: "ipv6-icmp".into(),
+                    port_range_min: Some(135),
+                    port_range_max: None,
+                    remote_ip_prefix: "2001:db8::1/128".into(),
+                    ..full_rule()
+                },
+                pb::SecurityGroupRule {
+                    id: "r4".into(),
+                    protocol: "200".into(),
+                    port_range_min: None,
+                    port_range_max: None,
+                    ..full_rule()
+                },
+            ],
+            revision_number: 6,
+        }
+    }
+
+    fn full_router() -> pb::Router {
+        pb::Router {
+            id: "r1".into(),
+            name: "router".into(),
+            project_id: "proj".into(),
+            admin_state_up: true,
+            interfaces: vec![
+                pb::RouterInterface {
+                    subnet_id: "s1".into(),
+                    port_id: "rp1".into(),
+                },
+                pb::RouterInterface {
+                    subnet_id: "s2".into(),
+                    port_id: String::new(),
+                },
+            ],
+            external_gateway_info: Some(pb::ExternalGatewayInfo {
+                network_id: "ext".into(),
+                enable_snat: true,
+                external_fixed_ips: vec![pb::ExternalFixedIp {
+                    subnet_id: "ext-s".into(),
+                    ip_address: "203.0.113.2".into(),
+                }],
+            }),
+            routes: vec![pb::Route {
+                destination: "192.168.0.0/16".into(),
+                nexthop: "10.0.0.254".into(),
+            }],
+            revision_number: 7,
+        }
+    }
+
+    fn full_floating_ip() -> pb::FloatingIp {
+        pb::FloatingIp {
+            id: "f1".into(),
+            floating_network_id: "ext".into(),
+            floating_ip_address: "203.0.113.10".into(),
+            port_id: "p1".into(),
+            fixed_ip_address: "10.0.0.5".into(),
+            router_id: "r1".into(),
+            project_id: "proj".into(),
+            revision_number: 8,
+        }
+    }
+
+    fn full_qos_policy() -> pb::QosPolicy {
+        pb::QosPolicy {
+            id: "q1".into(),
+            name: "gold".into(),
+            project_id: "proj".into(),
+            bandwidth_limit_rules: vec![pb::BandwidthLimitRule {
+                id: "b1".into(),
+                max_kbps: 10_000,
+                max_burst_kbps: 1_000,
+                direction: pb::QosDirection::Ingress as i32,
+            }],
+            dscp_marking_rules: vec![pb::DscpMarkingRule {
+                id: "d1".into(),
+                dscp_mark: 46,
+            }],
+            revision_number: 9,
+        }
+    }
+
+    fn full_resources() -> Vec<pb::Resource> {
+        use pb::resource::Kind;
+        [
+            Kind::Network(full_network()),
+            Kind::Subnet(full_subnet()),
+            Kind::Port(full_port()),
+            Kind::SecurityGroup(full_security_group()),
+            Kind::Router(full_router()),
+            Kind::FloatingIp(full_floating_ip()),
+            Kind::QosPolicy(full_qos_policy()),
+        ]
+        .into_iter()
+        .map(|kind| pb::Resource { kind: Some(kind) })
+        .collect()
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for proto in full_resources() {
+            let core = Resource::try_from(proto.clone()).unwrap();
+            assert_eq!(pb::Resource::from(&core), proto);
+        }
+    }
+
+    #[test]
+    fn parsed_values() {
+        let Resource::Port(port) = Resource::try_from(full_resources()[2].clone()).unwrap() else {
+            panic!("not a port");
+        };
+        assert_eq!(port.mac_address, MacAddr([0xfa, 0x16, 0x3e, 0, 0, 1]));
+        assert_eq!(
+            port.allowed_address_pairs[0].ip_address,
+            "10.0.0.100/32".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(port.allowed_address_pairs[0].mac_address, None);
+        assert_eq!(port.qos_policy_id.as_deref(), Some("q1"));
+        assert_eq!(port.binding.interface_name, "tap1");
+
+        let Resource::SecurityGroup(group) =
+            Resource::try_from(full_resources()[3].clone()).unwrap()
+        else {
+            panic!("not a group");
+        };
+        let protocols: Vec<Protocol> = group.rules.iter().map(|r| r.protocol).collect();
+        assert_eq!(
+            protocols,
+            [
+                Protocol::TCP,
+                Protocol::Any,
+                Protocol::IPV6_ICMP,
+                Protocol::Number(200)
+            ]
+        );
+        assert_eq!(group.rules[1].remote_group_id.as_deref(), Some("sg1"));
+        assert_eq!(group.rules[0].remote_group_id, None);
+    }
+
+    #[test]
+    fn lenient_forms_are_normalised() {
+        let mut port = full_port();
+        port.allowed_address_pairs = vec![
+            pb::AllowedAddressPair {
+                ip_address: "10.1.2.3/16".into(),
+                mac_address: "FA:16:3E:00:00:AA".into(),
+            },
+            pb::AllowedAddressPair {
+                ip_address: "10.0.0.7/32".into(),
+                mac_address: String::new(),
+            },
+        ];
+        port.binding = Some(pb::PortBinding::default());
+        let core = Port::try_from(port).unwrap();
+        let back = pb::Port::from(&core);
+        assert_eq!(back.allowed_address_pairs[0].ip_address, "10.1.0.0/16");
+        assert_eq!(
+            back.allowed_address_pairs[0].mac_address,
+            "fa:16:3e:00:00:aa"
+        );
+        assert_eq!(back.allowed_address_pairs[1].ip_address, "10.0.0.7");
+        assert_eq!(back.binding, None);
+        assert_eq!(Port::try_from(back).unwrap(), core);
+
+        let mut rule = full_rule();
+        rule.remote_ip_prefix = "10.1.2.3".into();
+        rule.protocol = "ICMPv6".into();
+        rule.ethertype = pb::EtherType::Ipv6 as i32;
+        let core = SecurityGroupRule::try_from(rule).unwrap();
+        assert_eq!(core.protocol, Protocol::IPV6_ICMP);
+        let back = pb::SecurityGroupRule::from(&core);
+        assert_eq!(back.remote_ip_prefix, "10.1.2.3/32");
+        assert_eq!(back.protocol, "ipv6-icmp");
+        assert_eq!(SecurityGroupRule::try_from(back).unwrap(), core);
+
+        let mut rule = full_rule();
+        rule.remote_ip_prefix = "10.1.2.3/8".into();
+        rule.protocol = "any".into();
+        rule.port_range_min = None;
+        rule.port_range_max = None;
+        let back = pb::SecurityGroupRule::from(&SecurityGroupRule::try_from(rule).unwrap());
+        assert_eq!(back.remote_ip_prefix, "10.0.0.0/8");
+        assert_eq!(back.protocol, "");
+    }
+
+    #[test]
+    fn changes_round_trip() {
+        let changes: Vec<pb::Change> = full_resources()
+            .into_iter()
+            .map(|resource| pb::Change {
+                op: Some(pb::change::Op::Upsert(resource)),
+            })
+            .chain([pb::Change {
+                op: Some(pb::change::Op::Delete(pb::ResourceRef {
+                    kind: pb::ResourceKind::SecurityGroup as i32,
+                    id: "sg9".into(),
+                })),
+            }])
+            .collect();
+        let core = changes_from_proto(changes.clone()).unwrap();
+        assert_eq!(
+            core.last(),
+            Some(&Change::Delete(ResourceRef {
+                kind: ResourceKind::SecurityGroup,
+                id: "sg9".into()
+            }))
+        );
+        let back: Vec<pb::Change> = core.iter().map(pb::Change::from).collect();
+        assert_eq!(back, changes);
+        assert_eq!(resources_from_proto(full_resources()).unwrap().len(), 7);
+    }
+
+    /// Converts a Sync list with `resource` at index 1 and returns the error.
+    #[track_caller]
+    fn sync_error(resource: pb::resource::Kind) -> ValidationError {
+        let resources = vec![
+            pb::Resource {
+                kind: Some(pb::resource::Kind::Network(full_network())),
+            },
+            pb::Resource {
+                kind: Some(resource),
+            },
+        ];
+        let error = resources_from_proto(resources).expect_err("should be refused");
+        assert_eq!(error.code, ErrorCode::InvalidArgument, "{error:?}");
+        assert_eq!(error.index, Some(1), "{error:?}");
+        error
+    }
+
+    #[track_caller]
+    fn assert_field(resource: pb::resource::Kind, field: &str) {
+        let error = sync_error(resource);
+        assert_eq!(error.field, field, "{error:?}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_field() {
+        use pb::resource::Kind;
+
+        assert_field(
+            Kind::Network(pb::Network {
+                id: String::new(),
+                ..full_network()
+            }),
+            "network.id",
+        );
+        assert_field(
+            Kind::Network(pb::Network {
+                id: "a b".into(),
+                ..full_network()
+            }),
+            "network.id",
+        );
+        assert_field(
+            Kind::Network(pb::Network {
+                id: "x".repeat(256),
+                ..full_network()
+            }),
+            "network.id",
+        );
+        let mut network = full_network();
+        network.provider = Some(pb::ProviderNetwork::default());
+        assert_field(Kind::Network(network), "network.provider.network_type");
+        let mut network = full_network();
+        network.provider = Some(pb::ProviderNetwork {
+            network_type: 42,
+            ..pb::ProviderNetwork::default()
+        });
+        assert_field(Kind::Network(network), "network.provider.network_type");
+
+        assert_field(
+            Kind::Subnet(pb::Subnet {
+                ip_version: 5,
+                ..full_subnet()
+            }),
+            "subnet.ip_version",
+        );
+        assert_field(
+            Kind::Subnet(pb::Subnet {
+                cidr: "2001:db8::1/64".into(),
+                ..full_subnet()
+            }),
+            "subnet.cidr",
+        );
+        assert_field(
+            Kind::Subnet(pb::Subnet {
+                cidr: "2001:db8::".into(),
+                ..full_subnet()
+            }),
+            "subnet.cidr",
+        );
+        assert_field(
+            Kind::Subnet(pb::Subnet {
+                network_id: String::new(),
+                ..full_subnet()
+            }),
+            "subnet.network_id",
+        );
+        assert_field(
+            Kind::Subnet(pb::Subnet {
+                gateway_ip: "gw".into(),
+                ..full_subnet()
+            }),
+            "subnet.gateway_ip",
+        );
+        let mut subnet = full_subnet();
+        subnet.allocation_pools[0].end = "2001:db8::zz".into();
+        assert_field(Kind::Subnet(subnet), "subnet.allocation_pools[0].end");
+        let mut subnet = full_subnet();
+        subnet.dns_nameservers.push("dns.example".into());
+        assert_field(Kind::Subnet(subnet), "subnet.dns_nameservers[1]");
+        let mut subnet = full_subnet();
+        subnet.host_routes[0].destination = "2001:db8:ff::1/48".into();
+        assert_field(Kind::Subnet(subnet), "subnet.host_routes[0].destination");
+
+        for bad in [
+            "fa:16:3e:00:00",
+            "fa:16:3e:00:00:0g",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "",
+        ] {
+            let error = sync_error(Kind::Port(pb::Port {
+                mac_address: bad.into(),
+                ..full_port()
+            }));
+            assert_eq!(error.field, "port.mac_address", "{bad}");
+        }
+        let error = sync_error(Kind::Port(pb::Port {
+            mac_address: "ff:ff:ff:ff:ff:ff".into(),
+            ..full_port()
+        }));
+        assert!(
+            error.message.contains("ff:ff:ff:ff:ff:ff"),
+            "{}",
+            error.message
+        );
+        let mut port = full_port();
+        port.fixed_ips[1].ip_address = "10.0.0.300".into();
+        let error = sync_error(Kind::Port(port));
+        assert_eq!(error.field, "port.fixed_ips[1].ip_address");
+        assert!(error.message.contains("10.0.0.300"), "{}", error.message);
+        let mut port = full_port();
+        port.fixed_ips[0].ip_address = String::new();
+        assert_field(Kind::Port(port), "port.fixed_ips[0].ip_address");
+        let mut port = full_port();
+        port.fixed_ips[0].subnet_id = String::new();
+        assert_field(Kind::Port(port), "port.fixed_ips[0].subnet_id");
+        let mut port = full_port();
+        port.allowed_address_pairs[1].mac_address = "33:33:00:00:00:01".into();
+        assert_field(
+            Kind::Port(port),
+            "port.allowed_address_pairs[1].mac_address",
+        );
+        let mut port = full_port();
+        port.allowed_address_pairs[0].ip_address = "10.0.0/8".into();
+        assert_field(Kind::Port(port), "port.allowed_address_pairs[0].ip_address");
+        let mut port = full_port();
+        port.security_group_ids[1] = String::new();
+        assert_field(Kind::Port(port), "port.security_group_ids[1]");
+        assert_field(
+            Kind::Port(pb::Port {
+                qos_policy_id: "a\nb".into(),
+                ..full_port()
+            }),
+            "port.qos_policy_id",
+        );
+
+        let rule_error = |rule: pb::SecurityGroupRule, field: &str| {
+            let mut group = full_security_group();
+            group.rules[2] = rule;
+            assert_field(
+                Kind::SecurityGroup(group),
+                &format!("security_group.rules[2].{field}"),
+            );
+        };
+        rule_error(
+            pb::SecurityGroupRule {
+                protocol: "foo".into(),
+                ..full_rule()
+            },
+            "protocol",
+        );
+        rule_error(
+            pb::SecurityGroupRule {
+                protocol: "256".into(),
+                ..full_rule()
+            },
+            "protocol",
+        );
+        rule_error(
+            pb::SecurityGroupRule {
+                direction: 0,
+                ..full_rule()
+            },
+            "direction",
+        );
+        rule_error(
+            pb::SecurityGroupRule {
+                direction: 3,
+                ..full_rule()
+            },
+            "direction",
+        );
+        rule_error(
+            pb::SecurityGroupRule {
+                ethertype: 0,
+                ..full_rule()
+            },
+            "ethertype",
+        );
+        rule_error(
+            pb::SecurityGroupRule {
+                remote_ip_prefix: "any".into(),
+                ..full_rule()
+            },
+            "remote_ip_prefix",
+        );
+        rule_error(
+            pb::SecurityGroupRule {
+                id: String::new(),
+                ..full_rule()
+            },
+            "id",
+        );
+
+        let mut router = full_router();
+        router.routes[0].destination = "192.168.1.0/16".into();
+        assert_field(Kind::Router(router), "router.routes[0].destination");
+        let mut router = full_router();
+        router.routes[0].nexthop = "10.0.0.0/24".into();
+        assert_field(Kind::Router(router), "router.routes[0].nexthop");
+        let mut router = full_router();
+        router.interfaces[1].subnet_id = String::new();
+        assert_field(Kind::Router(router), "router.interfaces[1].subnet_id");
+        let mut router = full_router();
+        if let Some(gateway) = router.external_gateway_info.as_mut() {
+            gateway.network_id = String::new();
+        }
+        assert_field(
+            Kind::Router(router),
+            "router.external_gateway_info.network_id",
+        );
+        let mut router = full_router();
+        if let Some(gateway) = router.external_gateway_info.as_mut() {
+            gateway.external_fixed_ips[0].ip_address = "x".into();
+        }
+        assert_field(
+            Kind::Router(router),
+            "router.external_gateway_info.external_fixed_ips[0].ip_address",
+        );
+
+        assert_field(
+            Kind::FloatingIp(pb::FloatingIp {
+                floating_ip_address: "203.0.113.0/24".into(),
+                ..full_floating_ip()
+            }),
+            "floating_ip.floating_ip_address",
+        );
+        assert_field(
+            Kind::FloatingIp(pb::FloatingIp {
+                floating_ip_address: String::new(),
+                ..full_floating_ip()
+            }),
+            "floating_ip.floating_ip_address",
+        );
+        assert_field(
+            Kind::FloatingIp(pb::FloatingIp {
+                fixed_ip_address: "nope".into(),
+                ..full_floating_ip()
+            }),
+            "floating_ip.fixed_ip_address",
+        );
+        assert_field(
+            Kind::FloatingIp(pb::FloatingIp {
+                floating_network_id: String::new(),
+                ..full_floating_ip()
+            }),
+            "floating_ip.floating_network_id",
+        );
+
+        let mut policy = full_qos_policy();
+        policy.bandwidth_limit_rules[0].direction = 0;
+        assert_field(
+            Kind::QosPolicy(policy),
+            "qos_policy.bandwidth_limit_rules[0].direction",
+        );
+        let mut policy = full_qos_policy();
+        policy.dscp_marking_rules[0].id = String::new();
+        assert_field(
+            Kind::QosPolicy(policy),
+            "qos_policy.dscp_marking_rules[0].id",
+        );
+    }
+
+    #[test]
+    fn missing_oneofs_and_bad_references() {
+        let error = resources_from_proto(vec![pb::Resource { kind: None }]).unwrap_err();
+        assert_eq!((error.index, error.field.as_str()), (Some(0), "kind"));
+
+        let upsert = |resource| pb::Change {
+            op: Some(pb::change::Op::Upsert(resource)),
+        };
+        let delete = |kind, id: &str| pb::Change {
+            op: Some(pb::change::Op::Delete(pb::ResourceRef {
+                kind,
+                id: id.into(),
+            })),
+        };
+        let good = || upsert(full_resources()[0].clone());
+        let cases = [
+            (pb::Change { op: None }, "op"),
+            (upsert(pb::Resource { kind: None }), "upsert.kind"),
+            (
+                upsert(pb::Resource {
+                    kind: Some(pb::resource::Kind::Port(pb::Port {
+                        mac_address: "x".into(),
+                        ..full_port()
+                    })),
+                }),
+                "upsert.port.mac_address",
+            ),
+            (delete(0, "n1"), "delete.kind"),
+            (delete(99, "n1"), "delete.kind"),
+            (delete(pb::ResourceKind::Network as i32, ""), "delete.id"),
+        ];
+        for (change, field) in cases {
+            let error = changes_from_proto(vec![good(), good(), change]).unwrap_err();
+            assert_eq!(
+                (error.code, error.index, error.field.as_str()),
+                (ErrorCode::InvalidArgument, Some(2), field)
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_and_references() {
+        let reference = ResourceRef {
+            kind: ResourceKind::FloatingIp,
+            id: "f1".into(),
+        };
+        let status = ResourceStatus {
+            status: StatusKind::Build,
+            reason: "waiting".into(),
+            revision_number: 12,
+        };
+        assert_eq!(
+            status_to_proto(&reference, &status),
+            pb::ResourceStatus {
+                r#ref: Some(pb::ResourceRef {
+                    kind: pb::ResourceKind::FloatingIp as i32,
+                    id: "f1".into(),
+                }),
+                status: pb::Status::Build as i32,
+                reason: "waiting".into(),
+                revision_number: 12,
+            }
+        );
+        for kind in ResourceKind::ALL {
+            let reference = ResourceRef {
+                kind,
+                id: "x".into(),
+            };
+            let proto = pb::ResourceRef::from(&reference);
+            assert_eq!(ResourceRef::try_from(proto).unwrap(), reference);
+        }
+        let statuses = [
+            (StatusKind::Active, pb::Status::Active),
+            (StatusKind::Down, pb::Status::Down),
+            (StatusKind::Build, pb::Status::Build),
+            (StatusKind::Error, pb::Status::Error),
+        ];
+        for (core, proto) in statuses {
+            assert_eq!(pb::Status::from(core), proto);
+        }
+    }
+
+    #[test]
+    fn drop_reasons_agree_with_the_abi() {
+        for reason in DropReason::ALL {
+            let proto = pb::DropReason::try_from(reason as i32).unwrap_or_else(|_| {
+                panic!("{reason:?} ({}) missing from the proto", reason as i32)
+            });
+            assert_eq!(
+                proto.as_str_name(),
+                format!("DROP_REASON_{}", reason.name().to_ascii_uppercase()),
+                "{reason:?}"
+            );
+            assert_eq!(drop_reason_to_proto(reason), proto);
+        }
+        // And nothing in the proto that the ABI lacks.
+        let proto_values = (1..=i32::from(u8::MAX))
+            .filter(|value| pb::DropReason::try_from(*value).is_ok())
+            .count();
+        assert_eq!(proto_values, DropReason::ALL.len());
+        assert!(pb::DropReason::try_from(0).is_ok_and(|r| r == pb::DropReason::Unspecified));
     }
 }

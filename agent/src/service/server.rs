@@ -13,6 +13,9 @@ use tracing::{info, warn};
 use super::grpc::DataplaneService;
 use crate::node::Node;
 
+/// How long shutdown waits for clients to finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest request the agent decodes (a Sync of a large node's whole state fits).
 const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
 
@@ -95,8 +98,21 @@ pub async fn serve(
         }
     }
     let _ = stop.send(());
-    while let Some(finished) = servers.join_next().await {
-        finished.context("server task")??;
+    // Open connections get a moment to finish their calls; a client that keeps its
+    // connection (or a Watch stream) open must not hold the shutdown up.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(finished) = servers.join_next().await {
+            finished.context("server task")??;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    match drained {
+        Ok(result) => result?,
+        Err(_) => {
+            warn!(grace = ?SHUTDOWN_GRACE, "clients still connected at shutdown; closing anyway");
+            servers.abort_all();
+        }
     }
     let _ = std::fs::remove_file(socket);
     Ok(())

@@ -56,7 +56,7 @@ pub mod global_names {
 /// `skb->mark` stamped by `port_ingress` on frames it hands to another port, so that
 /// `port_egress` can tell them from frames the host's own stack sends to the device.
 /// The low 16 bits carry the sending port's slot.
-pub const MARK_FROM_DATAPATH: u32 = 0x0d_a7_0000;
+pub const MARK_FROM_DATAPATH: u32 = 0x0da7_0000;
 pub const MARK_MAGIC_MASK: u32 = 0xffff_0000;
 
 /// `PortInfo::flags`.

@@ -8,7 +8,7 @@ use crate::{
 
 const ARPHRD_ETHER: u16 = 1;
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct ArpHdr {
     htype: [u8; 2],
     ptype: [u8; 2],

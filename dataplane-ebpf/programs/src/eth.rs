@@ -10,7 +10,7 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 
 pub type Mac = [u8; 6];
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct EthHdr {
     dst: Mac,
     src: Mac,

@@ -5,7 +5,7 @@ use crate::{eth::ETH_HLEN, packet::Packet};
 
 pub const IPPROTO_UDP: u8 = 17;
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct Ipv4Hdr {
     version_ihl: u8,
     tos: u8,

@@ -29,7 +29,7 @@ pub const ND_OPT_TARGET_LL_ADDR: u8 = 2;
 /// ND options walked; a VM's NS/NA carries one.
 const MAX_ND_OPTS: usize = 4;
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct Ipv6Hdr {
     version_tc_flow: [u8; 4],
     payload_len: [u8; 2],
@@ -41,13 +41,13 @@ struct Ipv6Hdr {
 
 /// Hop-by-hop, routing and destination options: next header and length in 8-byte
 /// units beyond the first 8.
-#[repr(C)]
+#[repr(C, align(2))]
 struct ExtHdr {
     next: u8,
     len: u8,
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct FragHdr {
     next: u8,
     reserved: u8,
@@ -56,21 +56,21 @@ struct FragHdr {
 }
 
 /// Neighbour solicitation and advertisement: ICMPv6 header, flags/reserved, target.
-#[repr(C)]
+#[repr(C, align(2))]
 struct NdMsg {
     icmp: [u8; 4],
     flags: [u8; 4],
     target: [u8; 16],
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct NdOpt {
     kind: u8,
     /// In units of 8 bytes, including these two.
     len: u8,
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct NdLlOpt {
     kind: u8,
     len: u8,

@@ -23,34 +23,30 @@ pub fn forward(
     dst: &Mac,
     stats: &mut PortStats,
 ) -> Result<i32, DropReason> {
-    if is_multicast(dst) {
-        return flood(ctx, port, ingress, 0, DropReason::NoFloodTarget, stats);
-    }
-    let key = FdbKey {
-        network_slot: port.network_slot,
-        mac: *dst,
-        _pad: [0; 2],
-    };
-    // SAFETY: the agent replaces FDB entries with one update, never in place.
-    match unsafe { FDB.get(&key) } {
-        Some(fdb) if fdb.ifindex != ingress => {
-            let target = fdb.ifindex;
-            stamp(ctx, port);
-            redirect(target);
-            trace::unicast(target);
-            Ok(TC_ACT_REDIRECT as i32)
+    // One flood call site below: the loop is the longest code of the program.
+    let (need, none) = if is_multicast(dst) {
+        (0, DropReason::NoFloodTarget)
+    } else {
+        let key = FdbKey {
+            network_slot: port.network_slot,
+            mac: *dst,
+            _pad: [0; 2],
+        };
+        // SAFETY: the agent replaces FDB entries with one update, never in place.
+        match unsafe { FDB.get(&key) } {
+            Some(fdb) if fdb.ifindex != ingress => {
+                let target = fdb.ifindex;
+                stamp(ctx, port);
+                redirect(target);
+                trace::unicast(target);
+                return Ok(TC_ACT_REDIRECT as i32);
+            }
+            // The destination is the sender's own: a hairpin the network never does.
+            Some(_) => return Err(DropReason::UnknownDestination),
+            None => (flood_flags::ACCEPTS_UNKNOWN, DropReason::UnknownDestination),
         }
-        // The destination is the sender's own: a hairpin the network never does.
-        Some(_) => Err(DropReason::UnknownDestination),
-        None => flood(
-            ctx,
-            port,
-            ingress,
-            flood_flags::ACCEPTS_UNKNOWN,
-            DropReason::UnknownDestination,
-            stats,
-        ),
-    }
+    };
+    flood(ctx, port, ingress, need, none, stats)
 }
 
 /// Copies the frame to every port of the network's flood set that has all of `need`

@@ -3,7 +3,7 @@ use dataplane_abi::DropReason;
 
 use crate::packet::Packet;
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct UdpHdr {
     source: [u8; 2],
     dest: [u8; 2],
@@ -11,7 +11,7 @@ struct UdpHdr {
     check: [u8; 2],
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 struct Icmp6Hdr {
     kind: u8,
     code: u8,

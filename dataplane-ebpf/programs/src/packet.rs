@@ -30,11 +30,14 @@ impl<'a> Packet<'a> {
         self.ctx.len() as usize
     }
 
-    /// The `T` at byte `off`, or `None` if the frame is shorter. `T` must be made of
-    /// bytes only (alignment 1, every bit pattern valid): the headers of this crate are.
+    /// The `T` at byte `off`, or `None` if the frame is shorter. `T` must be valid for
+    /// any bytes and aligned to at most 2: the headers of this crate are byte arrays in
+    /// `repr(C, align(2))` structs. Every header starts at an even offset and the kernel
+    /// keeps `skb->data` even, so they are 2-aligned; that lets the compiler read them
+    /// in 16-bit words rather than byte by byte.
     #[inline(always)]
     pub fn at<T>(&mut self, off: usize) -> Option<&T> {
-        const { assert!(align_of::<T>() == 1) };
+        const { assert!(align_of::<T>() <= 2) };
         let mut p = self.data + off;
         if p + size_of::<T>() > self.end {
             self.pull(off + size_of::<T>())?;

@@ -95,20 +95,23 @@ pub fn arp(port: &PortInfo, eth: &Eth, arp: &Arp) -> Result<(), DropReason> {
 #[inline(always)]
 pub fn ipv4(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv4) -> Result<(), DropReason> {
     check_mac(port, &eth.src)?;
-    let udp = if ip.first_fragment && ip.proto == IPPROTO_UDP {
-        Some(l4::udp_ports(pkt, ip.l4_off, ip.end)?)
+    // Port 0, which no check below names, when there is no UDP header. (An `Option`
+    // here lets LLVM compare the undefined payload of `None`, which the verifier
+    // rejects as a read of an uninitialised register.)
+    let ports = if ip.first_fragment && ip.proto == IPPROTO_UDP {
+        l4::udp_ports(pkt, ip.l4_off, ip.end)?
     } else {
-        None
+        (0, 0)
     };
     if u32::from_ne_bytes(ip.src) == 0 {
         // A DHCP client has no address before its lease.
-        if udp != Some((DHCP_CLIENT_PORT, DHCP_SERVER_PORT)) {
+        if ports != (DHCP_CLIENT_PORT, DHCP_SERVER_PORT) {
             return Err(DropReason::SourceIpSpoofed);
         }
     } else if !ip4_allowed(port, &eth.src, ip.src) {
         return Err(DropReason::SourceIpSpoofed);
     }
-    if udp == Some((DHCP_SERVER_PORT, DHCP_CLIENT_PORT)) {
+    if ports == (DHCP_SERVER_PORT, DHCP_CLIENT_PORT) {
         return Err(DropReason::DhcpServerFromPort);
     }
     Ok(())
@@ -117,16 +120,18 @@ pub fn ipv4(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv4) -> Result<(
 #[inline(always)]
 pub fn ipv6(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv6) -> Result<(), DropReason> {
     check_mac(port, &eth.src)?;
+    // Type 0 (reserved), which no check below names, when there is no ICMPv6 header:
+    // see the ports in `ipv4` for why not an `Option`.
     let icmp_type = if ip.has_l4 && ip.next == ipv6::IPPROTO_ICMPV6 {
-        Some(l4::icmp6_type(pkt, ip.l4_off, ip.end)?)
+        l4::icmp6_type(pkt, ip.l4_off, ip.end)?
     } else {
-        None
+        0
     };
     if ipv6::is_unspecified(&ip.src) {
         // Before it has an address a node joins groups (MLD) and runs DAD (NS).
         if !matches!(
             icmp_type,
-            Some(ipv6::ICMP6_MLD_REPORT | ipv6::ICMP6_NEIGH_SOLICIT | ipv6::ICMP6_MLD2_REPORT)
+            ipv6::ICMP6_MLD_REPORT | ipv6::ICMP6_NEIGH_SOLICIT | ipv6::ICMP6_MLD2_REPORT
         ) {
             return Err(DropReason::SourceIpSpoofed);
         }
@@ -134,31 +139,30 @@ pub fn ipv6(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv6) -> Result<(
         return Err(DropReason::SourceIpSpoofed);
     }
     match icmp_type {
-        Some(ipv6::ICMP6_ROUTER_ADVERT) => Err(DropReason::RouterAdvertisementFromPort),
-        Some(ipv6::ICMP6_NEIGH_SOLICIT) => {
-            let kind = ipv6::ND_OPT_SOURCE_LL_ADDR;
-            if !ipv6::nd_ll_addr_is(pkt, ip.l4_off, ip.end, kind, &eth.src)? {
+        ipv6::ICMP6_ROUTER_ADVERT => return Err(DropReason::RouterAdvertisementFromPort),
+        ipv6::ICMP6_NEIGH_SOLICIT | ipv6::ICMP6_NEIGH_ADVERT => {
+            // An NA claims its target for the sender; both carry the sender's MAC in
+            // an option (source in an NS, target in an NA).
+            let (off, end) = (ip.l4_off, ip.end);
+            let kind = if icmp_type == ipv6::ICMP6_NEIGH_ADVERT {
+                if !ip6_allowed(port, &eth.src, &ipv6::nd_target(pkt, off, end)?) {
+                    return Err(DropReason::NdSpoofed);
+                }
+                ipv6::ND_OPT_TARGET_LL_ADDR
+            } else {
+                ipv6::ND_OPT_SOURCE_LL_ADDR
+            };
+            if !ipv6::nd_ll_addr_is(pkt, off, end, kind, &eth.src)? {
                 return Err(DropReason::NdSpoofed);
             }
-            Ok(())
         }
-        Some(ipv6::ICMP6_NEIGH_ADVERT) => {
-            let target = ipv6::nd_target(pkt, ip.l4_off, ip.end)?;
-            let kind = ipv6::ND_OPT_TARGET_LL_ADDR;
-            if !ip6_allowed(port, &eth.src, &target)
-                || !ipv6::nd_ll_addr_is(pkt, ip.l4_off, ip.end, kind, &eth.src)?
-            {
-                return Err(DropReason::NdSpoofed);
-            }
-            Ok(())
-        }
-        Some(_) => Ok(()),
-        None if ip.has_l4 && ip.next == ipv6::IPPROTO_UDP => {
-            if l4::udp_ports(pkt, ip.l4_off, ip.end)? == (DHCP6_SERVER_PORT, DHCP6_CLIENT_PORT) {
-                return Err(DropReason::DhcpServerFromPort);
-            }
-            Ok(())
-        }
-        None => Ok(()),
+        _ => {}
     }
+    if ip.has_l4
+        && ip.next == ipv6::IPPROTO_UDP
+        && l4::udp_ports(pkt, ip.l4_off, ip.end)? == (DHCP6_SERVER_PORT, DHCP6_CLIENT_PORT)
+    {
+        return Err(DropReason::DhcpServerFromPort);
+    }
+    Ok(())
 }

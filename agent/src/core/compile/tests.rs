@@ -1,0 +1,643 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::*;
+use crate::core::{fixtures::*, model::*};
+
+const NODE: &str = "node-a";
+
+fn interfaces(names: &[(&str, u32)]) -> BTreeMap<String, u32> {
+    names
+        .iter()
+        .map(|(name, ifindex)| ((*name).to_owned(), *ifindex))
+        .collect()
+}
+
+fn run(state: &State, devices: &BTreeMap<String, u32>, slots: &mut Slots) -> Compiled {
+    compile(
+        state,
+        &NodeView {
+            node_name: NODE,
+            interfaces: devices,
+        },
+        slots,
+    )
+}
+
+fn status_of(compiled: &Compiled, kind: ResourceKind, id: &str) -> (StatusKind, String) {
+    let status = &compiled.statuses[&ResourceRef {
+        kind,
+        id: id.to_owned(),
+    }];
+    (status.status, status.reason.clone())
+}
+
+fn local_port(id: &str, network_id: &str, mac_address: &str, device: &str) -> Port {
+    bound(port(id, network_id, mac_address), NODE, device)
+}
+
+/// Networks n1 and n2 (each with a v4 and a v6 subnet) and the given ports.
+fn state_with(ports: Vec<Port>) -> State {
+    let mut resources: Vec<Resource> = vec![
+        network("n1").into(),
+        subnet("s1", "n1", "10.0.0.0/24").into(),
+        subnet("s1v6", "n1", "2001:db8:1::/64").into(),
+        network("n2").into(),
+        subnet("s2", "n2", "10.0.0.0/24").into(),
+    ];
+    resources.extend(ports.into_iter().map(Resource::from));
+    State::replace(&resources).expect("valid test state")
+}
+
+fn addr4(slot: u32, mac_address: &str, addr: &str) -> PortAddr4 {
+    PortAddr4 {
+        port_slot: slot,
+        mac: mac(mac_address).0,
+        _pad: [0; 2],
+        addr: addr.parse::<Ipv4Addr>().unwrap().octets(),
+    }
+}
+
+fn addr6(slot: u32, mac_address: &str, addr: &str) -> PortAddr6 {
+    PortAddr6 {
+        port_slot: slot,
+        mac: mac(mac_address).0,
+        _pad: [0; 2],
+        addr: addr.parse::<Ipv6Addr>().unwrap().octets(),
+    }
+}
+
+fn mac_key(slot: u32, mac_address: &str) -> PortMacKey {
+    PortMacKey {
+        port_slot: slot,
+        mac: mac(mac_address).0,
+        _pad: [0; 2],
+    }
+}
+
+fn flood_ports(set: &FloodSet) -> Vec<(u32, u32)> {
+    set.ports[..set.count as usize]
+        .iter()
+        .map(|entry| (entry.ifindex, entry.flags))
+        .collect()
+}
+
+#[test]
+fn a_port_gets_its_info_addresses_fdb_and_flood_entries() {
+    let mut p = local_port("p1", "n1", "fa:16:3e:12:34:56", "tap1");
+    p.fixed_ips = vec![
+        fixed_ip("s1", "10.0.0.5"),
+        fixed_ip("s1v6", "2001:db8:1::5"),
+    ];
+    let state = state_with(vec![p]);
+    let devices = interfaces(&[("tap1", 11)]);
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(&state, &devices, &mut slots);
+
+    let (slot, network_slot) = (
+        slots.port_slot("p1").unwrap(),
+        slots.network_slot("n1").unwrap(),
+    );
+    assert_eq!((slot, network_slot), (1, 1));
+    assert_eq!(
+        compiled.tables.ports,
+        BTreeMap::from([(
+            11,
+            PortInfo {
+                port_slot: 1,
+                network_slot: 1,
+                flags: port_flags::ADMIN_UP | port_flags::PORT_SECURITY,
+                mac: mac("fa:16:3e:12:34:56").0,
+                _pad: [0; 2],
+            }
+        )])
+    );
+    assert_eq!(
+        compiled.tables.port_macs,
+        BTreeSet::from([mac_key(1, "fa:16:3e:12:34:56")])
+    );
+    assert_eq!(
+        compiled.tables.port_ip4,
+        BTreeSet::from([addr4(1, "fa:16:3e:12:34:56", "10.0.0.5")])
+    );
+    assert_eq!(
+        compiled.tables.port_ip6,
+        BTreeSet::from([
+            addr6(1, "fa:16:3e:12:34:56", "2001:db8:1::5"),
+            addr6(1, "fa:16:3e:12:34:56", "fe80::f816:3eff:fe12:3456"),
+        ])
+    );
+    assert!(compiled.tables.port_net4.is_empty() && compiled.tables.port_net6.is_empty());
+    assert_eq!(
+        compiled.tables.fdb,
+        BTreeMap::from([(
+            fdb_key(1, mac("fa:16:3e:12:34:56")),
+            FdbEntry {
+                ifindex: 11,
+                port_slot: 1
+            }
+        )])
+    );
+    assert_eq!(flood_ports(&compiled.tables.flood[&1]), [(11, 0)]);
+    assert_eq!(
+        compiled.ports,
+        [ProgrammedPort {
+            port_id: "p1".to_owned(),
+            slot: 1,
+            ifindex: 11,
+            interface_name: "tap1".to_owned(),
+        }]
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Port, "p1"),
+        (StatusKind::Active, String::new())
+    );
+}
+
+#[test]
+fn allowed_address_pairs_exact_and_prefixes() {
+    let own = "fa:16:3e:00:00:01";
+    let other = "02:00:00:aa:bb:cc";
+    let mut p = local_port("p1", "n1", own, "tap1");
+    p.fixed_ips = vec![fixed_ip("s1", "10.0.0.5")];
+    p.allowed_address_pairs = vec![
+        pair("10.0.0.100", None),
+        pair("10.0.9.9/32", Some(other)),
+        // Held unmasked on purpose: the compiler masks.
+        AllowedAddressPair {
+            ip_address: net("10.1.2.3/16"),
+            mac_address: None,
+        },
+        pair("2001:db8:9::/64", Some(other)),
+        pair("2001:db8:1::77/128", None),
+        pair("0.0.0.0/0", Some(other)),
+    ];
+    let state = state_with(vec![p]);
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(&state, &interfaces(&[("tap1", 11)]), &mut slots);
+    let tables = &compiled.tables;
+
+    assert_eq!(
+        tables.ports[&11].flags,
+        port_flags::ADMIN_UP
+            | port_flags::PORT_SECURITY
+            | port_flags::HAS_NET4
+            | port_flags::HAS_NET6
+    );
+    assert_eq!(
+        tables.port_macs,
+        BTreeSet::from([mac_key(1, own), mac_key(1, other)])
+    );
+    assert_eq!(
+        tables.port_ip4,
+        BTreeSet::from([
+            addr4(1, own, "10.0.0.5"),
+            addr4(1, own, "10.0.0.100"),
+            addr4(1, other, "10.0.9.9"),
+        ])
+    );
+    assert_eq!(
+        tables.port_net4,
+        BTreeSet::from([
+            (PORT_ADDR_FIXED_BITS + 16, addr4(1, own, "10.1.0.0")),
+            (PORT_ADDR_FIXED_BITS, addr4(1, other, "0.0.0.0")),
+        ])
+    );
+    assert_eq!(
+        tables.port_ip6,
+        BTreeSet::from([
+            addr6(1, own, "2001:db8:1::77"),
+            addr6(1, own, "fe80::f816:3eff:fe00:1"),
+            // The pair MAC's own link-local address (locally administered bit flipped off).
+            addr6(1, other, "fe80::ff:feaa:bbcc"),
+        ])
+    );
+    assert_eq!(
+        tables.port_net6,
+        BTreeSet::from([(PORT_ADDR_FIXED_BITS + 64, addr6(1, other, "2001:db8:9::"))])
+    );
+    assert_eq!(PORT_ADDR_FIXED_BITS + 64, 160);
+
+    // A pair MAC only this port claims is forwarded to it; the port also takes unknown
+    // unicast, since frames to its other MACs may not be learnt anywhere.
+    assert_eq!(
+        tables.fdb[&fdb_key(1, mac(other))],
+        FdbEntry {
+            ifindex: 11,
+            port_slot: 1
+        }
+    );
+    assert_eq!(
+        flood_ports(&tables.flood[&1]),
+        [(11, flood_flags::ACCEPTS_UNKNOWN)]
+    );
+}
+
+#[test]
+fn a_pair_mac_claimed_by_two_ports_is_in_no_fdb_entry() {
+    let shared = "02:00:00:00:00:99";
+    let mut a = local_port("a", "n1", "fa:16:3e:00:00:0a", "tap-a");
+    a.allowed_address_pairs = vec![pair("10.0.0.99", Some(shared))];
+    let mut b = local_port("b", "n1", "fa:16:3e:00:00:0b", "tap-b");
+    b.allowed_address_pairs = vec![pair("10.0.0.99", Some(shared))];
+    // c names a's own MAC as its pair MAC: a keeps the FDB entry of its own MAC.
+    let mut c = local_port("c", "n1", "fa:16:3e:00:00:0c", "tap-c");
+    c.allowed_address_pairs = vec![pair("10.0.0.98", Some("fa:16:3e:00:00:0a"))];
+    let state = state_with(vec![a, b, c]);
+    let devices = interfaces(&[("tap-a", 1), ("tap-b", 2), ("tap-c", 3)]);
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(&state, &devices, &mut slots);
+    let fdb = &compiled.tables.fdb;
+
+    assert!(!fdb.contains_key(&fdb_key(1, mac(shared))));
+    assert_eq!(fdb[&fdb_key(1, mac("fa:16:3e:00:00:0a"))].ifindex, 1);
+    assert_eq!(fdb.len(), 3, "{fdb:?}");
+    assert_eq!(
+        flood_ports(&compiled.tables.flood[&1]),
+        [
+            (1, flood_flags::ACCEPTS_UNKNOWN),
+            (2, flood_flags::ACCEPTS_UNKNOWN),
+            (3, flood_flags::ACCEPTS_UNKNOWN)
+        ]
+    );
+}
+
+#[test]
+fn networks_are_isolated() {
+    let a = local_port("a", "n1", "fa:16:3e:00:00:01", "tap-a");
+    let b = local_port("b", "n1", "fa:16:3e:00:00:02", "tap-b");
+    // Same MAC as a, other network: its own FDB entry under its own network slot.
+    let c = local_port("c", "n2", "fa:16:3e:00:00:01", "tap-c");
+    let state = state_with(vec![a, b, c]);
+    let devices = interfaces(&[("tap-a", 1), ("tap-b", 2), ("tap-c", 3)]);
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(&state, &devices, &mut slots);
+
+    let (n1, n2) = (
+        slots.network_slot("n1").unwrap(),
+        slots.network_slot("n2").unwrap(),
+    );
+    assert_ne!(n1, n2);
+    assert_eq!(compiled.tables.ports[&3].network_slot, n2);
+    assert_eq!(
+        compiled.tables.fdb[&fdb_key(n1, mac("fa:16:3e:00:00:01"))].ifindex,
+        1
+    );
+    assert_eq!(
+        compiled.tables.fdb[&fdb_key(n2, mac("fa:16:3e:00:00:01"))].ifindex,
+        3
+    );
+    assert_eq!(flood_ports(&compiled.tables.flood[&n1]), [(1, 0), (2, 0)]);
+    assert_eq!(flood_ports(&compiled.tables.flood[&n2]), [(3, 0)]);
+    assert_eq!(compiled.tables.flood.len(), 2);
+}
+
+#[test]
+fn admin_down_ports_stay_programmed_without_admin_up() {
+    let mut down = local_port("a", "n1", "fa:16:3e:00:00:01", "tap-a");
+    down.admin_state_up = false;
+    let on_down_network = local_port("b", "n2", "fa:16:3e:00:00:02", "tap-b");
+    let mut state = state_with(vec![down, on_down_network]);
+    state = state
+        .apply(&[upsert(Network {
+            admin_state_up: false,
+            ..network("n2")
+        })])
+        .unwrap();
+    let devices = interfaces(&[("tap-a", 1), ("tap-b", 2)]);
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(&state, &devices, &mut slots);
+
+    assert_eq!(compiled.tables.ports[&1].flags, port_flags::PORT_SECURITY);
+    assert_eq!(compiled.tables.ports[&2].flags, port_flags::PORT_SECURITY);
+    assert_eq!(compiled.ports.len(), 2);
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Port, "a"),
+        (StatusKind::Down, "admin_state_up is false".to_owned())
+    );
+    let (status, reason) = status_of(&compiled, ResourceKind::Port, "b");
+    assert_eq!(status, StatusKind::Down);
+    assert!(
+        reason.contains("network n2") && reason.contains("admin_state_up"),
+        "{reason}"
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Network, "n2"),
+        (StatusKind::Down, "admin_state_up is false".to_owned())
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Network, "n1").0,
+        StatusKind::Active
+    );
+}
+
+#[test]
+fn port_security_comes_from_the_network_unless_the_port_sets_it() {
+    let inherits = local_port("a", "n2", "fa:16:3e:00:00:01", "tap-a");
+    let enabled = Port {
+        port_security_enabled: Some(true),
+        ..local_port("b", "n2", "fa:16:3e:00:00:02", "tap-b")
+    };
+    let disabled = Port {
+        port_security_enabled: Some(false),
+        ..local_port("c", "n1", "fa:16:3e:00:00:03", "tap-c")
+    };
+    let mut state = state_with(vec![inherits, enabled, disabled]);
+    state = state
+        .apply(&[upsert(Network {
+            port_security_enabled: false,
+            ..network("n2")
+        })])
+        .unwrap();
+    let devices = interfaces(&[("tap-a", 1), ("tap-b", 2), ("tap-c", 3)]);
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(&state, &devices, &mut slots);
+    let tables = &compiled.tables;
+
+    assert_eq!(tables.ports[&1].flags, port_flags::ADMIN_UP);
+    assert_eq!(
+        tables.ports[&2].flags,
+        port_flags::ADMIN_UP | port_flags::PORT_SECURITY
+    );
+    assert_eq!(tables.ports[&3].flags, port_flags::ADMIN_UP);
+    // Address tables only for the port with port security.
+    let slot_b = slots.port_slot("b").unwrap();
+    assert!(tables.port_macs.iter().all(|key| key.port_slot == slot_b));
+    assert!(tables.port_ip6.iter().all(|key| key.port_slot == slot_b));
+    assert_eq!(tables.port_macs.len(), 1);
+    // Without port security a port takes unknown unicast.
+    let n2 = slots.network_slot("n2").unwrap();
+    assert_eq!(
+        flood_ports(&tables.flood[&n2]),
+        [(1, flood_flags::ACCEPTS_UNKNOWN), (2, 0)]
+    );
+    let n1 = slots.network_slot("n1").unwrap();
+    assert_eq!(
+        flood_ports(&tables.flood[&n1]),
+        [(3, flood_flags::ACCEPTS_UNKNOWN)]
+    );
+}
+
+#[test]
+fn statuses_of_ports_not_programmed_and_of_other_resources() {
+    let waiting = local_port("waiting", "n1", "fa:16:3e:00:00:01", "tap-missing");
+    let elsewhere = bound(
+        port("elsewhere", "n1", "fa:16:3e:00:00:02"),
+        "node-b",
+        "tap9",
+    );
+    let unbound = port("unbound", "n1", "fa:16:3e:00:00:03");
+    let no_device_name = bound(port("nameless", "n1", "fa:16:3e:00:00:04"), NODE, "");
+    let first = local_port("first", "n1", "fa:16:3e:00:00:05", "tap-shared");
+    let second = local_port("second", "n1", "fa:16:3e:00:00:06", "tap-shared");
+    let mut state = state_with(vec![
+        waiting,
+        elsewhere,
+        unbound,
+        no_device_name,
+        first,
+        second,
+    ]);
+    let mut fip = floating_ip("f1", "ext", "203.0.113.9");
+    fip.revision_number = 4;
+    state = state
+        .apply(&[
+            upsert(external_network("ext")),
+            upsert(fip),
+            upsert(router("r1")),
+            upsert(security_group("sg")),
+            upsert(qos_policy("q")),
+        ])
+        .unwrap();
+    let mut slots = Slots::new(16, 16);
+    let compiled = run(
+        &state,
+        &interfaces(&[("tap-shared", 5), ("tap9", 9)]),
+        &mut slots,
+    );
+
+    let port = |id| status_of(&compiled, ResourceKind::Port, id);
+    assert_eq!(
+        port("waiting"),
+        (
+            StatusKind::Build,
+            "waiting for interface tap-missing".to_owned()
+        )
+    );
+    assert_eq!(
+        port("elsewhere"),
+        (
+            StatusKind::Down,
+            "bound to host node-b, not this node".to_owned()
+        )
+    );
+    assert_eq!(
+        port("unbound"),
+        (StatusKind::Down, "not bound to a node".to_owned())
+    );
+    assert_eq!(port("nameless").0, StatusKind::Build);
+    assert_eq!(port("first").0, StatusKind::Active);
+    let (status, reason) = port("second");
+    assert_eq!(status, StatusKind::Error);
+    assert!(
+        reason.contains("tap-shared") && reason.contains("first"),
+        "{reason}"
+    );
+    assert_eq!(compiled.ports.len(), 1);
+
+    for (kind, id) in [
+        (ResourceKind::Router, "r1"),
+        (ResourceKind::FloatingIp, "f1"),
+    ] {
+        assert_eq!(
+            status_of(&compiled, kind, id),
+            (StatusKind::Down, ROUTING_NOT_IMPLEMENTED.to_owned())
+        );
+    }
+    for (kind, id) in [
+        (ResourceKind::Subnet, "s1"),
+        (ResourceKind::SecurityGroup, "sg"),
+        (ResourceKind::QosPolicy, "q"),
+        (ResourceKind::Network, "ext"),
+    ] {
+        assert_eq!(
+            status_of(&compiled, kind, id),
+            (StatusKind::Active, String::new())
+        );
+    }
+    assert_eq!(
+        compiled.statuses[&ResourceRef {
+            kind: ResourceKind::FloatingIp,
+            id: "f1".to_owned()
+        }]
+            .revision_number,
+        4
+    );
+    assert_eq!(compiled.statuses.len(), state.len());
+}
+
+#[test]
+fn slots_are_stable_and_reused() {
+    let devices = interfaces(&[("tap-b", 2), ("tap-c", 3), ("tap-d", 4), ("tap-a", 1)]);
+    let b = local_port("b", "n1", "fa:16:3e:00:00:02", "tap-b");
+    let c = local_port("c", "n1", "fa:16:3e:00:00:03", "tap-c");
+    let mut slots = Slots::new(16, 16);
+    let state = state_with(vec![b.clone(), c.clone()]);
+    let first = run(&state, &devices, &mut slots);
+    assert_eq!(
+        (slots.port_slot("b"), slots.port_slot("c")),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        run(&state, &devices, &mut slots),
+        first,
+        "recompiling changes nothing"
+    );
+
+    // A newcomer sorting first does not move anyone.
+    let a = local_port("a", "n1", "fa:16:3e:00:00:01", "tap-a");
+    let state = state_with(vec![a.clone(), b.clone(), c.clone()]);
+    run(&state, &devices, &mut slots);
+    assert_eq!(
+        (
+            slots.port_slot("a"),
+            slots.port_slot("b"),
+            slots.port_slot("c")
+        ),
+        (Some(3), Some(1), Some(2))
+    );
+
+    // b goes; d takes its slot. A port whose device vanishes gives its slot up too.
+    let d = local_port("d", "n1", "fa:16:3e:00:00:04", "tap-d");
+    let state = state_with(vec![a.clone(), c.clone(), d]);
+    let compiled = run(&state, &devices, &mut slots);
+    assert_eq!(
+        (
+            slots.port_slot("a"),
+            slots.port_slot("b"),
+            slots.port_slot("c"),
+            slots.port_slot("d")
+        ),
+        (Some(3), None, Some(2), Some(1))
+    );
+    assert_eq!(
+        compiled
+            .ports
+            .iter()
+            .map(|p| (p.port_id.as_str(), p.slot))
+            .collect::<Vec<_>>(),
+        [("a", 3), ("c", 2), ("d", 1)]
+    );
+    run(
+        &state,
+        &interfaces(&[("tap-a", 1), ("tap-d", 4)]),
+        &mut slots,
+    );
+    assert_eq!(slots.port_slot("c"), None);
+
+    // A network without programmed ports gives its slot up; the next network takes it.
+    let e = local_port("e", "n2", "fa:16:3e:00:00:05", "tap-e");
+    let state = state_with(vec![e]);
+    run(&state, &interfaces(&[("tap-e", 5)]), &mut slots);
+    assert_eq!(
+        (slots.network_slot("n1"), slots.network_slot("n2")),
+        (None, Some(1))
+    );
+}
+
+#[test]
+fn ports_beyond_the_slots_are_errors() {
+    // Slots 1..3: two ports.
+    let ports: Vec<Port> = (0..3)
+        .map(|i| {
+            local_port(
+                &format!("p{i}"),
+                "n1",
+                &format!("fa:16:3e:00:00:{i:02x}"),
+                &format!("tap{i}"),
+            )
+        })
+        .collect();
+    let state = state_with(ports);
+    let devices = interfaces(&[("tap0", 10), ("tap1", 11), ("tap2", 12)]);
+    let mut slots = Slots::new(3, 3);
+    let compiled = run(&state, &devices, &mut slots);
+    assert_eq!(
+        compiled
+            .ports
+            .iter()
+            .map(|p| p.port_id.as_str())
+            .collect::<Vec<_>>(),
+        ["p0", "p1"]
+    );
+    let (status, reason) = status_of(&compiled, ResourceKind::Port, "p2");
+    assert_eq!(status, StatusKind::Error);
+    assert!(reason.contains("port slot"), "{reason}");
+    assert!(!compiled.tables.ports.contains_key(&12));
+
+    // One network slot: the second network's ports are errors.
+    let a = local_port("a", "n1", "fa:16:3e:00:00:01", "tap-a");
+    let b = local_port("b", "n2", "fa:16:3e:00:00:02", "tap-b");
+    let mut slots = Slots::new(8, 2);
+    let compiled = run(
+        &state_with(vec![a, b]),
+        &interfaces(&[("tap-a", 1), ("tap-b", 2)]),
+        &mut slots,
+    );
+    let (status, reason) = status_of(&compiled, ResourceKind::Port, "b");
+    assert_eq!(status, StatusKind::Error);
+    assert!(reason.contains("network slot"), "{reason}");
+    assert_eq!(slots.port_slot("b"), None);
+    assert_eq!(compiled.tables.flood.len(), 1);
+}
+
+#[test]
+fn a_network_floods_to_at_most_max_flood_ports() {
+    let count = MAX_FLOOD_PORTS + 2;
+    let ports: Vec<Port> = (0..count)
+        .map(|i| {
+            local_port(
+                &format!("p{i:03}"),
+                "n1",
+                &format!("fa:16:3e:00:{:02x}:{:02x}", i / 256, i % 256),
+                &format!("tap{i}"),
+            )
+        })
+        .collect();
+    let state = state_with(ports);
+    let devices: BTreeMap<String, u32> = (0..count)
+        .map(|i| (format!("tap{i}"), 100 + i as u32))
+        .collect();
+    let mut slots = Slots::new(1024, 16);
+    let compiled = run(&state, &devices, &mut slots);
+
+    assert_eq!(compiled.ports.len(), MAX_FLOOD_PORTS);
+    let flood = &compiled.tables.flood[&1];
+    assert_eq!(flood.count as usize, MAX_FLOOD_PORTS);
+    assert_eq!(
+        flood.ports[MAX_FLOOD_PORTS - 1].ifindex,
+        100 + MAX_FLOOD_PORTS as u32 - 1
+    );
+    for i in [MAX_FLOOD_PORTS, MAX_FLOOD_PORTS + 1] {
+        let (status, reason) = status_of(&compiled, ResourceKind::Port, &format!("p{i:03}"));
+        assert_eq!(status, StatusKind::Error);
+        assert!(reason.contains(&MAX_FLOOD_PORTS.to_string()), "{reason}");
+    }
+    assert_eq!(slots.port_slot(&format!("p{MAX_FLOOD_PORTS:03}")), None);
+}
+
+#[test]
+fn slot_pool_hands_out_the_lowest_free_slot() {
+    let mut pool = SlotPool::new(4);
+    assert_eq!(pool.assign("a"), Some(1));
+    assert_eq!(pool.assign("b"), Some(2));
+    assert_eq!(pool.assign("c"), Some(3));
+    assert_eq!(pool.assign("d"), None);
+    assert_eq!(pool.assign("b"), Some(2));
+    pool.retain(|id| id != "c");
+    pool.release("a");
+    assert_eq!(pool.assign("e"), Some(1));
+    assert_eq!(pool.assign("f"), Some(3));
+    assert_eq!(pool.capacity(), 3);
+    assert_eq!(SlotPool::new(0).capacity(), 0);
+    assert_eq!(SlotPool::new(0).assign("x"), None);
+}

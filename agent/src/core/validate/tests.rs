@@ -3,7 +3,13 @@ use crate::core::{fixtures::*, model::*};
 
 /// Applies `changes` to `state`, expects the given error, and checks `state` is as it was.
 #[track_caller]
-fn refused(state: &State, changes: Vec<Change>, code: ErrorCode, index: usize, field: &str) -> ValidationError {
+fn refused(
+    state: &State,
+    changes: Vec<Change>,
+    code: ErrorCode,
+    index: usize,
+    field: &str,
+) -> ValidationError {
     let before = state.clone();
     let error = state
         .apply(&changes)
@@ -19,7 +25,9 @@ fn refused(state: &State, changes: Vec<Change>, code: ErrorCode, index: usize, f
 
 #[track_caller]
 fn accepted(state: &State, changes: Vec<Change>) -> State {
-    state.apply(&changes).unwrap_or_else(|e| panic!("refused: {e:?}"))
+    state
+        .apply(&changes)
+        .unwrap_or_else(|e| panic!("refused: {e:?}"))
 }
 
 fn p1() -> Port {
@@ -96,7 +104,7 @@ fn deleting_a_resource_with_its_dependents_works_in_any_order() {
             delete(ResourceKind::Port, "p1"),
         ],
     );
-    assert!(next.networks.get("n1").is_none());
+    assert!(!next.networks.contains_key("n1"));
     assert!(next.ports.is_empty());
     assert_eq!(next.subnets.keys().collect::<Vec<_>>(), ["ext-s"]);
 }
@@ -122,7 +130,11 @@ fn revisions_equal_or_newer_are_accepted_older_refused() {
         "upsert.port.revision_number",
     );
     assert!(error.message.contains("revision 6"), "{}", error.message);
-    assert!(error.message.contains("held revision 7"), "{}", error.message);
+    assert!(
+        error.message.contains("held revision 7"),
+        "{}",
+        error.message
+    );
 }
 
 #[test]
@@ -165,14 +177,21 @@ fn the_same_resource_twice_in_one_request_is_refused() {
     let state = base_state();
     refused(
         &state,
-        vec![upsert(network("n2")), upsert(subnet("s2", "n2", "10.9.0.0/24")), upsert(network("n2"))],
+        vec![
+            upsert(network("n2")),
+            upsert(subnet("s2", "n2", "10.9.0.0/24")),
+            upsert(network("n2")),
+        ],
         ErrorCode::InvalidArgument,
         2,
         "upsert.network.id",
     );
     refused(
         &state,
-        vec![delete(ResourceKind::QosPolicy, "q1"), delete(ResourceKind::QosPolicy, "q1")],
+        vec![
+            delete(ResourceKind::QosPolicy, "q1"),
+            delete(ResourceKind::QosPolicy, "q1"),
+        ],
         ErrorCode::InvalidArgument,
         1,
         "delete.id",
@@ -185,7 +204,10 @@ fn the_same_resource_twice_in_one_request_is_refused() {
         "delete.id",
     );
     // Same id, different kinds: fine.
-    accepted(&state, vec![upsert(network("x")), upsert(security_group("x"))]);
+    accepted(
+        &state,
+        vec![upsert(network("x")), upsert(security_group("x"))],
+    );
 
     let error = State::replace(&[network("n").into(), network("n").into()]).unwrap_err();
     assert_eq!(
@@ -197,18 +219,42 @@ fn the_same_resource_twice_in_one_request_is_refused() {
 #[test]
 fn ids_must_be_valid() {
     let state = base_state();
-    refused(&state, vec![upsert(network(""))], ErrorCode::InvalidArgument, 0, "upsert.network.id");
-    refused(&state, vec![upsert(network("a b"))], ErrorCode::InvalidArgument, 0, "upsert.network.id");
+    refused(
+        &state,
+        vec![upsert(network(""))],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.network.id",
+    );
+    refused(
+        &state,
+        vec![upsert(network("a b"))],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.network.id",
+    );
     let mut group = security_group("sg2");
     group.rules = vec![rule("ok"), rule("bad\tid")];
-    refused(&state, vec![upsert(group)], ErrorCode::InvalidArgument, 0, "upsert.security_group.rules[1].id");
+    refused(
+        &state,
+        vec![upsert(group)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.security_group.rules[1].id",
+    );
 }
 
 #[test]
 fn subnet_values_must_agree_with_the_subnet() {
     let state = base_state();
     let check = |subnet: Subnet, field: &str| {
-        refused(&state, vec![upsert(subnet)], ErrorCode::InvalidArgument, 0, field)
+        refused(
+            &state,
+            vec![upsert(subnet)],
+            ErrorCode::InvalidArgument,
+            0,
+            field,
+        )
     };
 
     let mut s = subnet("s2", "n1", "10.1.0.0/24");
@@ -291,7 +337,10 @@ fn fixed_ips_must_be_inside_their_subnet() {
         0,
         "upsert.port.fixed_ips[0].ip_address",
     );
-    assert_eq!(error.message, "10.1.0.5 is not inside subnet s1 (10.0.0.0/24)");
+    assert_eq!(
+        error.message,
+        "10.1.0.5 is not inside subnet s1 (10.0.0.0/24)"
+    );
 
     let error = refused(
         &state,
@@ -300,7 +349,11 @@ fn fixed_ips_must_be_inside_their_subnet() {
         0,
         "upsert.port.fixed_ips[0].ip_address",
     );
-    assert!(error.message.contains("network address"), "{}", error.message);
+    assert!(
+        error.message.contains("network address"),
+        "{}",
+        error.message
+    );
     let error = refused(
         &state,
         vec![upsert(port_at("p2", "fa:16:3e:00:00:02", "10.0.0.255"))],
@@ -308,7 +361,11 @@ fn fixed_ips_must_be_inside_their_subnet() {
         0,
         "upsert.port.fixed_ips[0].ip_address",
     );
-    assert!(error.message.contains("broadcast address"), "{}", error.message);
+    assert!(
+        error.message.contains("broadcast address"),
+        "{}",
+        error.message
+    );
 
     // IPv6 has no broadcast: the subnet's first address is a valid (router anycast) one.
     let mut p = port("p2", "n1", "fa:16:3e:00:00:02");
@@ -317,7 +374,13 @@ fn fixed_ips_must_be_inside_their_subnet() {
 
     let mut p = port("p2", "n1", "fa:16:3e:00:00:02");
     p.fixed_ips = vec![fixed_ip("s1", "10.0.0.6"), fixed_ip("s1", "10.0.0.6")];
-    refused(&state, vec![upsert(p)], ErrorCode::InvalidArgument, 0, "upsert.port.fixed_ips[1].ip_address");
+    refused(
+        &state,
+        vec![upsert(p)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.port.fixed_ips[1].ip_address",
+    );
 }
 
 #[test]
@@ -383,16 +446,26 @@ fn security_group_rule_values() {
     };
 
     let error = check(ports(Protocol::TCP, Some(90), Some(80)), "port_range_min");
-    assert!(error.message.contains("90") && error.message.contains("80"), "{}", error.message);
+    assert!(
+        error.message.contains("90") && error.message.contains("80"),
+        "{}",
+        error.message
+    );
     check(ports(Protocol::UDP, Some(1), Some(65536)), "port_range_max");
     check(ports(Protocol::SCTP, Some(70000), None), "port_range_min");
-    check(ports(Protocol::UDPLITE, Some(70000), None), "port_range_min");
+    check(
+        ports(Protocol::UDPLITE, Some(70000), None),
+        "port_range_min",
+    );
     check(ports(Protocol::DCCP, None, Some(65536)), "port_range_max");
     check(ports(Protocol::ICMP, Some(256), None), "port_range_min");
     check(ports(Protocol::ICMP, Some(8), Some(256)), "port_range_max");
     check(ports(Protocol::ICMP, None, Some(0)), "port_range_max");
     check(ports(Protocol::Any, Some(80), Some(80)), "port_range_min");
-    check(ports(Protocol::Number(47), None, Some(80)), "port_range_max");
+    check(
+        ports(Protocol::Number(47), None, Some(80)),
+        "port_range_max",
+    );
     let icmpv6_v4 = SecurityGroupRule {
         protocol: Protocol::IPV6_ICMP,
         ..rule("r")
@@ -411,7 +484,13 @@ fn security_group_rule_values() {
     check(both, "remote_group_id");
     let mut group = security_group("sg2");
     group.rules = vec![rule("same"), rule("same")];
-    refused(&state, vec![upsert(group)], ErrorCode::InvalidArgument, 0, "upsert.security_group.rules[1].id");
+    refused(
+        &state,
+        vec![upsert(group)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.security_group.rules[1].id",
+    );
 
     let mut group = security_group("sg2");
     group.rules = vec![
@@ -454,7 +533,13 @@ fn network_mtu_and_provider() {
         mtu,
         ..network("n2")
     };
-    let error = refused(&state, vec![upsert(with_mtu(67))], ErrorCode::InvalidArgument, 0, "upsert.network.mtu");
+    let error = refused(
+        &state,
+        vec![upsert(with_mtu(67))],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.network.mtu",
+    );
     assert!(error.message.contains("67"), "{}", error.message);
     accepted(&state, vec![upsert(with_mtu(0))]);
     accepted(&state, vec![upsert(with_mtu(68))]);
@@ -483,7 +568,13 @@ fn network_mtu_and_provider() {
         (with(NetworkType::Local, "physnet1", None), physical),
         (with(NetworkType::Local, "", Some(1)), segment),
     ] {
-        refused(&state, vec![upsert(network)], ErrorCode::InvalidArgument, 0, field);
+        refused(
+            &state,
+            vec![upsert(network)],
+            ErrorCode::InvalidArgument,
+            0,
+            field,
+        );
     }
     for network in [
         with(NetworkType::Vlan, "physnet1", Some(1)),
@@ -522,14 +613,26 @@ fn qos_rule_values() {
 
     let mut policy = qos_policy("q2");
     policy.bandwidth_limit_rules = vec![limit("b", 0, QosDirection::Egress)];
-    refused(&state, vec![upsert(policy)], ErrorCode::InvalidArgument, 0, "upsert.qos_policy.bandwidth_limit_rules[0].max_kbps");
+    refused(
+        &state,
+        vec![upsert(policy)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.qos_policy.bandwidth_limit_rules[0].max_kbps",
+    );
 
     let mut policy = qos_policy("q2");
     policy.bandwidth_limit_rules = vec![
         limit("b1", 1000, QosDirection::Egress),
         limit("b2", 1000, QosDirection::Egress),
     ];
-    refused(&state, vec![upsert(policy)], ErrorCode::InvalidArgument, 0, "upsert.qos_policy.bandwidth_limit_rules[1].direction");
+    refused(
+        &state,
+        vec![upsert(policy)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.qos_policy.bandwidth_limit_rules[1].direction",
+    );
 
     for mark in VALID_DSCP_MARKS {
         let mut policy = qos_policy("q2");
@@ -543,7 +646,13 @@ fn qos_rule_values() {
     for mark in [1, 2, 9, 42, 44, 50, 57, 64] {
         let mut policy = qos_policy("q2");
         policy.dscp_marking_rules = vec![dscp("d", mark)];
-        refused(&state, vec![upsert(policy)], ErrorCode::InvalidArgument, 0, "upsert.qos_policy.dscp_marking_rules[0].dscp_mark");
+        refused(
+            &state,
+            vec![upsert(policy)],
+            ErrorCode::InvalidArgument,
+            0,
+            "upsert.qos_policy.dscp_marking_rules[0].dscp_mark",
+        );
     }
 }
 
@@ -555,15 +664,33 @@ fn router_and_floating_ip_values() {
         destination: net("192.168.0.0/16"),
         nexthop: ip("2001:db8::1"),
     }];
-    refused(&state, vec![upsert(r)], ErrorCode::InvalidArgument, 0, "upsert.router.routes[0].nexthop");
+    refused(
+        &state,
+        vec![upsert(r)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.router.routes[0].nexthop",
+    );
 
     let mut r = router("r1");
     r.interfaces = vec![interface("s1", None), interface("s1", None)];
-    refused(&state, vec![upsert(r)], ErrorCode::InvalidArgument, 0, "upsert.router.interfaces[1].subnet_id");
+    refused(
+        &state,
+        vec![upsert(r)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.router.interfaces[1].subnet_id",
+    );
 
     let mut fip = floating_ip("f1", "ext", "203.0.113.10");
     fip.fixed_ip_address = Some(ip("10.0.0.5"));
-    refused(&state, vec![upsert(fip)], ErrorCode::InvalidArgument, 0, "upsert.floating_ip.fixed_ip_address");
+    refused(
+        &state,
+        vec![upsert(fip)],
+        ErrorCode::InvalidArgument,
+        0,
+        "upsert.floating_ip.fixed_ip_address",
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -574,12 +701,24 @@ fn router_and_floating_ip_values() {
 fn references_to_missing_resources() {
     let state = base_state();
     let check = |change: Change, field: &str| {
-        let error = refused(&state, vec![upsert(network("n2")), change], ErrorCode::NotFound, 1, field);
+        let error = refused(
+            &state,
+            vec![upsert(network("n2")), change],
+            ErrorCode::NotFound,
+            1,
+            field,
+        );
         assert!(error.message.contains("nope"), "{}", error.message);
     };
 
-    check(upsert(port("p2", "nope", "fa:16:3e:00:00:02")), "upsert.port.network_id");
-    check(upsert(subnet("s2", "nope", "10.5.0.0/24")), "upsert.subnet.network_id");
+    check(
+        upsert(port("p2", "nope", "fa:16:3e:00:00:02")),
+        "upsert.port.network_id",
+    );
+    check(
+        upsert(subnet("s2", "nope", "10.5.0.0/24")),
+        "upsert.subnet.network_id",
+    );
 
     let mut p = port("p2", "n1", "fa:16:3e:00:00:02");
     p.fixed_ips = vec![fixed_ip("s1", "10.0.0.9"), fixed_ip("nope", "10.0.0.8")];
@@ -595,7 +734,10 @@ fn references_to_missing_resources() {
 
     let mut group = security_group("sg2");
     group.rules = vec![rule("a"), Rule::remote_group("b", "nope")];
-    check(upsert(group), "upsert.security_group.rules[1].remote_group_id");
+    check(
+        upsert(group),
+        "upsert.security_group.rules[1].remote_group_id",
+    );
 
     let mut r = router("r1");
     r.interfaces = vec![interface("nope", None)];
@@ -622,9 +764,15 @@ fn references_to_missing_resources() {
             ip_address: ip("203.0.113.2"),
         }],
     });
-    check(upsert(r), "upsert.router.external_gateway_info.external_fixed_ips[0].subnet_id");
+    check(
+        upsert(r),
+        "upsert.router.external_gateway_info.external_fixed_ips[0].subnet_id",
+    );
 
-    check(upsert(floating_ip("f1", "nope", "203.0.113.10")), "upsert.floating_ip.floating_network_id");
+    check(
+        upsert(floating_ip("f1", "nope", "203.0.113.10")),
+        "upsert.floating_ip.floating_network_id",
+    );
     let mut fip = floating_ip("f1", "ext", "203.0.113.10");
     fip.port_id = Some("nope".to_owned());
     check(upsert(fip), "upsert.floating_ip.port_id");
@@ -641,11 +789,14 @@ fn a_reference_to_something_deleted_in_the_same_batch() {
     // Deleting then re-using: the upsert's reference is what fails.
     refused(
         &state,
-        vec![delete(ResourceKind::QosPolicy, "q1"), upsert(Port {
-            qos_policy_id: Some("q1".to_owned()),
-            revision_number: 2,
-            ..p1()
-        })],
+        vec![
+            delete(ResourceKind::QosPolicy, "q1"),
+            upsert(Port {
+                qos_policy_id: Some("q1".to_owned()),
+                revision_number: 2,
+                ..p1()
+            }),
+        ],
         ErrorCode::NotFound,
         1,
         "upsert.port.qos_policy_id",
@@ -666,7 +817,11 @@ fn a_mac_twice_on_one_network() {
         0,
         "upsert.port.mac_address",
     );
-    assert!(error.message.contains("fa:16:3e:00:00:01") && error.message.contains("p1"), "{}", error.message);
+    assert!(
+        error.message.contains("fa:16:3e:00:00:01") && error.message.contains("p1"),
+        "{}",
+        error.message
+    );
 
     // Both in the request: reported on the later one.
     refused(
@@ -682,7 +837,13 @@ fn a_mac_twice_on_one_network() {
     );
 
     // Other network: fine. Moving the MAC from one port to another in one batch: fine.
-    accepted(&state, vec![upsert(network("n2")), upsert(port("p2", "n2", "fa:16:3e:00:00:01"))]);
+    accepted(
+        &state,
+        vec![
+            upsert(network("n2")),
+            upsert(port("p2", "n2", "fa:16:3e:00:00:01")),
+        ],
+    );
     accepted(
         &state,
         vec![
@@ -702,7 +863,11 @@ fn a_fixed_ip_twice_on_one_network() {
         0,
         "upsert.port.fixed_ips[0].ip_address",
     );
-    assert!(error.message.contains("10.0.0.5") && error.message.contains("p1"), "{}", error.message);
+    assert!(
+        error.message.contains("10.0.0.5") && error.message.contains("p1"),
+        "{}",
+        error.message
+    );
 
     let error = State::replace(&[
         network("n1").into(),
@@ -713,7 +878,11 @@ fn a_fixed_ip_twice_on_one_network() {
     .unwrap_err();
     assert_eq!(
         (error.code, error.index, error.field.as_str()),
-        (ErrorCode::AlreadyExists, Some(3), "port.fixed_ips[0].ip_address")
+        (
+            ErrorCode::AlreadyExists,
+            Some(3),
+            "port.fixed_ips[0].ip_address"
+        )
     );
 }
 
@@ -727,7 +896,11 @@ fn overlapping_subnets_of_one_network() {
         0,
         "upsert.subnet.cidr",
     );
-    assert!(error.message.contains("10.0.0.0/24") && error.message.contains("s1"), "{}", error.message);
+    assert!(
+        error.message.contains("10.0.0.0/24") && error.message.contains("s1"),
+        "{}",
+        error.message
+    );
     refused(
         &state,
         vec![upsert(subnet("s2", "n1", "10.0.0.0/8"))],
@@ -736,7 +909,13 @@ fn overlapping_subnets_of_one_network() {
         "upsert.subnet.cidr",
     );
     // Another network may reuse the range.
-    accepted(&state, vec![upsert(network("n2")), upsert(subnet("s2", "n2", "10.0.0.0/24"))]);
+    accepted(
+        &state,
+        vec![
+            upsert(network("n2")),
+            upsert(subnet("s2", "n2", "10.0.0.0/24")),
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -807,7 +986,11 @@ fn deleting_what_is_still_used() {
             1,
             "delete",
         );
-        assert!(error.message.contains(user), "{kind:?} {id}: {}", error.message);
+        assert!(
+            error.message.contains(user),
+            "{kind:?} {id}: {}",
+            error.message
+        );
     }
 
     // A security group used only as a remote group by another group's rule.
@@ -818,12 +1001,19 @@ fn deleting_what_is_still_used() {
     };
     let error = refused(
         &state,
-        vec![upsert(unused_by_ports.clone()), delete(ResourceKind::SecurityGroup, "sg1")],
+        vec![
+            upsert(unused_by_ports.clone()),
+            delete(ResourceKind::SecurityGroup, "sg1"),
+        ],
         ErrorCode::FailedPrecondition,
         1,
         "delete",
     );
-    assert!(error.message.contains("security group sg2"), "{}", error.message);
+    assert!(
+        error.message.contains("security group sg2"),
+        "{}",
+        error.message
+    );
     // Its own rules naming it do not keep a group alive.
     accepted(&state, vec![delete(ResourceKind::SecurityGroup, "sg3")]);
     // With every user gone in the same batch, deletes work.
@@ -850,13 +1040,33 @@ fn router_interfaces_and_gateways() {
     );
 
     let mut r = router("r1");
-    r.interfaces = vec![interface("s3", None), interface("s1", None), interface("s2", None)];
-    let error = refused(&state, vec![upsert(r)], ErrorCode::FailedPrecondition, 0, "upsert.router.interfaces[2].subnet_id");
-    assert!(error.message.contains("s1") && error.message.contains("s2"), "{}", error.message);
+    r.interfaces = vec![
+        interface("s3", None),
+        interface("s1", None),
+        interface("s2", None),
+    ];
+    let error = refused(
+        &state,
+        vec![upsert(r)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.router.interfaces[2].subnet_id",
+    );
+    assert!(
+        error.message.contains("s1") && error.message.contains("s2"),
+        "{}",
+        error.message
+    );
 
     let mut r = router("r1");
     r.interfaces = vec![interface("ext-s", None)];
-    refused(&state, vec![upsert(r)], ErrorCode::FailedPrecondition, 0, "upsert.router.interfaces[0].subnet_id");
+    refused(
+        &state,
+        vec![upsert(r)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.router.interfaces[0].subnet_id",
+    );
 
     let gateway = |network_id: &str, subnet_id: &str, address: &str| ExternalGatewayInfo {
         network_id: network_id.to_owned(),
@@ -868,7 +1078,13 @@ fn router_interfaces_and_gateways() {
     };
     let mut r = router("r1");
     r.external_gateway_info = Some(gateway("n1", "s1", "10.0.0.1"));
-    refused(&state, vec![upsert(r)], ErrorCode::FailedPrecondition, 0, "upsert.router.external_gateway_info.network_id");
+    refused(
+        &state,
+        vec![upsert(r)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.router.external_gateway_info.network_id",
+    );
 
     let mut r = router("r1");
     r.external_gateway_info = Some(gateway("ext", "s1", "10.0.0.1"));
@@ -904,14 +1120,30 @@ fn router_interfaces_and_gateways() {
 fn floating_ips() {
     let state = base_state();
     let mut fip = floating_ip("f1", "n1", "10.0.0.77");
-    let error = refused(&state, vec![upsert(fip.clone())], ErrorCode::FailedPrecondition, 0, "upsert.floating_ip.floating_network_id");
+    let error = refused(
+        &state,
+        vec![upsert(fip.clone())],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.floating_ip.floating_network_id",
+    );
     assert!(error.message.contains("n1"), "{}", error.message);
 
     fip.floating_network_id = "ext".to_owned();
     fip.port_id = Some("p1".to_owned());
     fip.fixed_ip_address = Some(ip("10.0.0.6"));
-    let error = refused(&state, vec![upsert(fip.clone())], ErrorCode::FailedPrecondition, 0, "upsert.floating_ip.fixed_ip_address");
-    assert!(error.message.contains("10.0.0.6") && error.message.contains("p1"), "{}", error.message);
+    let error = refused(
+        &state,
+        vec![upsert(fip.clone())],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.floating_ip.fixed_ip_address",
+    );
+    assert!(
+        error.message.contains("10.0.0.6") && error.message.contains("p1"),
+        "{}",
+        error.message
+    );
 
     fip.fixed_ip_address = Some(ip("10.0.0.5"));
     accepted(&state, vec![upsert(fip.clone())]);
@@ -946,7 +1178,13 @@ fn upserts_that_break_resources_outside_the_request() {
         revision_number: 2,
         ..state.subnets["s1"].clone()
     };
-    let error = refused(&state, vec![upsert(moved)], ErrorCode::FailedPrecondition, 0, "upsert.subnet.cidr");
+    let error = refused(
+        &state,
+        vec![upsert(moved)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.subnet.cidr",
+    );
     assert!(error.message.contains("port p1"), "{}", error.message);
     assert!(error.message.contains("10.0.0.5"), "{}", error.message);
 
@@ -956,7 +1194,13 @@ fn upserts_that_break_resources_outside_the_request() {
         cidr: net("10.0.0.0/24"),
         ..state.subnets["s1"].clone()
     };
-    refused(&state, vec![upsert(rehomed)], ErrorCode::FailedPrecondition, 0, "upsert.subnet.network_id");
+    refused(
+        &state,
+        vec![upsert(rehomed)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.subnet.network_id",
+    );
 
     // A cidr change making two interfaces of router r2 overlap.
     let mut r2 = state.routers["r2"].clone();
@@ -969,22 +1213,44 @@ fn upserts_that_break_resources_outside_the_request() {
     accepted(&state, vec![upsert(widened)]);
     let mut s2_v6 = subnet("s2", "n2", "2001:db8:1::/48");
     s2_v6.revision_number = 2;
-    refused(&state, vec![upsert(s2_v6)], ErrorCode::FailedPrecondition, 0, "upsert.subnet.cidr");
+    refused(
+        &state,
+        vec![upsert(s2_v6)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.subnet.cidr",
+    );
 
     // The floating network stops being external.
     let internal = Network {
         router_external: false,
         ..state.networks["ext"].clone()
     };
-    let error = refused(&state, vec![upsert(internal)], ErrorCode::FailedPrecondition, 0, "upsert.network.router_external");
-    assert!(error.message.contains("floating IP f1"), "{}", error.message);
+    let error = refused(
+        &state,
+        vec![upsert(internal)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.network.router_external",
+    );
+    assert!(
+        error.message.contains("floating IP f1"),
+        "{}",
+        error.message
+    );
 
     // A network with router interfaces on its subnets becomes external.
     let external = Network {
         router_external: true,
         ..state.networks["n1"].clone()
     };
-    let error = refused(&state, vec![upsert(external)], ErrorCode::FailedPrecondition, 0, "upsert.network.router_external");
+    let error = refused(
+        &state,
+        vec![upsert(external)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.network.router_external",
+    );
     assert!(error.message.contains("router r1"), "{}", error.message);
 
     // p1 drops the address a floating IP is bound to.
@@ -992,8 +1258,18 @@ fn upserts_that_break_resources_outside_the_request() {
         fixed_ips: vec![fixed_ip("s1", "10.0.0.50")],
         ..state.ports["p1"].clone()
     };
-    let error = refused(&state, vec![upsert(readdressed.clone())], ErrorCode::FailedPrecondition, 0, "upsert.port.fixed_ips");
-    assert!(error.message.contains("floating IP f1"), "{}", error.message);
+    let error = refused(
+        &state,
+        vec![upsert(readdressed.clone())],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.port.fixed_ips",
+    );
+    assert!(
+        error.message.contains("floating IP f1"),
+        "{}",
+        error.message
+    );
 
     // ...which is fine when the floating IP follows in the same batch.
     let mut fip = state.floating_ips["f1"].clone();
@@ -1019,23 +1295,44 @@ fn the_first_error_in_request_order_is_reported() {
     });
     let error = refused(
         &state,
-        vec![upsert(network("n2")), missing_network.clone(), bad_cidr.clone(), stale.clone()],
+        vec![
+            upsert(network("n2")),
+            missing_network.clone(),
+            bad_cidr.clone(),
+            stale.clone(),
+        ],
         ErrorCode::NotFound,
         1,
         "upsert.port.network_id",
     );
     let again = state
-        .apply(&[upsert(network("n2")), missing_network.clone(), bad_cidr.clone(), stale.clone()])
+        .apply(&[
+            upsert(network("n2")),
+            missing_network.clone(),
+            bad_cidr.clone(),
+            stale.clone(),
+        ])
         .unwrap_err();
     assert_eq!(error, again);
     refused(
         &state,
-        vec![upsert(network("n2")), bad_cidr, missing_network, stale.clone()],
+        vec![
+            upsert(network("n2")),
+            bad_cidr,
+            missing_network,
+            stale.clone(),
+        ],
         ErrorCode::InvalidArgument,
         1,
         "upsert.subnet.cidr",
     );
-    refused(&state, vec![stale], ErrorCode::FailedPrecondition, 0, "upsert.port.revision_number");
+    refused(
+        &state,
+        vec![stale],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.port.revision_number",
+    );
 }
 
 #[test]
@@ -1048,7 +1345,11 @@ fn sync_errors_are_relative_to_the_resource() {
     .unwrap_err();
     assert_eq!(
         (error.code, error.index, error.field.as_str()),
-        (ErrorCode::InvalidArgument, Some(2), "port.fixed_ips[0].ip_address")
+        (
+            ErrorCode::InvalidArgument,
+            Some(2),
+            "port.fixed_ips[0].ip_address"
+        )
     );
     let error = State::replace(&[port("p", "n1", "fa:16:3e:00:00:01").into()]).unwrap_err();
     assert_eq!(
