@@ -8,9 +8,14 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Connects to the agent listening on `socket`.
 pub async fn connect_unix(socket: &Path) -> Result<DataplaneClient<Channel>, tonic::transport::Error> {
+    Ok(DataplaneClient::new(unix_channel(socket).await?))
+}
+
+/// A channel to the agent's socket, for any of its services (health, reflection too).
+pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let socket: PathBuf = socket.to_path_buf();
     // The URI is required by the API but unused: the connector below dials the socket.
-    let channel = Endpoint::from_static("http://agent.local")
+    Endpoint::from_static("http://agent.local")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
@@ -19,6 +24,5 @@ pub async fn connect_unix(socket: &Path) -> Result<DataplaneClient<Channel>, ton
                     .map(TokioIo::new)
             }
         }))
-        .await?;
-    Ok(DataplaneClient::new(channel))
+        .await
 }

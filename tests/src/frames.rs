@@ -81,7 +81,14 @@ pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A frame with one 802.1Q (`tpid` 0x8100) or 802.1ad (0x88a8) tag.
-pub fn vlan_tagged(dst: Mac, src: Mac, tpid: u16, vid: u16, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+pub fn vlan_tagged(
+    dst: Mac,
+    src: Mac,
+    tpid: u16,
+    vid: u16,
+    ethertype: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut tagged = Vec::with_capacity(4 + payload.len());
     tagged.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
     tagged.extend_from_slice(&ethertype.to_be_bytes());
@@ -399,22 +406,49 @@ pub fn dhcp6(msg_type: u8) -> Vec<u8> {
 // Whole frames
 
 pub fn arp_request_frame(src: Mac, spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
-    ethernet(BROADCAST, src, ethertype::ARP, &arp(arp_op::REQUEST, src, spa, [0; 6], tpa))
+    ethernet(
+        BROADCAST,
+        src,
+        ethertype::ARP,
+        &arp(arp_op::REQUEST, src, spa, [0; 6], tpa),
+    )
 }
 
-pub fn udp4_frame(dst: Mac, src: Mac, saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+pub fn udp4_frame(
+    dst: Mac,
+    src: Mac,
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
     let l4 = udp(sport, dport, b"dataplane");
-    ethernet(dst, src, ethertype::IPV4, &ipv4(saddr, daddr, proto::UDP, &l4))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV4,
+        &ipv4(saddr, daddr, proto::UDP, &l4),
+    )
 }
 
 pub fn tcp4_frame(dst: Mac, src: Mac, saddr: Ipv4Addr, daddr: Ipv4Addr) -> Vec<u8> {
     let l4 = tcp_syn(40000, 80);
-    ethernet(dst, src, ethertype::IPV4, &ipv4(saddr, daddr, proto::TCP, &l4))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV4,
+        &ipv4(saddr, daddr, proto::TCP, &l4),
+    )
 }
 
 pub fn icmp4_frame(dst: Mac, src: Mac, saddr: Ipv4Addr, daddr: Ipv4Addr) -> Vec<u8> {
     let l4 = icmp4_echo(7, 1);
-    ethernet(dst, src, ethertype::IPV4, &ipv4(saddr, daddr, proto::ICMP, &l4))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV4,
+        &ipv4(saddr, daddr, proto::ICMP, &l4),
+    )
 }
 
 /// DHCPDISCOVER: 0.0.0.0:68 to 255.255.255.255:67, broadcast.
@@ -425,23 +459,55 @@ pub fn dhcp_discover_frame(client: Mac) -> Vec<u8> {
 }
 
 /// DHCPOFFER from a server at `server`/`server_ip` offering `offered` to `client`.
-pub fn dhcp_offer_frame(server: Mac, server_ip: Ipv4Addr, client: Mac, offered: Ipv4Addr) -> Vec<u8> {
+pub fn dhcp_offer_frame(
+    server: Mac,
+    server_ip: Ipv4Addr,
+    client: Mac,
+    offered: Ipv4Addr,
+) -> Vec<u8> {
     let l4 = udp(67, 68, &dhcp(2, 2, client, offered));
-    ethernet(client, server, ethertype::IPV4, &ipv4(server_ip, offered, proto::UDP, &l4))
+    ethernet(
+        client,
+        server,
+        ethertype::IPV4,
+        &ipv4(server_ip, offered, proto::UDP, &l4),
+    )
 }
 
-pub fn udp6_frame(dst: Mac, src: Mac, saddr: Ipv6Addr, daddr: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+pub fn udp6_frame(
+    dst: Mac,
+    src: Mac,
+    saddr: Ipv6Addr,
+    daddr: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
     let l4 = udp(sport, dport, b"dataplane");
-    ethernet(dst, src, ethertype::IPV6, &ipv6(saddr, daddr, proto::UDP, &l4))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV6,
+        &ipv6(saddr, daddr, proto::UDP, &l4),
+    )
 }
 
 pub fn icmp6_echo_frame(dst: Mac, src: Mac, saddr: Ipv6Addr, daddr: Ipv6Addr) -> Vec<u8> {
-    ethernet(dst, src, ethertype::IPV6, &ipv6(saddr, daddr, proto::ICMPV6, &icmp6_echo(7, 1)))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV6,
+        &ipv6(saddr, daddr, proto::ICMPV6, &icmp6_echo(7, 1)),
+    )
 }
 
 /// An ICMPv6 message `l4` from `src`/`saddr` to the IPv6 multicast group `group`.
 pub fn icmp6_multicast_frame(src: Mac, saddr: Ipv6Addr, group: Ipv6Addr, l4: &[u8]) -> Vec<u8> {
-    ethernet(multicast_mac(group), src, ethertype::IPV6, &ipv6(saddr, group, proto::ICMPV6, l4))
+    ethernet(
+        multicast_mac(group),
+        src,
+        ethertype::IPV6,
+        &ipv6(saddr, group, proto::ICMPV6, l4),
+    )
 }
 
 /// NS for `target` to its solicited-node group, with a source link-layer option when
@@ -462,7 +528,12 @@ pub fn na_frame(
     tlla: Option<Mac>,
 ) -> Vec<u8> {
     let options: Vec<Vec<u8>> = tlla.map(|m| nd_ll_option(2, m)).into_iter().collect();
-    ethernet(dst, src, ethertype::IPV6, &ipv6(saddr, daddr, proto::ICMPV6, &na(target, &options)))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV6,
+        &ipv6(saddr, daddr, proto::ICMPV6, &na(target, &options)),
+    )
 }
 
 /// RA to all nodes (ff02::1).
@@ -476,7 +547,13 @@ pub fn ra_frame(src: Mac, saddr: Ipv6Addr) -> Vec<u8> {
 pub fn mld2_report_frame(src: Mac, saddr: Ipv6Addr, group: Ipv6Addr) -> Vec<u8> {
     let all_mld_routers = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
     let hbh = [Ext::HopByHop(ROUTER_ALERT_MLD.to_vec())];
-    let ip = ipv6_ext(saddr, all_mld_routers, &hbh, proto::ICMPV6, &mld2_report(group));
+    let ip = ipv6_ext(
+        saddr,
+        all_mld_routers,
+        &hbh,
+        proto::ICMPV6,
+        &mld2_report(group),
+    );
     ethernet(multicast_mac(all_mld_routers), src, ethertype::IPV6, &ip)
 }
 
@@ -490,7 +567,12 @@ pub fn mld1_report_frame(src: Mac, saddr: Ipv6Addr, group: Ipv6Addr) -> Vec<u8> 
 /// DHCPv6 advertise from a server at `src`/`saddr` (udp 547) to a client (udp 546).
 pub fn dhcp6_advertise_frame(src: Mac, saddr: Ipv6Addr, dst: Mac, daddr: Ipv6Addr) -> Vec<u8> {
     let l4 = udp(547, 546, &dhcp6(2));
-    ethernet(dst, src, ethertype::IPV6, &ipv6(saddr, daddr, proto::UDP, &l4))
+    ethernet(
+        dst,
+        src,
+        ethertype::IPV6,
+        &ipv6(saddr, daddr, proto::UDP, &l4),
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -569,11 +651,18 @@ mod tests {
     fn udp4_parses_with_valid_checksums() {
         let f = udp4_frame(B, A, v4(1), v4(2), 1234, 53);
         let p = SlicedPacket::from_ethernet(&f).unwrap();
-        let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not ipv4") };
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            panic!("not ipv4")
+        };
         let header = ip.header().to_header();
         assert_eq!(header.header_checksum, header.calc_header_checksum());
-        let Some(TransportSlice::Udp(u)) = &p.transport else { panic!("not udp") };
-        let expected = u.to_header().calc_checksum_ipv4(&header, u.payload()).unwrap();
+        let Some(TransportSlice::Udp(u)) = &p.transport else {
+            panic!("not udp")
+        };
+        let expected = u
+            .to_header()
+            .calc_checksum_ipv4(&header, u.payload())
+            .unwrap();
         assert_eq!(u.checksum(), expected);
         assert_eq!((u.source_port(), u.destination_port()), (1234, 53));
     }
@@ -582,9 +671,13 @@ mod tests {
     fn icmp6_behind_hop_by_hop_parses_with_valid_checksum() {
         let f = mld2_report_frame(A, Ipv6Addr::UNSPECIFIED, v6(0x99));
         let p = SlicedPacket::from_ethernet(&f).unwrap();
-        let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not ipv6") };
+        let Some(NetSlice::Ipv6(ip)) = &p.net else {
+            panic!("not ipv6")
+        };
         assert_eq!(ip.header().next_header().0, proto::HOPOPTS);
-        let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else { panic!("not icmpv6") };
+        let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+            panic!("not icmpv6")
+        };
         assert_eq!(icmp.type_u8(), icmp6_type::MLD2_REPORT);
         let header = ip.header().to_header();
         let expected = icmp
@@ -598,19 +691,30 @@ mod tests {
     fn na_tcp_arp_and_vlan_parse() {
         let na = na_frame(A, v6(1), B, v6(2), v6(1), Some(A));
         let p = SlicedPacket::from_ethernet(&na).unwrap();
-        let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else { panic!("not icmpv6") };
+        let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+            panic!("not icmpv6")
+        };
         assert_eq!(icmp.type_u8(), icmp6_type::NEIGH_ADVERT);
 
         let tcp = tcp4_frame(B, A, v4(1), v4(2));
         let p = SlicedPacket::from_ethernet(&tcp).unwrap();
-        let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("not tcp") };
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            panic!("not tcp")
+        };
         assert!(t.syn());
 
         let arp = arp_request_frame(A, v4(1), v4(2));
         let p = SlicedPacket::from_ethernet(&arp).unwrap();
         assert!(matches!(p.net, Some(NetSlice::Arp(_))));
 
-        let tagged = vlan_tagged(B, A, ethertype::VLAN, 100, ethertype::IPV4, &tcp[ETH_HLEN..]);
+        let tagged = vlan_tagged(
+            B,
+            A,
+            ethertype::VLAN,
+            100,
+            ethertype::IPV4,
+            &tcp[ETH_HLEN..],
+        );
         let p = SlicedPacket::from_ethernet(&tagged).unwrap();
         assert!(matches!(p.transport, Some(TransportSlice::Tcp(_))));
     }

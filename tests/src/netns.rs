@@ -184,7 +184,11 @@ fn send_raw(ifindex: u32, frame: &[u8]) -> Result<()> {
         if sent < 0 {
             return Err(std::io::Error::last_os_error()).context("sendto");
         }
-        ensure!(sent as usize == frame.len(), "sent {sent} of {} bytes", frame.len());
+        ensure!(
+            sent as usize == frame.len(),
+            "sent {sent} of {} bytes",
+            frame.len()
+        );
     }
     Ok(())
 }

@@ -122,7 +122,8 @@ impl Harness {
                 .with_context(|| format!("no program {name}"))?
                 .try_into()?;
             // `{:#}` of the error shows the verifier log.
-            prog.load().map_err(|e| anyhow::anyhow!("loading {name}: {e:#}"))?;
+            prog.load()
+                .map_err(|e| anyhow::anyhow!("loading {name}: {e:#}"))?;
         }
         Ok(Harness { ebpf })
     }
@@ -157,72 +158,120 @@ impl Harness {
     // ---- maps ---------------------------------------------------------------------
 
     fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, V>> {
-        let map = self.ebpf.map_mut(name).with_context(|| format!("no map {name}"))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("no map {name}"))?;
         Ok(HashMap::try_from(map)?)
     }
 
     fn trie<K: Pod, V: Pod>(&mut self, name: &str) -> Result<LpmTrie<&mut MapData, K, V>> {
-        let map = self.ebpf.map_mut(name).with_context(|| format!("no map {name}"))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("no map {name}"))?;
         Ok(LpmTrie::try_from(map)?)
     }
 
     /// `PORTS[ifindex] = port`.
     pub fn add_port(&mut self, ifindex: u32, port: PortInfo) -> Result<()> {
-        self.hash::<u32, PortInfo>(map_names::PORTS)?.insert(ifindex, port, 0)?;
+        self.hash::<u32, PortInfo>(map_names::PORTS)?
+            .insert(ifindex, port, 0)?;
         Ok(())
     }
 
     /// Lets port `slot` send from `mac` (an allowed address pair's MAC).
     pub fn allow_mac(&mut self, slot: u32, mac: Mac) -> Result<()> {
-        let key = PortMacKey { port_slot: slot, mac, _pad: [0; 2] };
-        self.hash::<PortMacKey, u32>(map_names::PORT_MACS)?.insert(key, 1, 0)?;
+        let key = PortMacKey {
+            port_slot: slot,
+            mac,
+            _pad: [0; 2],
+        };
+        self.hash::<PortMacKey, u32>(map_names::PORT_MACS)?
+            .insert(key, 1, 0)?;
         Ok(())
     }
 
     /// `PORT_IP4`: port `slot` may send from `mac` with source `addr`.
     pub fn allow_ip4(&mut self, slot: u32, mac: Mac, addr: Ipv4Addr) -> Result<()> {
-        let key = PortAddr4 { port_slot: slot, mac, _pad: [0; 2], addr: addr.octets() };
-        self.hash::<PortAddr4, u32>(map_names::PORT_IP4)?.insert(key, 1, 0)?;
+        let key = PortAddr4 {
+            port_slot: slot,
+            mac,
+            _pad: [0; 2],
+            addr: addr.octets(),
+        };
+        self.hash::<PortAddr4, u32>(map_names::PORT_IP4)?
+            .insert(key, 1, 0)?;
         Ok(())
     }
 
     /// `PORT_NET4`: port `slot` may send from `mac` with any source in `net`. The port
     /// also needs `HAS_NET4` in its flags.
     pub fn allow_net4(&mut self, slot: u32, mac: Mac, net: Ipv4Net) -> Result<()> {
-        let data = PortAddr4 { port_slot: slot, mac, _pad: [0; 2], addr: net.network().octets() };
+        let data = PortAddr4 {
+            port_slot: slot,
+            mac,
+            _pad: [0; 2],
+            addr: net.network().octets(),
+        };
         let key = Key::new(PORT_ADDR_FIXED_BITS + u32::from(net.prefix_len()), data);
-        self.trie::<PortAddr4, u32>(map_names::PORT_NET4)?.insert(&key, 1, 0)?;
+        self.trie::<PortAddr4, u32>(map_names::PORT_NET4)?
+            .insert(&key, 1, 0)?;
         Ok(())
     }
 
     /// `PORT_IP6`: port `slot` may send from `mac` with source `addr`.
     pub fn allow_ip6(&mut self, slot: u32, mac: Mac, addr: Ipv6Addr) -> Result<()> {
-        let key = PortAddr6 { port_slot: slot, mac, _pad: [0; 2], addr: addr.octets() };
-        self.hash::<PortAddr6, u32>(map_names::PORT_IP6)?.insert(key, 1, 0)?;
+        let key = PortAddr6 {
+            port_slot: slot,
+            mac,
+            _pad: [0; 2],
+            addr: addr.octets(),
+        };
+        self.hash::<PortAddr6, u32>(map_names::PORT_IP6)?
+            .insert(key, 1, 0)?;
         Ok(())
     }
 
     /// `PORT_NET6`: as [`Harness::allow_net4`]; the port needs `HAS_NET6`.
     pub fn allow_net6(&mut self, slot: u32, mac: Mac, net: Ipv6Net) -> Result<()> {
-        let data = PortAddr6 { port_slot: slot, mac, _pad: [0; 2], addr: net.network().octets() };
+        let data = PortAddr6 {
+            port_slot: slot,
+            mac,
+            _pad: [0; 2],
+            addr: net.network().octets(),
+        };
         let key = Key::new(PORT_ADDR_FIXED_BITS + u32::from(net.prefix_len()), data);
-        self.trie::<PortAddr6, u32>(map_names::PORT_NET6)?.insert(&key, 1, 0)?;
+        self.trie::<PortAddr6, u32>(map_names::PORT_NET6)?
+            .insert(&key, 1, 0)?;
         Ok(())
     }
 
     /// `FDB[network, mac] = entry`.
     pub fn add_fdb(&mut self, network: u32, mac: Mac, entry: FdbEntry) -> Result<()> {
-        let key = FdbKey { network_slot: network, mac, _pad: [0; 2] };
-        self.hash::<FdbKey, FdbEntry>(map_names::FDB)?.insert(key, entry, 0)?;
+        let key = FdbKey {
+            network_slot: network,
+            mac,
+            _pad: [0; 2],
+        };
+        self.hash::<FdbKey, FdbEntry>(map_names::FDB)?
+            .insert(key, entry, 0)?;
         Ok(())
     }
 
     /// `FLOOD[network]` = `ports`.
     pub fn set_flood(&mut self, network: u32, ports: &[FloodEntry]) -> Result<()> {
-        ensure!(ports.len() <= MAX_FLOOD_PORTS, "more than {MAX_FLOOD_PORTS} flood ports");
-        let mut set = FloodSet { count: ports.len() as u32, ..FloodSet::default() };
+        ensure!(
+            ports.len() <= MAX_FLOOD_PORTS,
+            "more than {MAX_FLOOD_PORTS} flood ports"
+        );
+        let mut set = FloodSet {
+            count: ports.len() as u32,
+            ..FloodSet::default()
+        };
         set.ports[..ports.len()].copy_from_slice(ports);
-        self.hash::<u32, FloodSet>(map_names::FLOOD)?.insert(network, set, 0)?;
+        self.hash::<u32, FloodSet>(map_names::FLOOD)?
+            .insert(network, set, 0)?;
         Ok(())
     }
 
@@ -249,7 +298,10 @@ impl Harness {
     }
 
     fn per_cpu<T: Pod>(&self, name: &str, index: u32) -> Result<PerCpuValues<T>> {
-        let map = self.ebpf.map(name).with_context(|| format!("no map {name}"))?;
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("no map {name}"))?;
         Ok(PerCpuArray::<_, T>::try_from(map)?.get(&index, 0)?)
     }
 
@@ -292,7 +344,13 @@ impl Harness {
     }
 
     /// Runs `frame` `repeat` times through `program`; the mean time per run.
-    pub fn bench(&self, program: &str, ifindex: u32, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
+    pub fn bench(
+        &self,
+        program: &str,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
         let mut ctx_in = [0u8; SKB_CTX_LEN];
         ctx_in[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         let result = self.program(program)?.test_run(TestRunOptions {
@@ -306,9 +364,16 @@ impl Harness {
 
     fn clear_verdict(&mut self) -> Result<()> {
         let cpus = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let map = self.ebpf.map_mut(map_names::VERDICT).context("no VERDICT map")?;
+        let map = self
+            .ebpf
+            .map_mut(map_names::VERDICT)
+            .context("no VERDICT map")?;
         let mut verdicts = PerCpuArray::<_, Verdict>::try_from(map)?;
-        verdicts.set(0, PerCpuValues::try_from(vec![Verdict::default(); cpus])?, 0)?;
+        verdicts.set(
+            0,
+            PerCpuValues::try_from(vec![Verdict::default(); cpus])?,
+            0,
+        )?;
         Ok(())
     }
 

@@ -1,8 +1,6 @@
 //! Switching within the port's network: FDB for known unicast, the network's flood set
 //! for everything else. No learning: the agent programs the FDB.
-use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
 use aya_log_ebpf::warn;
 use dataplane_abi::{
     flood_flags, DropReason, FdbKey, PortInfo, PortStats, MARK_FROM_DATAPATH, MAX_FLOOD_PORTS,
@@ -94,7 +92,10 @@ fn flood(
         pending = target.ifindex;
     }
     if failed.0 != 0 {
-        warn!(ctx, "flood: copy to ifindex {} failed: {}", failed.0, failed.1);
+        warn!(
+            ctx,
+            "flood: copy to ifindex {} failed: {}", failed.0, failed.1
+        );
     }
     if pending == 0 {
         return Err(none);

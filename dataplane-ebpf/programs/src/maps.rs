@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, PerCpuArray},
 };
 use dataplane_abi::{
-    DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey,
-    PortStats, Verdict,
+    DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats,
+    Verdict,
 };
 
 #[map]

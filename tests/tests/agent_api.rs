@@ -1,0 +1,160 @@
+//! Integration: the agent's API surface and lifecycle — stock gRPC health and reflection,
+//! Watch, Sync, a second agent on the same state directory, SIGTERM. Needs root.
+
+use std::{os::unix::fs::PermissionsExt, time::Duration};
+
+use anyhow::Result;
+use dataplane_proto::v1 as pb;
+use dataplane_tests::{
+    agent::{agent_binary, Agent},
+    api::{apply, network, port, subnet, upsert, IntoResource},
+    netns::NetNs,
+    topology::Vm,
+};
+use tokio_stream::StreamExt;
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_reflection::pb::v1::{
+    server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+    server_reflection_response::MessageResponse, ServerReflectionRequest,
+};
+
+const NODE: &str = "api-node";
+
+#[tokio::test]
+async fn health_and_reflection_answer_stock_clients() -> Result<()> {
+    let node = NetNs::new("api-health")?;
+    let agent = Agent::start(&node, NODE).await?;
+    let channel = dataplane_agent::client::unix_channel(agent.socket()).await?;
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "dataplane.v1.Dataplane"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "health of {service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let response = responses.next().await.expect("a reflection response")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["dataplane.v1.Dataplane", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+
+    // The socket is for root only.
+    let mode = std::fs::metadata(agent.socket())?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_streams_build_then_active_when_the_device_appears() -> Result<()> {
+    let node = NetNs::new("api-watch")?;
+    let agent = Agent::start(&node, NODE).await?;
+    let mut client = agent.client().await?;
+    let mut events = client
+        .watch(pb::WatchRequest {
+            include_current: false,
+        })
+        .await?
+        .into_inner();
+
+    client
+        .apply(apply(vec![
+            upsert(network("net")),
+            upsert(subnet("sub", "net", "10.0.0.0/24")),
+            upsert(port("p", "net", "fa:16:3e:00:00:01", &[("sub", "10.0.0.1")], NODE, "tap-p")),
+        ]))
+        .await?;
+    let _vm = Vm::create(&node, "api-watch-vm", "tap-p", [0xfa, 0x16, 0x3e, 0, 0, 1], &[])?;
+
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(&pb::Status::Active) {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("ACTIVE within 10 s")
+            .expect("stream open")?;
+        match event.event {
+            Some(pb::watch_event::Event::Status(status))
+                if status.r#ref.as_ref().is_some_and(|r| r.id == "p") =>
+            {
+                seen.push(pb::Status::try_from(status.status)?);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, [pb::Status::Build, pb::Status::Active]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sync_replaces_the_whole_state() -> Result<()> {
+    let node = NetNs::new("api-sync")?;
+    let agent = Agent::start(&node, NODE).await?;
+    let mut client = agent.client().await?;
+    let a = Vm::create(&node, "api-sync-a", "tap-a", [0xfa, 0x16, 0x3e, 0, 0, 1], &["10.0.0.1/24".parse()?])?;
+    let b = Vm::create(&node, "api-sync-b", "tap-b", [0xfa, 0x16, 0x3e, 0, 0, 2], &["10.0.0.2/24".parse()?])?;
+    let base = vec![
+        network("net").into_resource(),
+        subnet("sub", "net", "10.0.0.0/24").into_resource(),
+        port("a", "net", "fa:16:3e:00:00:01", &[("sub", "10.0.0.1")], NODE, "tap-a").into_resource(),
+    ];
+    let mut with_b = base.clone();
+    with_b.push(port("b", "net", "fa:16:3e:00:00:02", &[("sub", "10.0.0.2")], NODE, "tap-b").into_resource());
+
+    let synced = client
+        .sync(pb::SyncRequest {
+            resources: with_b,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((synced.created, synced.updated, synced.deleted), (4, 0, 0));
+    assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
+
+    // b is not in the next Sync: it is removed, and its traffic with it.
+    let synced = client.sync(pb::SyncRequest { resources: base }).await?.into_inner();
+    assert_eq!((synced.created, synced.updated, synced.deleted), (0, 0, 1));
+    assert!(client.get_port(pb::GetRequest { id: "b".into() }).await.is_err());
+    assert!(b.ping("10.0.0.1".parse()?, 2)?.none_replied());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_state_dir_refuses_and_sigterm_stops_cleanly() -> Result<()> {
+    let node = NetNs::new("api-life")?;
+    let mut agent = Agent::start(&node, NODE).await?;
+    let state_dir = agent.socket().parent().unwrap().to_path_buf();
+
+    let second = std::process::Command::new(agent_binary()?)
+        .args(["run", "--node-name", "other"])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--socket")
+        .arg(state_dir.join("second.sock"))
+        .output()?;
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another agent holds"), "{stderr}");
+
+    let status = agent.terminate()?;
+    assert!(status.success(), "exit status {status}");
+    assert!(!agent.socket().exists(), "socket removed on shutdown");
+    assert!(agent.logs().contains("stopped"));
+    Ok(())
+}
