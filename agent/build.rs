@@ -29,7 +29,10 @@ fn main() {
     let workspace = manifest_dir.parent().unwrap();
     let ebpf_dir = workspace.join("dataplane-ebpf");
     println!("cargo:rerun-if-changed={}", ebpf_dir.display());
-    println!("cargo:rerun-if-changed={}", workspace.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("Cargo.lock").display()
+    );
 
     let bpf_linker = find_bpf_linker().unwrap_or_else(|| {
         panic!("bpf-linker not found on PATH or in ~/.cargo/bin: run `cargo xtask setup`")
@@ -46,14 +49,23 @@ fn main() {
     .unwrap();
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace)
-        .args(["build", "--release", "--ignore-rust-version", "--target", BPF_TARGET])
+        .args([
+            "build",
+            "--release",
+            "--ignore-rust-version",
+            "--target",
+            BPF_TARGET,
+        ])
         .args(["--package", BPF_CRATE, "--target-dir"])
         .arg(&target_dir)
         .env("RUSTC", DEBIAN_RUSTC)
         // Debian's stable rustc must accept the unstable features aya-ebpf uses.
         .env("RUSTC_BOOTSTRAP", "1")
         // BTF in the object lets bpftool show the maps' types.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
         .env("PATH", path);
     for inherited in [
         "RUSTC_WORKSPACE_WRAPPER",
@@ -71,7 +83,10 @@ fn main() {
         .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
     assert!(status.success(), "eBPF build failed: {cmd:?}");
 
-    copy(&target_dir.join(BPF_TARGET).join("release").join(BPF_CRATE), &out);
+    copy(
+        &target_dir.join(BPF_TARGET).join("release").join(BPF_CRATE),
+        &out,
+    );
 }
 
 fn copy(from: &Path, to: &Path) {

@@ -7,7 +7,9 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Connects to the agent listening on `socket`.
-pub async fn connect_unix(socket: &Path) -> Result<DataplaneClient<Channel>, tonic::transport::Error> {
+pub async fn connect_unix(
+    socket: &Path,
+) -> Result<DataplaneClient<Channel>, tonic::transport::Error> {
     Ok(DataplaneClient::new(unix_channel(socket).await?))
 }
 

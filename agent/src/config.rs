@@ -66,10 +66,11 @@ impl Config {
             .socket
             .or(file.socket)
             .unwrap_or_else(|| state_dir.join("agent.sock"));
-        let bpffs_dir = overrides
-            .bpffs_dir
-            .or(file.bpffs_dir)
-            .unwrap_or_else(|| PathBuf::from(BPFFS_MOUNT).join("dataplane").join(&node_name));
+        let bpffs_dir = overrides.bpffs_dir.or(file.bpffs_dir).unwrap_or_else(|| {
+            PathBuf::from(BPFFS_MOUNT)
+                .join("dataplane")
+                .join(&node_name)
+        });
         let max_ports = overrides
             .max_ports
             .or(file.max_ports)
@@ -95,10 +96,9 @@ mod tests {
 
     #[test]
     fn flags_override_file_and_defaults_fill_the_rest() {
-        let file: FileConfig = toml::from_str(
-            "node_name = \"file-node\"\nstate_dir = \"/tmp/s\"\nmax_ports = 100\n",
-        )
-        .unwrap();
+        let file: FileConfig =
+            toml::from_str("node_name = \"file-node\"\nstate_dir = \"/tmp/s\"\nmax_ports = 100\n")
+                .unwrap();
         let flags = FileConfig {
             node_name: Some("flag-node".into()),
             ..FileConfig::default()

@@ -244,8 +244,15 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {}", args.socket))?;
     match args.command {
         CtlCommand::Ports => {
-            let ports = client.list_ports(pb::ListRequest {}).await?.into_inner().ports;
-            println!("{:<38} {:<18} {:<16} {:<8} REASON", "PORT", "MAC", "DEVICE", "STATUS");
+            let ports = client
+                .list_ports(pb::ListRequest {})
+                .await?
+                .into_inner()
+                .ports;
+            println!(
+                "{:<38} {:<18} {:<16} {:<8} REASON",
+                "PORT", "MAC", "DEVICE", "STATUS"
+            );
             for entry in ports {
                 let port = entry.port.unwrap_or_default();
                 let (status, reason) = status_words(entry.status.as_ref());
@@ -279,7 +286,10 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 );
             }
             if !response.unattributed_drops.is_empty() {
-                println!("unattributed drops: {}", drop_words(&response.unattributed_drops));
+                println!(
+                    "unattributed drops: {}",
+                    drop_words(&response.unattributed_drops)
+                );
             }
         }
         CtlCommand::Status => {
@@ -299,9 +309,17 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                         .r#ref
                         .as_ref()
                         .and_then(|r| pb::ResourceKind::try_from(r.kind).ok())
-                        .map(|k| k.as_str_name().trim_start_matches("RESOURCE_KIND_").to_lowercase())
+                        .map(|k| {
+                            k.as_str_name()
+                                .trim_start_matches("RESOURCE_KIND_")
+                                .to_lowercase()
+                        })
                         .unwrap_or_default();
-                    let id = status.r#ref.as_ref().map(|r| r.id.clone()).unwrap_or_default();
+                    let id = status
+                        .r#ref
+                        .as_ref()
+                        .map(|r| r.id.clone())
+                        .unwrap_or_default();
                     let (word, reason) = status_words(Some(&status));
                     println!("{kind:<15} {id:<38} {word:<8} {reason}");
                 }
@@ -328,7 +346,11 @@ fn drop_words(drops: &[pb::DropCount]) -> String {
         .iter()
         .map(|drop| {
             let reason = pb::DropReason::try_from(drop.reason)
-                .map(|r| r.as_str_name().trim_start_matches("DROP_REASON_").to_lowercase())
+                .map(|r| {
+                    r.as_str_name()
+                        .trim_start_matches("DROP_REASON_")
+                        .to_lowercase()
+                })
                 .unwrap_or_else(|_| drop.reason.to_string());
             format!("{reason}={}", drop.packets)
         })

@@ -148,7 +148,10 @@ impl Node {
     }
 
     /// Reads the current state and statuses under the lock.
-    pub async fn read<T>(&self, f: impl FnOnce(&State, &BTreeMap<ResourceRef, ResourceStatus>) -> T) -> T {
+    pub async fn read<T>(
+        &self,
+        f: impl FnOnce(&State, &BTreeMap<ResourceRef, ResourceStatus>) -> T,
+    ) -> T {
         let inner = self.inner.lock().await;
         f(&inner.state, &inner.compiled.statuses)
     }
@@ -164,7 +167,10 @@ impl Node {
             if port_id.is_some_and(|id| id != port.port_id) {
                 continue;
             }
-            ports.push((port.port_id.clone(), inner.datapath.port_counters(port.slot)?));
+            ports.push((
+                port.port_id.clone(),
+                inner.datapath.port_counters(port.slot)?,
+            ));
         }
         if let Some(port_id) = port_id {
             if ports.is_empty() {
@@ -244,7 +250,13 @@ impl Node {
             operation,
             changes: changes as u32,
         });
-        info!(generation, operation = operation.as_str(), changes, ports = inner.compiled.ports.len(), "committed");
+        info!(
+            generation,
+            operation = operation.as_str(),
+            changes,
+            ports = inner.compiled.ports.len(),
+            "committed"
+        );
 
         let statuses = named
             .iter()
@@ -286,7 +298,9 @@ impl Node {
                     reason: "deleted".to_owned(),
                     revision_number: status.revision_number,
                 };
-                let _ = self.events.send(NodeEvent::Status(reference.clone(), deleted));
+                let _ = self
+                    .events
+                    .send(NodeEvent::Status(reference.clone(), deleted));
             }
         }
     }

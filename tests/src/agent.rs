@@ -70,13 +70,22 @@ impl Agent {
         let child = Command::new("ip")
             .args(["netns", "exec", node.name()])
             .arg(agent_binary()?)
-            .args(["run", "--node-name", node_name, "--log", "info,dataplane_agent=debug"])
+            .args([
+                "run",
+                "--node-name",
+                node_name,
+                "--log",
+                "info,dataplane_agent=debug",
+            ])
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--socket")
             .arg(&socket)
             .arg("--bpffs-dir")
-            .arg(format!("/sys/fs/bpf/dataplane-test/{node_name}-{}-{n}", std::process::id()))
+            .arg(format!(
+                "/sys/fs/bpf/dataplane-test/{node_name}-{}-{n}",
+                std::process::id()
+            ))
             .arg("--max-ports")
             .arg("256")
             .stdin(Stdio::null())
@@ -98,7 +107,11 @@ impl Agent {
     async fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("agent exited during start ({status}):\n{}", self.logs());
             }
             if self.socket.exists() && self.client().await.is_ok() {

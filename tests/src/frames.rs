@@ -169,7 +169,8 @@ pub enum Ext {
     HopByHop(Vec<u8>),
     /// Destination options, as `HopByHop`.
     DestOpts(Vec<u8>),
-    /// A type-0-less routing header (segments left 0) of `8 * (1 + len)` bytes.
+    /// A routing header with segments left 0 (so no node acts on it) of
+    /// `8 * (1 + len)` bytes.
     Routing { len: u8 },
     /// Fragment header; `offset` in bytes, a multiple of 8.
     Fragment { offset: u16, more: bool, id: u32 },
@@ -220,7 +221,7 @@ impl Ext {
     }
 }
 
-/// IPv6 header (hop limit 64, or 255 for ND, which requires it) and `l4`, with the
+/// IPv6 header (hop limit 255 for ICMPv6, as ND requires, else 64) and `l4`, with the
 /// transport checksum of UDP, TCP and ICMPv6 filled in.
 pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
     ipv6_ext(src, dst, &[], next, l4)

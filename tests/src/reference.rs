@@ -105,13 +105,13 @@ impl Reference<'_> {
     /// port's MAC, an allowed pair's address or CIDR with the pair's MAC (the port's if
     /// the pair names none), or the EUI-64 link-local address of one of its MACs.
     fn address_allowed(&self, port: &Port, mac: MacAddr, addr: IpAddr) -> bool {
-        let fixed = mac == port.mac_address
-            && port.fixed_ips.iter().any(|fixed| fixed.ip_address == addr);
+        let fixed =
+            mac == port.mac_address && port.fixed_ips.iter().any(|fixed| fixed.ip_address == addr);
         let pair = port.allowed_address_pairs.iter().any(|pair| {
             pair.mac_address.unwrap_or(port.mac_address) == mac && pair.ip_address.contains(&addr)
         });
-        let link_local = self.allowed_macs(port).contains(&mac)
-            && addr == IpAddr::V6(mac.ipv6_link_local());
+        let link_local =
+            self.allowed_macs(port).contains(&mac) && addr == IpAddr::V6(mac.ipv6_link_local());
         fixed || pair || link_local
     }
 
@@ -269,10 +269,10 @@ impl Reference<'_> {
     /// port security, and those using another MAC through an allowed pair.
     fn accepts_unknown(&self, port: &Port) -> bool {
         !self.security(port)
-            || port.allowed_address_pairs.iter().any(|pair| {
-                pair.mac_address
-                    .is_some_and(|mac| mac != port.mac_address)
-            })
+            || port
+                .allowed_address_pairs
+                .iter()
+                .any(|pair| pair.mac_address.is_some_and(|mac| mac != port.mac_address))
     }
 }
 
@@ -306,7 +306,8 @@ struct Ipv6 {
 
 fn parse_arp(frame: &[u8]) -> Result<Arp, DropReason> {
     let arp = frame.get(14..42).ok_or(DropReason::MalformedArp)?;
-    let ethernet_ipv4 = arp[0..2] == [0, 1] && arp[2..4] == [0x08, 0x00] && arp[4] == 6 && arp[5] == 4;
+    let ethernet_ipv4 =
+        arp[0..2] == [0, 1] && arp[2..4] == [0x08, 0x00] && arp[4] == 6 && arp[5] == 4;
     if !ethernet_ipv4 {
         return Err(DropReason::MalformedArp);
     }
@@ -352,13 +353,17 @@ fn parse_ipv6(frame: &[u8]) -> Result<Ipv6, DropReason> {
     for _ in 0..6 {
         let length = match ip.next {
             44 => {
-                let fragment = frame.get(ip.l4..ip.l4 + 8).ok_or(DropReason::MalformedIpv6)?;
+                let fragment = frame
+                    .get(ip.l4..ip.l4 + 8)
+                    .ok_or(DropReason::MalformedIpv6)?;
                 ip.next = fragment[0];
                 ip.has_l4 = u16::from_be_bytes([fragment[2], fragment[3]]) & 0xfff8 == 0;
                 8
             }
             0 | 43 | 60 => {
-                let extension = frame.get(ip.l4..ip.l4 + 2).ok_or(DropReason::MalformedIpv6)?;
+                let extension = frame
+                    .get(ip.l4..ip.l4 + 2)
+                    .ok_or(DropReason::MalformedIpv6)?;
                 ip.next = extension[0];
                 (usize::from(extension[1]) + 1) * 8
             }
@@ -399,7 +404,9 @@ fn nd_options_name(frame: &[u8], ip: &Ipv6, kind: u8, mac: MacAddr) -> Result<bo
         if option >= ip.end {
             break;
         }
-        let header = frame.get(option..option + 2).ok_or(DropReason::MalformedL4)?;
+        let header = frame
+            .get(option..option + 2)
+            .ok_or(DropReason::MalformedL4)?;
         let length = usize::from(header[1]) * 8;
         if length == 0 || option + length > ip.end {
             return Err(DropReason::MalformedL4);

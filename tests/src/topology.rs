@@ -89,7 +89,17 @@ impl Vm {
         let deadline = (count + 2).to_string();
         let destination = destination.to_string();
         let out = self.ns.exec(&[
-            "ping", "-n", "-q", "-c", &count_text, "-i", "0.2", "-W", "1", "-w", &deadline,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count_text,
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-w",
+            &deadline,
             &destination,
         ])?;
         let text = String::from_utf8_lossy(&out.stdout);

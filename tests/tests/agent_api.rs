@@ -12,7 +12,9 @@ use dataplane_tests::{
     topology::Vm,
 };
 use tokio_stream::StreamExt;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 use tonic_reflection::pb::v1::{
     server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
     server_reflection_response::MessageResponse, ServerReflectionRequest,
@@ -35,7 +37,11 @@ async fn health_and_reflection_answer_stock_clients() -> Result<()> {
             .await?
             .into_inner()
             .status;
-        assert_eq!(status, ServingStatus::Serving as i32, "health of {service:?}");
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
     }
 
     let mut reflection = ServerReflectionClient::new(channel);
@@ -53,7 +59,10 @@ async fn health_and_reflection_answer_stock_clients() -> Result<()> {
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for expected in ["dataplane.v1.Dataplane", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
     }
 
     // The socket is for root only.
@@ -78,10 +87,23 @@ async fn watch_streams_build_then_active_when_the_device_appears() -> Result<()>
         .apply(apply(vec![
             upsert(network("net")),
             upsert(subnet("sub", "net", "10.0.0.0/24")),
-            upsert(port("p", "net", "fa:16:3e:00:00:01", &[("sub", "10.0.0.1")], NODE, "tap-p")),
+            upsert(port(
+                "p",
+                "net",
+                "fa:16:3e:00:00:01",
+                &[("sub", "10.0.0.1")],
+                NODE,
+                "tap-p",
+            )),
         ]))
         .await?;
-    let _vm = Vm::create(&node, "api-watch-vm", "tap-p", [0xfa, 0x16, 0x3e, 0, 0, 1], &[])?;
+    let _vm = Vm::create(
+        &node,
+        "api-watch-vm",
+        "tap-p",
+        [0xfa, 0x16, 0x3e, 0, 0, 1],
+        &[],
+    )?;
 
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -108,29 +130,63 @@ async fn sync_replaces_the_whole_state() -> Result<()> {
     let node = NetNs::new("api-sync")?;
     let agent = Agent::start(&node, NODE).await?;
     let mut client = agent.client().await?;
-    let a = Vm::create(&node, "api-sync-a", "tap-a", [0xfa, 0x16, 0x3e, 0, 0, 1], &["10.0.0.1/24".parse()?])?;
-    let b = Vm::create(&node, "api-sync-b", "tap-b", [0xfa, 0x16, 0x3e, 0, 0, 2], &["10.0.0.2/24".parse()?])?;
+    let a = Vm::create(
+        &node,
+        "api-sync-a",
+        "tap-a",
+        [0xfa, 0x16, 0x3e, 0, 0, 1],
+        &["10.0.0.1/24".parse()?],
+    )?;
+    let b = Vm::create(
+        &node,
+        "api-sync-b",
+        "tap-b",
+        [0xfa, 0x16, 0x3e, 0, 0, 2],
+        &["10.0.0.2/24".parse()?],
+    )?;
     let base = vec![
         network("net").into_resource(),
         subnet("sub", "net", "10.0.0.0/24").into_resource(),
-        port("a", "net", "fa:16:3e:00:00:01", &[("sub", "10.0.0.1")], NODE, "tap-a").into_resource(),
+        port(
+            "a",
+            "net",
+            "fa:16:3e:00:00:01",
+            &[("sub", "10.0.0.1")],
+            NODE,
+            "tap-a",
+        )
+        .into_resource(),
     ];
     let mut with_b = base.clone();
-    with_b.push(port("b", "net", "fa:16:3e:00:00:02", &[("sub", "10.0.0.2")], NODE, "tap-b").into_resource());
+    with_b.push(
+        port(
+            "b",
+            "net",
+            "fa:16:3e:00:00:02",
+            &[("sub", "10.0.0.2")],
+            NODE,
+            "tap-b",
+        )
+        .into_resource(),
+    );
 
     let synced = client
-        .sync(pb::SyncRequest {
-            resources: with_b,
-        })
+        .sync(pb::SyncRequest { resources: with_b })
         .await?
         .into_inner();
     assert_eq!((synced.created, synced.updated, synced.deleted), (4, 0, 0));
     assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
 
     // b is not in the next Sync: it is removed, and its traffic with it.
-    let synced = client.sync(pb::SyncRequest { resources: base }).await?.into_inner();
+    let synced = client
+        .sync(pb::SyncRequest { resources: base })
+        .await?
+        .into_inner();
     assert_eq!((synced.created, synced.updated, synced.deleted), (0, 0, 1));
-    assert!(client.get_port(pb::GetRequest { id: "b".into() }).await.is_err());
+    assert!(client
+        .get_port(pb::GetRequest { id: "b".into() })
+        .await
+        .is_err());
     assert!(b.ping("10.0.0.1".parse()?, 2)?.none_replied());
     Ok(())
 }

@@ -114,13 +114,20 @@ async fn wait_status(
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("port {port_id} is {:?} ({}), not {want:?}", got.status, got.reason);
+            bail!(
+                "port {port_id} is {:?} ({}), not {want:?}",
+                got.status,
+                got.reason
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn counters(client: &mut DataplaneClient<Channel>, port_id: &str) -> Result<pb::PortCounters> {
+async fn counters(
+    client: &mut DataplaneClient<Channel>,
+    port_id: &str,
+) -> Result<pb::PortCounters> {
     let mut response = client
         .get_port_counters(pb::GetPortCountersRequest {
             port_id: port_id.to_owned(),
@@ -183,7 +190,10 @@ async fn a_port_on_another_network_is_unreachable() -> Result<()> {
     assert!(t.a.ping(ip("10.0.0.2"), 2)?.all_replied());
     // c's ARP requests were flooded to nobody: c is alone on net2.
     let c_counters = counters(&mut client, "port-c").await?;
-    assert!(drops(&c_counters, pb::DropReason::NoFloodTarget) > 0, "{c_counters:?}");
+    assert!(
+        drops(&c_counters, pb::DropReason::NoFloodTarget) > 0,
+        "{c_counters:?}"
+    );
     Ok(())
 }
 
@@ -208,7 +218,8 @@ async fn spoofed_source_ip_and_mac_are_dropped_and_counted() -> Result<()> {
     assert!(t.a.ping(ip("10.0.0.2"), 2)?.all_replied());
 
     // Another MAC: every frame is dropped at the source MAC check.
-    t.a.ns.set_mac("eth0", [0xfa, 0x16, 0x3e, 0x66, 0x66, 0x66])?;
+    t.a.ns
+        .set_mac("eth0", [0xfa, 0x16, 0x3e, 0x66, 0x66, 0x66])?;
     assert!(t.a.ping(ip("10.0.0.2"), 3)?.none_replied());
     let a = counters(&mut client, "port-a").await?;
     assert!(drops(&a, pb::DropReason::SourceMacSpoofed) >= 3, "{a:?}");
@@ -221,9 +232,27 @@ async fn allowed_address_pairs_are_honoured() -> Result<()> {
     let mut client = t.agent.client().await?;
     t.a.add_address("10.0.0.100/24".parse()?)?;
     let from_pair = || {
-        t.a.ns.exec(&["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1", "-w", "4", "-I", "10.0.0.100", "10.0.0.2"])
+        t.a.ns.exec(&[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-w",
+            "4",
+            "-I",
+            "10.0.0.100",
+            "10.0.0.2",
+        ])
     };
-    assert!(!from_pair()?.status.success(), "10.0.0.100 is not the port's yet");
+    assert!(
+        !from_pair()?.status.success(),
+        "10.0.0.100 is not the port's yet"
+    );
 
     let mut with_pair = port_a();
     with_pair.revision_number = 2;
@@ -234,7 +263,10 @@ async fn allowed_address_pairs_are_honoured() -> Result<()> {
     client.apply(apply(vec![upsert(with_pair)])).await?;
     // b's neighbour entry for 10.0.0.100 may have failed above: let it retry.
     t.b.ns.ip(&["neigh", "flush", "dev", "eth0"])?;
-    assert!(from_pair()?.status.success(), "a pair's CIDR allows 10.0.0.100");
+    assert!(
+        from_pair()?.status.success(),
+        "a pair's CIDR allows 10.0.0.100"
+    );
     Ok(())
 }
 
@@ -293,7 +325,13 @@ async fn ports_added_changed_and_removed_at_runtime_take_effect() -> Result<()> 
         ))]))
         .await?;
     wait_status(&mut client, "port-c", pb::Status::Build).await?;
-    let c = Vm::create(&t.node, "runtime-c", "tap-c", MAC_C, &["10.0.0.3/24".parse()?])?;
+    let c = Vm::create(
+        &t.node,
+        "runtime-c",
+        "tap-c",
+        MAC_C,
+        &["10.0.0.3/24".parse()?],
+    )?;
     wait_status(&mut client, "port-c", pb::Status::Active).await?;
     assert!(c.ping(ip("10.0.0.1"), 2)?.all_replied());
 
@@ -312,7 +350,11 @@ async fn ports_added_changed_and_removed_at_runtime_take_effect() -> Result<()> 
         .apply(apply(vec![delete(pb::ResourceKind::Port, "port-c")]))
         .await?;
     assert!(c.ping(ip("10.0.0.1"), 2)?.none_replied());
-    let listed = client.list_ports(pb::ListRequest {}).await?.into_inner().ports;
+    let listed = client
+        .list_ports(pb::ListRequest {})
+        .await?
+        .into_inner()
+        .ports;
     assert_eq!(listed.len(), 2);
     Ok(())
 }
@@ -325,33 +367,85 @@ async fn bad_requests_get_precise_codes_and_change_nothing() -> Result<()> {
 
     let mut bad_mac = port("port-x", "net1", "not-a-mac", &[], NODE, "tap-x");
     bad_mac.revision_number = 1;
-    let mut outside = port("port-x", "net1", "fa:16:3e:00:00:99", &[("sub4", "10.9.0.1")], NODE, "tap-x");
+    let mut outside = port(
+        "port-x",
+        "net1",
+        "fa:16:3e:00:00:99",
+        &[("sub4", "10.9.0.1")],
+        NODE,
+        "tap-x",
+    );
     outside.revision_number = 1;
     let dup_mac = port("port-x", "net1", &mac_text(MAC_A), &[], NODE, "tap-x");
-    let dup_ip = port("port-x", "net1", "fa:16:3e:00:00:99", &[("sub4", "10.0.0.1")], NODE, "tap-x");
-    let no_net = port("port-x", "net-missing", "fa:16:3e:00:00:99", &[], NODE, "tap-x");
+    let dup_ip = port(
+        "port-x",
+        "net1",
+        "fa:16:3e:00:00:99",
+        &[("sub4", "10.0.0.1")],
+        NODE,
+        "tap-x",
+    );
+    let no_net = port(
+        "port-x",
+        "net-missing",
+        "fa:16:3e:00:00:99",
+        &[],
+        NODE,
+        "tap-x",
+    );
     let mut stale = port_a();
     stale.revision_number = 0;
 
     let cases: Vec<(Vec<pb::Change>, Code, &str)> = vec![
-        (vec![upsert(bad_mac)], Code::InvalidArgument, "changes[0].upsert.port.mac_address"),
+        (
+            vec![upsert(bad_mac)],
+            Code::InvalidArgument,
+            "changes[0].upsert.port.mac_address",
+        ),
         (
             vec![upsert(network("net9")), upsert(outside)],
             Code::InvalidArgument,
             "changes[1].upsert.port.fixed_ips[0].ip_address",
         ),
-        (vec![upsert(dup_mac)], Code::AlreadyExists, "changes[0].upsert.port.mac_address"),
-        (vec![upsert(dup_ip)], Code::AlreadyExists, "changes[0].upsert.port.fixed_ips[0].ip_address"),
-        (vec![upsert(no_net)], Code::NotFound, "changes[0].upsert.port.network_id"),
-        (vec![delete(pb::ResourceKind::Network, "net1")], Code::FailedPrecondition, "changes[0].delete"),
-        (vec![delete(pb::ResourceKind::Port, "nope")], Code::NotFound, "changes[0].delete.id"),
-        (vec![upsert(stale)], Code::FailedPrecondition, "changes[0].upsert.port.revision_number"),
+        (
+            vec![upsert(dup_mac)],
+            Code::AlreadyExists,
+            "changes[0].upsert.port.mac_address",
+        ),
+        (
+            vec![upsert(dup_ip)],
+            Code::AlreadyExists,
+            "changes[0].upsert.port.fixed_ips[0].ip_address",
+        ),
+        (
+            vec![upsert(no_net)],
+            Code::NotFound,
+            "changes[0].upsert.port.network_id",
+        ),
+        (
+            vec![delete(pb::ResourceKind::Network, "net1")],
+            Code::FailedPrecondition,
+            "changes[0].delete",
+        ),
+        (
+            vec![delete(pb::ResourceKind::Port, "nope")],
+            Code::NotFound,
+            "changes[0].delete.id",
+        ),
+        (
+            vec![upsert(stale)],
+            Code::FailedPrecondition,
+            "changes[0].upsert.port.revision_number",
+        ),
     ];
     for (changes, code, field) in cases {
         let status = client.apply(apply(changes)).await.expect_err(field);
         assert_eq!(status.code(), code, "{field}: {status:?}");
         let details = tonic_types::StatusExt::get_error_details(&status);
-        let violations = details.bad_request().map(|b| b.field_violations.clone()).unwrap_or_default();
+        let violations = details
+            .bad_request()
+            .map(|b| b.field_violations.clone())
+            .unwrap_or_default();
         assert!(
             violations.iter().any(|v| v.field == field),
             "{field} not named in {violations:?} ({})",
@@ -360,7 +454,10 @@ async fn bad_requests_get_precise_codes_and_change_nothing() -> Result<()> {
     }
     let after = client.list_ports(pb::ListRequest {}).await?.into_inner();
     assert_eq!(before, after, "a refused request changed state");
-    assert!(client.get_network(pb::GetRequest { id: "net9".into() }).await.is_err());
+    assert!(client
+        .get_network(pb::GetRequest { id: "net9".into() })
+        .await
+        .is_err());
     // Traffic is untouched too.
     assert!(t.a.ping(ip("10.0.0.2"), 2)?.all_replied());
     Ok(())
@@ -369,13 +466,26 @@ async fn bad_requests_get_precise_codes_and_change_nothing() -> Result<()> {
 #[tokio::test]
 async fn broadcast_reaches_the_networks_other_ports_only() -> Result<()> {
     let t = TwoVms::start("flood").await?;
-    let c = Vm::create(&t.node, "flood-c", "tap-c", MAC_C, &["10.0.0.3/24".parse()?])?;
+    let c = Vm::create(
+        &t.node,
+        "flood-c",
+        "tap-c",
+        MAC_C,
+        &["10.0.0.3/24".parse()?],
+    )?;
     let mut client = t.agent.client().await?;
     client
         .apply(apply(vec![
             upsert(network("net2")),
             upsert(subnet("sub4-2", "net2", "10.0.0.0/24")),
-            upsert(port("port-c", "net2", &mac_text(MAC_C), &[("sub4-2", "10.0.0.3")], NODE, "tap-c")),
+            upsert(port(
+                "port-c",
+                "net2",
+                &mac_text(MAC_C),
+                &[("sub4-2", "10.0.0.3")],
+                NODE,
+                "tap-c",
+            )),
         ]))
         .await?;
     wait_status(&mut client, "port-c", pb::Status::Active).await?;
@@ -398,9 +508,13 @@ async fn broadcast_reaches_the_networks_other_ports_only() -> Result<()> {
             .iter()
             .any(|f| f.windows(marker.len()).any(|w| w == marker))
     };
-    let (_, at_b) = t.b.capture_while(Duration::from_millis(500), || t.a.send_frame(&frame))?;
+    let (_, at_b) =
+        t.b.capture_while(Duration::from_millis(500), || t.a.send_frame(&frame))?;
     let (_, at_c) = c.capture_while(Duration::from_millis(500), || t.a.send_frame(&frame))?;
-    assert!(carries_marker(&at_b), "b, on a's network, got the broadcast");
+    assert!(
+        carries_marker(&at_b),
+        "b, on a's network, got the broadcast"
+    );
     assert!(!carries_marker(&at_c), "c, on another network, must not");
     Ok(())
 }

@@ -80,7 +80,15 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             require_root("the benchmark (BPF_PROG_TEST_RUN)")?;
-            let mut bench = vec!["run", "--release", "-p", "dataplane-tests", "--bin", "bench", "--"];
+            let mut bench = vec![
+                "run",
+                "--release",
+                "-p",
+                "dataplane-tests",
+                "--bin",
+                "bench",
+                "--",
+            ];
             bench.extend(args.iter().map(String::as_str));
             cargo(&root, &bench)
         }
@@ -145,7 +153,13 @@ fn setup() -> anyhow::Result<()> {
         );
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         run(Command::new(cargo)
-            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path)
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;

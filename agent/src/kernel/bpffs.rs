@@ -11,7 +11,11 @@ use nix::{
 /// and `ip netns exec` gives the agent a fresh /sys without one).
 pub fn ensure_mounted(mountpoint: &Path) -> io::Result<()> {
     std::fs::create_dir_all(mountpoint)?;
-    if statfs(mountpoint).map_err(io::Error::from)?.filesystem_type() == BPF_FS_MAGIC {
+    if statfs(mountpoint)
+        .map_err(io::Error::from)?
+        .filesystem_type()
+        == BPF_FS_MAGIC
+    {
         return Ok(());
     }
     mount(

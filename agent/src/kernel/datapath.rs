@@ -56,7 +56,10 @@ pub enum DatapathError {
     #[error("loading the BPF object")]
     Load(#[from] aya::EbpfError),
     #[error("the BPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {map}")]
     Map {
         map: &'static str,
@@ -267,11 +270,36 @@ impl Datapath {
         for slot in reused_slots {
             zero_stats(&mut m.port_stats, *slot)?;
         }
-        upsert_set(&mut m.port_macs, &old.port_macs, &new.port_macs, map_names::PORT_MACS)?;
-        upsert_set(&mut m.port_ip4, &old.port_ip4, &new.port_ip4, map_names::PORT_IP4)?;
-        upsert_set(&mut m.port_ip6, &old.port_ip6, &new.port_ip6, map_names::PORT_IP6)?;
-        upsert_trie(&mut m.port_net4, &old.port_net4, &new.port_net4, map_names::PORT_NET4)?;
-        upsert_trie(&mut m.port_net6, &old.port_net6, &new.port_net6, map_names::PORT_NET6)?;
+        upsert_set(
+            &mut m.port_macs,
+            &old.port_macs,
+            &new.port_macs,
+            map_names::PORT_MACS,
+        )?;
+        upsert_set(
+            &mut m.port_ip4,
+            &old.port_ip4,
+            &new.port_ip4,
+            map_names::PORT_IP4,
+        )?;
+        upsert_set(
+            &mut m.port_ip6,
+            &old.port_ip6,
+            &new.port_ip6,
+            map_names::PORT_IP6,
+        )?;
+        upsert_trie(
+            &mut m.port_net4,
+            &old.port_net4,
+            &new.port_net4,
+            map_names::PORT_NET4,
+        )?;
+        upsert_trie(
+            &mut m.port_net6,
+            &old.port_net6,
+            &new.port_net6,
+            map_names::PORT_NET6,
+        )?;
         upsert_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
         upsert_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
         upsert_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
@@ -282,11 +310,36 @@ impl Datapath {
         remove_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
         remove_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
         remove_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
-        remove_trie(&mut m.port_net6, &old.port_net6, &new.port_net6, map_names::PORT_NET6)?;
-        remove_trie(&mut m.port_net4, &old.port_net4, &new.port_net4, map_names::PORT_NET4)?;
-        remove_set(&mut m.port_ip6, &old.port_ip6, &new.port_ip6, map_names::PORT_IP6)?;
-        remove_set(&mut m.port_ip4, &old.port_ip4, &new.port_ip4, map_names::PORT_IP4)?;
-        remove_set(&mut m.port_macs, &old.port_macs, &new.port_macs, map_names::PORT_MACS)?;
+        remove_trie(
+            &mut m.port_net6,
+            &old.port_net6,
+            &new.port_net6,
+            map_names::PORT_NET6,
+        )?;
+        remove_trie(
+            &mut m.port_net4,
+            &old.port_net4,
+            &new.port_net4,
+            map_names::PORT_NET4,
+        )?;
+        remove_set(
+            &mut m.port_ip6,
+            &old.port_ip6,
+            &new.port_ip6,
+            map_names::PORT_IP6,
+        )?;
+        remove_set(
+            &mut m.port_ip4,
+            &old.port_ip4,
+            &new.port_ip4,
+            map_names::PORT_IP4,
+        )?;
+        remove_set(
+            &mut m.port_macs,
+            &old.port_macs,
+            &new.port_macs,
+            map_names::PORT_MACS,
+        )?;
         Ok(())
     }
 
@@ -312,8 +365,7 @@ impl Datapath {
                 continue;
             }
             let ingress = self.attach(program_names::PORT_INGRESS, port, TcAttachType::Ingress)?;
-            let egress = match self.attach(program_names::PORT_EGRESS, port, TcAttachType::Egress)
-            {
+            let egress = match self.attach(program_names::PORT_EGRESS, port, TcAttachType::Egress) {
                 Ok(egress) => egress,
                 Err(e) => {
                     self.detach_one(program_names::PORT_INGRESS, ingress, &port.interface_name);
@@ -356,8 +408,16 @@ impl Datapath {
     }
 
     fn detach(&mut self, attachment: Attachment) {
-        self.detach_one(program_names::PORT_INGRESS, attachment.ingress, &attachment.interface);
-        self.detach_one(program_names::PORT_EGRESS, attachment.egress, &attachment.interface);
+        self.detach_one(
+            program_names::PORT_INGRESS,
+            attachment.ingress,
+            &attachment.interface,
+        );
+        self.detach_one(
+            program_names::PORT_EGRESS,
+            attachment.egress,
+            &attachment.interface,
+        );
         info!(interface = %attachment.interface, "detached");
     }
 
@@ -384,13 +444,14 @@ impl Datapath {
         repeat: u32,
     ) -> Result<TestRunOutcome, DatapathError> {
         let verdict_err = map_err(map_names::VERDICT);
-        let mut verdicts: PerCpuArray<&mut MapData, Verdict> = PerCpuArray::try_from(
-            self.ebpf.map_mut(map_names::VERDICT).ok_or(DatapathError::Missing {
-                kind: "map",
-                name: map_names::VERDICT,
-            })?,
-        )
-        .map_err(&verdict_err)?;
+        let mut verdicts: PerCpuArray<&mut MapData, Verdict> =
+            PerCpuArray::try_from(self.ebpf.map_mut(map_names::VERDICT).ok_or(
+                DatapathError::Missing {
+                    kind: "map",
+                    name: map_names::VERDICT,
+                },
+            )?)
+            .map_err(&verdict_err)?;
         // Cleared first, so the one CPU entry the run fills is the only non-empty one.
         verdicts
             .set(0, per_cpu(Verdict::default(), map_names::VERDICT)?, 0)
@@ -414,13 +475,14 @@ impl Datapath {
             })
             .map_err(|source| DatapathError::Program { program, source })?;
 
-        let verdicts: PerCpuArray<&MapData, Verdict> = PerCpuArray::try_from(
-            self.ebpf.map(map_names::VERDICT).ok_or(DatapathError::Missing {
-                kind: "map",
-                name: map_names::VERDICT,
-            })?,
-        )
-        .map_err(&verdict_err)?;
+        let verdicts: PerCpuArray<&MapData, Verdict> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::VERDICT).ok_or(
+                DatapathError::Missing {
+                    kind: "map",
+                    name: map_names::VERDICT,
+                },
+            )?)
+            .map_err(&verdict_err)?;
         let verdict = verdicts
             .get(&0, 0)
             .map_err(&verdict_err)?
@@ -507,7 +569,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str, pins: Option<&Path>) -> Result<T
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })?;
     if let Some(pins) = pins {
         let path = pins.join(name);
         map.pin(&path).map_err(|source| DatapathError::Pin {

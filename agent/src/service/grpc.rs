@@ -175,8 +175,7 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
                 ))))
             }
         });
-        let current: Vec<Result<pb::WatchEvent, Status>> = if request.into_inner().include_current
-        {
+        let current: Vec<Result<pb::WatchEvent, Status>> = if request.into_inner().include_current {
             self.node
                 .read(|_, statuses| {
                     statuses
@@ -202,28 +201,54 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::NetworkWithStatus>, Status> {
-        get_body!(self, request, networks, Network, "network", NetworkWithStatus { network })
+        get_body!(
+            self,
+            request,
+            networks,
+            Network,
+            "network",
+            NetworkWithStatus { network }
+        )
     }
 
     async fn list_networks(
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListNetworksResponse>, Status> {
-        list_body!(self, networks, Network, NetworkWithStatus { network }, ListNetworksResponse { networks })
+        list_body!(
+            self,
+            networks,
+            Network,
+            NetworkWithStatus { network },
+            ListNetworksResponse { networks }
+        )
     }
 
     async fn get_subnet(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::SubnetWithStatus>, Status> {
-        get_body!(self, request, subnets, Subnet, "subnet", SubnetWithStatus { subnet })
+        get_body!(
+            self,
+            request,
+            subnets,
+            Subnet,
+            "subnet",
+            SubnetWithStatus { subnet }
+        )
     }
 
     async fn list_subnets(
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListSubnetsResponse>, Status> {
-        list_body!(self, subnets, Subnet, SubnetWithStatus { subnet }, ListSubnetsResponse { subnets })
+        list_body!(
+            self,
+            subnets,
+            Subnet,
+            SubnetWithStatus { subnet },
+            ListSubnetsResponse { subnets }
+        )
     }
 
     async fn get_port(
@@ -237,63 +262,121 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListPortsResponse>, Status> {
-        list_body!(self, ports, Port, PortWithStatus { port }, ListPortsResponse { ports })
+        list_body!(
+            self,
+            ports,
+            Port,
+            PortWithStatus { port },
+            ListPortsResponse { ports }
+        )
     }
 
     async fn get_security_group(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::SecurityGroupWithStatus>, Status> {
-        get_body!(self, request, security_groups, SecurityGroup, "security group", SecurityGroupWithStatus { security_group })
+        get_body!(
+            self,
+            request,
+            security_groups,
+            SecurityGroup,
+            "security group",
+            SecurityGroupWithStatus { security_group }
+        )
     }
 
     async fn list_security_groups(
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListSecurityGroupsResponse>, Status> {
-        list_body!(self, security_groups, SecurityGroup, SecurityGroupWithStatus { security_group }, ListSecurityGroupsResponse { security_groups })
+        list_body!(
+            self,
+            security_groups,
+            SecurityGroup,
+            SecurityGroupWithStatus { security_group },
+            ListSecurityGroupsResponse { security_groups }
+        )
     }
 
     async fn get_router(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::RouterWithStatus>, Status> {
-        get_body!(self, request, routers, Router, "router", RouterWithStatus { router })
+        get_body!(
+            self,
+            request,
+            routers,
+            Router,
+            "router",
+            RouterWithStatus { router }
+        )
     }
 
     async fn list_routers(
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListRoutersResponse>, Status> {
-        list_body!(self, routers, Router, RouterWithStatus { router }, ListRoutersResponse { routers })
+        list_body!(
+            self,
+            routers,
+            Router,
+            RouterWithStatus { router },
+            ListRoutersResponse { routers }
+        )
     }
 
     async fn get_floating_ip(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::FloatingIpWithStatus>, Status> {
-        get_body!(self, request, floating_ips, FloatingIp, "floating IP", FloatingIpWithStatus { floating_ip })
+        get_body!(
+            self,
+            request,
+            floating_ips,
+            FloatingIp,
+            "floating IP",
+            FloatingIpWithStatus { floating_ip }
+        )
     }
 
     async fn list_floating_ips(
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListFloatingIpsResponse>, Status> {
-        list_body!(self, floating_ips, FloatingIp, FloatingIpWithStatus { floating_ip }, ListFloatingIpsResponse { floating_ips })
+        list_body!(
+            self,
+            floating_ips,
+            FloatingIp,
+            FloatingIpWithStatus { floating_ip },
+            ListFloatingIpsResponse { floating_ips }
+        )
     }
 
     async fn get_qos_policy(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::QosPolicyWithStatus>, Status> {
-        get_body!(self, request, qos_policies, QosPolicy, "QoS policy", QosPolicyWithStatus { qos_policy })
+        get_body!(
+            self,
+            request,
+            qos_policies,
+            QosPolicy,
+            "QoS policy",
+            QosPolicyWithStatus { qos_policy }
+        )
     }
 
     async fn list_qos_policies(
         &self,
         _request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListQosPoliciesResponse>, Status> {
-        list_body!(self, qos_policies, QosPolicy, QosPolicyWithStatus { qos_policy }, ListQosPoliciesResponse { qos_policies })
+        list_body!(
+            self,
+            qos_policies,
+            QosPolicy,
+            QosPolicyWithStatus { qos_policy },
+            ListQosPoliciesResponse { qos_policies }
+        )
     }
 
     async fn get_port_counters(

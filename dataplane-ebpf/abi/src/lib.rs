@@ -55,7 +55,8 @@ pub mod global_names {
 
 /// `skb->mark` stamped by `port_ingress` on frames it hands to another port, so that
 /// `port_egress` can tell them from frames the host's own stack sends to the device.
-/// The low 16 bits carry the sending port's slot.
+/// The low 16 bits carry the sending port's slot (slots stay below 65,536: the agent's
+/// `max_ports` is capped there).
 pub const MARK_FROM_DATAPATH: u32 = 0x0da7_0000;
 pub const MARK_MAGIC_MASK: u32 = 0xffff_0000;
 
@@ -206,12 +207,11 @@ pub mod verdict_action {
     pub const UNICAST: u32 = 2;
     /// Copied to `count` ports: `ifindexes[..count]`.
     pub const FLOOD: u32 = 3;
-    /// Handed on unchanged (`TC_ACT_OK`).
-    pub const PASS: u32 = 4;
 }
 
 /// `VERDICT`: per-CPU array of one entry, written by `port_ingress` for each packet when
-/// `TRACE_VERDICT` is set. Lets packet tests see where a frame went.
+/// `TRACE_VERDICT` is set. Lets packet tests see where a frame went. `port_egress` never
+/// writes it: it runs nested inside `port_ingress`'s flood copies on the same CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {

@@ -13,10 +13,20 @@ pub fn count(stats: &mut PortStats, reason: DropReason) {
     }
 }
 
+/// Which program drops: only `port_ingress` traces its verdicts. `port_egress` runs
+/// nested inside `port_ingress`'s flood copies (`bpf_clone_redirect` transmits at
+/// once, on the same CPU), where a verdict of its own would overwrite the one the
+/// flood is writing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
 /// Drops the frame: counts it against `stats`, or in `NOPORT_DROPS` when the device
-/// has no port, and traces it. The only place that returns `TC_ACT_SHOT`.
+/// has no port, and traces it from ingress. The only place that returns `TC_ACT_SHOT`.
 #[inline(always)]
-pub fn shot(stats: Option<&mut PortStats>, reason: DropReason) -> i32 {
+pub fn shot(hook: Hook, stats: Option<&mut PortStats>, reason: DropReason) -> i32 {
     match stats {
         Some(stats) => count(stats, reason),
         None => {
@@ -26,6 +36,8 @@ pub fn shot(stats: Option<&mut PortStats>, reason: DropReason) -> i32 {
             }
         }
     }
-    trace::drop(reason);
+    if hook == Hook::Ingress {
+        trace::drop(reason);
+    }
     TC_ACT_SHOT
 }

@@ -81,12 +81,14 @@ fn flood(
         }
         if pending != 0 {
             match ctx.clone_redirect(pending, 0) {
-                Ok(()) => trace::flood_target(pending),
-                Err(err) => {
-                    // A failed copy loses that target only.
+                // A failed copy loses that target only.
+                Err(err) if err < 0 => {
                     drop::count(stats, DropReason::RedirectFailed);
                     failed = (pending, err);
                 }
+                // A positive `NET_XMIT_*` code: the copy left, and the target's egress
+                // (say, `port_egress` of a port that is down) dropped and counted it.
+                _ => trace::flood_target(pending),
             }
         }
         pending = target.ifindex;

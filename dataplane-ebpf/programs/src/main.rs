@@ -1,6 +1,7 @@
 //! TC programs of a VM port's device. `port_ingress` (tcx ingress: frames the VM sends)
 //! validates, applies port security and switches; `port_egress` (tcx egress: frames
-//! delivered to the VM) only lets through what `port_ingress` switched.
+//! delivered to the VM) only lets through what `port_ingress` switched. Only
+//! `port_ingress` traces verdicts (see `drop::Hook`).
 #![no_std]
 #![no_main]
 
@@ -22,6 +23,7 @@ use dataplane_abi::{
 };
 
 use crate::{
+    drop::Hook,
     eth::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     packet::Packet,
 };
@@ -36,13 +38,13 @@ pub fn noop_tc(_ctx: TcContext) -> i32 {
 pub fn port_ingress(ctx: TcContext) -> i32 {
     let ifindex = ifindex(&ctx);
     let Some((port, stats)) = maps::port(ifindex) else {
-        return drop::shot(None, DropReason::UnknownPort);
+        return drop::shot(Hook::Ingress, None, DropReason::UnknownPort);
     };
     stats.rx_packets += 1;
     stats.rx_bytes += u64::from(ctx.len());
     match ingress(&ctx, port, ifindex, stats) {
         Ok(action) => action,
-        Err(reason) => drop::shot(Some(stats), reason),
+        Err(reason) => drop::shot(Hook::Ingress, Some(stats), reason),
     }
 }
 
@@ -88,21 +90,21 @@ fn ingress(
 #[classifier]
 pub fn port_egress(ctx: TcContext) -> i32 {
     let Some((port, stats)) = maps::port(ifindex(&ctx)) else {
-        return drop::shot(None, DropReason::UnknownPort);
+        return drop::shot(Hook::Egress, None, DropReason::UnknownPort);
     };
     // SAFETY: `skb` is the context the kernel passed in.
     let mark = unsafe { (*ctx.skb.skb).mark };
     // Only frames `port_ingress` switched reach a VM, not the host stack's own.
     if mark & MARK_MAGIC_MASK != MARK_FROM_DATAPATH {
-        return drop::shot(Some(stats), DropReason::NotFromDatapath);
+        return drop::shot(Hook::Egress, Some(stats), DropReason::NotFromDatapath);
     }
-    ctx.set_mark(0);
+    // The mark stays: crossing into the VM (veth to another namespace, tap to the VMM)
+    // scrubs or drops it, so clearing it would be work for nothing.
     if port.flags & port_flags::ADMIN_UP == 0 {
-        return drop::shot(Some(stats), DropReason::PortAdminDown);
+        return drop::shot(Hook::Egress, Some(stats), DropReason::PortAdminDown);
     }
     stats.tx_packets += 1;
     stats.tx_bytes += u64::from(ctx.len());
-    trace::pass();
     TC_ACT_OK
 }
 

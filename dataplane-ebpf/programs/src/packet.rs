@@ -32,9 +32,11 @@ impl<'a> Packet<'a> {
 
     /// The `T` at byte `off`, or `None` if the frame is shorter. `T` must be valid for
     /// any bytes and aligned to at most 2: the headers of this crate are byte arrays in
-    /// `repr(C, align(2))` structs. Every header starts at an even offset and the kernel
-    /// keeps `skb->data` even, so they are 2-aligned; that lets the compiler read them
-    /// in 16-bit words rather than byte by byte.
+    /// `repr(C, align(2))` structs. Every header starts at an even offset of a frame
+    /// whose start the kernel keeps even (`NET_SKB_PAD`, `NET_IP_ALIGN`), so they are
+    /// 2-aligned, which lets the compiler read them in 16-bit words instead of byte by
+    /// byte. (Were a frame ever odd, x86 and arm64 still load it right, and the verifier
+    /// only enforces alignment on packets for architectures without that.)
     #[inline(always)]
     pub fn at<T>(&mut self, off: usize) -> Option<&T> {
         const { assert!(align_of::<T>() <= 2) };
@@ -47,7 +49,7 @@ impl<'a> Packet<'a> {
             }
         }
         // SAFETY: `p .. p + size_of::<T>()` is inside the linear data (checked above),
-        // and `T` is valid for any bytes at any alignment.
+        // 2-aligned (see above), and `T` is valid for any bytes.
         Some(unsafe { &*(p as *const T) })
     }
 

@@ -1,4 +1,5 @@
-//! Verdict tracing for packet tests: where the last frame went, in `VERDICT[0]`.
+//! Verdict tracing for packet tests: where the last frame `port_ingress` handled
+//! went, in `VERDICT[0]`.
 use core::ptr::read_volatile;
 
 use dataplane_abi::{verdict_action, DropReason, Verdict, MAX_FLOOD_PORTS};
@@ -33,11 +34,6 @@ fn set(action: u32, reason: u32) {
 #[inline(always)]
 pub fn drop(reason: DropReason) {
     set(verdict_action::DROP, reason as u32);
-}
-
-#[inline(always)]
-pub fn pass() {
-    set(verdict_action::PASS, 0);
 }
 
 #[inline(always)]

@@ -76,8 +76,24 @@ fn desired_state() -> Result<State> {
     let resources: Vec<Resource> = resources_from_proto(vec![
         network("net").into_resource(),
         subnet("sub", "net", "10.0.0.0/24").into_resource(),
-        port("a", "net", "fa:16:3e:00:00:0a", &[("sub", "10.0.0.1")], NODE, "bench-a").into_resource(),
-        port("b", "net", "fa:16:3e:00:00:0b", &[("sub", "10.0.0.2")], NODE, "bench-b").into_resource(),
+        port(
+            "a",
+            "net",
+            "fa:16:3e:00:00:0a",
+            &[("sub", "10.0.0.1")],
+            NODE,
+            "bench-a",
+        )
+        .into_resource(),
+        port(
+            "b",
+            "net",
+            "fa:16:3e:00:00:0b",
+            &[("sub", "10.0.0.2")],
+            NODE,
+            "bench-b",
+        )
+        .into_resource(),
     ])?;
     Ok(State::replace(&resources)?)
 }
@@ -92,7 +108,10 @@ fn main() -> Result<()> {
     let ns = NetNs::new("bench")?;
     let mut devices = BTreeMap::new();
     for name in ["bench-a", "bench-b"] {
-        devices.insert(name.to_owned(), ns.add_veth(name, None, &format!("{name}p"))?);
+        devices.insert(
+            name.to_owned(),
+            ns.add_veth(name, None, &format!("{name}p"))?,
+        );
     }
     let state = desired_state()?;
     let frame = frames::udp4_frame(
@@ -130,7 +149,11 @@ fn main() -> Result<()> {
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
         for _ in 0..args.rounds {
             for (case, out) in CASES.iter().zip(samples.iter_mut()) {
-                let ifindex = if case.program == program_names::PORT_EGRESS { b } else { a };
+                let ifindex = if case.program == program_names::PORT_EGRESS {
+                    b
+                } else {
+                    a
+                };
                 let outcome =
                     datapath.test_run(case.program, ifindex, case.mark, &frame, args.repeat)?;
                 ensure!(
@@ -153,7 +176,10 @@ fn main() -> Result<()> {
         args.repeat,
         args.rounds
     );
-    println!("{:<46} {:>9} {:>17} {:>9}", "program", "ns/pkt", "spread", "x no-op");
+    println!(
+        "{:<46} {:>9} {:>17} {:>9}",
+        "program", "ns/pkt", "spread", "x no-op"
+    );
     let mut json = Vec::new();
     for (name, samples) in &results {
         let mut sorted = samples.clone();

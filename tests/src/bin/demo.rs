@@ -21,7 +21,10 @@ fn step(text: &str) {
 }
 
 fn show(what: &str, ok: bool) {
-    println!("    {} {what}", if ok { "[as expected]" } else { "[UNEXPECTED]" });
+    println!(
+        "    {} {what}",
+        if ok { "[as expected]" } else { "[UNEXPECTED]" }
+    );
 }
 
 fn ip(text: &str) -> IpAddr {
@@ -33,12 +36,33 @@ async fn main() -> Result<()> {
     step("creating a node namespace and starting dataplane-agent in it");
     let node = NetNs::new("demo-node")?;
     let agent = Agent::start(&node, NODE).await?;
-    println!("    agent up, API on unix socket {}", agent.socket().display());
+    println!(
+        "    agent up, API on unix socket {}",
+        agent.socket().display()
+    );
 
     step("creating three VMs: web and db on network 'blue', intruder on network 'red'");
-    let web = Vm::create(&node, "demo-web", "tap-web", [0xfa, 0x16, 0x3e, 0, 1, 1], &["10.1.0.11/24".parse()?, "fd00:b1::11/64".parse()?])?;
-    let db = Vm::create(&node, "demo-db", "tap-db", [0xfa, 0x16, 0x3e, 0, 1, 2], &["10.1.0.12/24".parse()?, "fd00:b1::12/64".parse()?])?;
-    let intruder = Vm::create(&node, "demo-red", "tap-red", [0xfa, 0x16, 0x3e, 0, 2, 1], &["10.1.0.13/24".parse()?])?;
+    let web = Vm::create(
+        &node,
+        "demo-web",
+        "tap-web",
+        [0xfa, 0x16, 0x3e, 0, 1, 1],
+        &["10.1.0.11/24".parse()?, "fd00:b1::11/64".parse()?],
+    )?;
+    let db = Vm::create(
+        &node,
+        "demo-db",
+        "tap-db",
+        [0xfa, 0x16, 0x3e, 0, 1, 2],
+        &["10.1.0.12/24".parse()?, "fd00:b1::12/64".parse()?],
+    )?;
+    let intruder = Vm::create(
+        &node,
+        "demo-red",
+        "tap-red",
+        [0xfa, 0x16, 0x3e, 0, 2, 1],
+        &["10.1.0.13/24".parse()?],
+    )?;
 
     step("Apply over gRPC: 2 networks, 3 subnets, 3 ports (one all-or-nothing batch)");
     let mut client = agent.client().await?;
@@ -49,9 +73,30 @@ async fn main() -> Result<()> {
             upsert(subnet("blue-v4", "blue", "10.1.0.0/24")),
             upsert(subnet("blue-v6", "blue", "fd00:b1::/64")),
             upsert(subnet("red-v4", "red", "10.1.0.0/24")),
-            upsert(port("web", "blue", "fa:16:3e:00:01:01", &[("blue-v4", "10.1.0.11"), ("blue-v6", "fd00:b1::11")], NODE, "tap-web")),
-            upsert(port("db", "blue", "fa:16:3e:00:01:02", &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")], NODE, "tap-db")),
-            upsert(port("intruder", "red", "fa:16:3e:00:02:01", &[("red-v4", "10.1.0.13")], NODE, "tap-red")),
+            upsert(port(
+                "web",
+                "blue",
+                "fa:16:3e:00:01:01",
+                &[("blue-v4", "10.1.0.11"), ("blue-v6", "fd00:b1::11")],
+                NODE,
+                "tap-web",
+            )),
+            upsert(port(
+                "db",
+                "blue",
+                "fa:16:3e:00:01:02",
+                &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
+                NODE,
+                "tap-db",
+            )),
+            upsert(port(
+                "intruder",
+                "red",
+                "fa:16:3e:00:02:01",
+                &[("red-v4", "10.1.0.13")],
+                NODE,
+                "tap-red",
+            )),
         ]))
         .await?
         .into_inner();
@@ -60,7 +105,9 @@ async fn main() -> Result<()> {
         println!(
             "    {:<10} {:<10} {:?} {}",
             reference.id,
-            pb::ResourceKind::try_from(reference.kind).map(|k| k.as_str_name()).unwrap_or("?"),
+            pb::ResourceKind::try_from(reference.kind)
+                .map(|k| k.as_str_name())
+                .unwrap_or("?"),
             pb::Status::try_from(status.status).unwrap_or_default(),
             status.reason
         );
@@ -73,8 +120,14 @@ async fn main() -> Result<()> {
     };
 
     step("traffic that passes: web <-> db on 'blue'");
-    expect("web pings db over IPv4", web.ping(ip("10.1.0.12"), 3)?.all_replied());
-    expect("db pings web over IPv6", db.ping(ip("fd00:b1::11"), 3)?.all_replied());
+    expect(
+        "web pings db over IPv4",
+        web.ping(ip("10.1.0.12"), 3)?.all_replied(),
+    );
+    expect(
+        "db pings web over IPv6",
+        db.ping(ip("fd00:b1::11"), 3)?.all_replied(),
+    );
 
     step("traffic that is blocked");
     expect(
@@ -90,7 +143,14 @@ async fn main() -> Result<()> {
     web.del_address("10.1.0.66/24".parse()?)?;
     web.add_address("10.1.0.11/24".parse()?)?;
 
-    let mut down = port("db", "blue", "fa:16:3e:00:01:02", &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")], NODE, "tap-db");
+    let mut down = port(
+        "db",
+        "blue",
+        "fa:16:3e:00:01:02",
+        &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
+        NODE,
+        "tap-db",
+    );
     down.revision_number = 2;
     down.admin_state_up = false;
     client.apply(apply(vec![upsert(down)])).await?;
@@ -108,7 +168,11 @@ async fn main() -> Result<()> {
         .output()
         .context("running dataplane-agent ctl")?;
     print!("{}", String::from_utf8_lossy(&ctl.stdout));
-    ensure!(ctl.status.success(), "ctl failed: {}", String::from_utf8_lossy(&ctl.stderr));
+    ensure!(
+        ctl.status.success(),
+        "ctl failed: {}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
     let counters = client
         .get_port_counters(pb::GetPortCountersRequest::default())
         .await?
@@ -125,9 +189,13 @@ async fn main() -> Result<()> {
     };
     expect(
         "web's spoofed frames are counted (source_ip_spoofed / arp_spoofed)",
-        count("web", pb::DropReason::SourceIpSpoofed) + count("web", pb::DropReason::ArpSpoofed) > 0,
+        count("web", pb::DropReason::SourceIpSpoofed) + count("web", pb::DropReason::ArpSpoofed)
+            > 0,
     );
-    expect("db's admin-down drops are counted", count("db", pb::DropReason::PortAdminDown) > 0);
+    expect(
+        "db's admin-down drops are counted",
+        count("db", pb::DropReason::PortAdminDown) > 0,
+    );
     expect(
         "intruder's ARP found nobody on 'red' (no_flood_target)",
         count("intruder", pb::DropReason::NoFloodTarget) > 0,
