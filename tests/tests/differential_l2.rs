@@ -465,20 +465,8 @@ fn pick_mac(rng: &mut StdRng, src: Mac, port: &Port) -> Mac {
 }
 
 fn pick_v4(rng: &mut StdRng, port: &Port, other: &Port) -> Ipv4Addr {
-    let own: Vec<Ipv4Addr> = addresses(port)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let theirs: Vec<Ipv4Addr> = addresses(other)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let own = v4_addresses(port);
+    let theirs = v4_addresses(other);
     match rng.random_range(0..10) {
         0..=5 if !own.is_empty() => *pick(rng, &own),
         6 if !theirs.is_empty() => *pick(rng, &theirs),
@@ -493,20 +481,8 @@ fn pick_v4(rng: &mut StdRng, port: &Port, other: &Port) -> Ipv4Addr {
 }
 
 fn pick_v6(rng: &mut StdRng, port: &Port, other: &Port, src: Mac) -> Ipv6Addr {
-    let own: Vec<Ipv6Addr> = addresses(port)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(ip) => Some(ip),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
-    let theirs: Vec<Ipv6Addr> = addresses(other)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(ip) => Some(ip),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
+    let own = v6_addresses(port);
+    let theirs = v6_addresses(other);
     match rng.random_range(0..10) {
         0..=4 if !own.is_empty() => *pick(rng, &own),
         5 => MacAddr(src).ipv6_link_local(),
@@ -523,6 +499,26 @@ fn pick_v6(rng: &mut StdRng, port: &Port, other: &Port, src: Mac) -> Ipv6Addr {
             rng.random(),
         ),
     }
+}
+
+fn v4_addresses(port: &Port) -> Vec<Ipv4Addr> {
+    addresses(port)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+fn v6_addresses(port: &Port) -> Vec<Ipv6Addr> {
+    addresses(port)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        })
+        .collect()
 }
 
 /// A port's fixed IPs and one address inside each allowed pair.

@@ -72,6 +72,31 @@ impl TwoVms {
     }
 }
 
+impl TwoVms {
+    /// VM `c` with port `port-c` on network `net2`, whose subnet has the same range as
+    /// `net1`'s (overlapping tenant subnets are legal), programmed and ACTIVE.
+    async fn add_vm_on_second_network(&self, tag: &str) -> Result<Vm> {
+        let c = Vm::create(&self.node, tag, "tap-c", MAC_C, &["10.0.0.3/24".parse()?])?;
+        let mut client = self.agent.client().await?;
+        client
+            .apply(apply(vec![
+                upsert(network("net2")),
+                upsert(subnet("sub4-2", "net2", "10.0.0.0/24")),
+                upsert(port(
+                    "port-c",
+                    "net2",
+                    &mac_text(MAC_C),
+                    &[("sub4-2", "10.0.0.3")],
+                    NODE,
+                    "tap-c",
+                )),
+            ]))
+            .await?;
+        wait_status(&mut client, "port-c", pb::Status::Active).await?;
+        Ok(c)
+    }
+}
+
 fn port_a() -> pb::Port {
     port(
         "port-a",
@@ -166,24 +191,8 @@ async fn two_ports_of_one_network_ping_over_ipv4_and_ipv6() -> Result<()> {
 #[tokio::test]
 async fn a_port_on_another_network_is_unreachable() -> Result<()> {
     let t = TwoVms::start("iso").await?;
-    // Same addresses, other network: overlapping tenant subnets are legal.
-    let c = Vm::create(&t.node, "iso-c", "tap-c", MAC_C, &["10.0.0.3/24".parse()?])?;
+    let c = t.add_vm_on_second_network("iso-c").await?;
     let mut client = t.agent.client().await?;
-    client
-        .apply(apply(vec![
-            upsert(network("net2")),
-            upsert(subnet("sub4-2", "net2", "10.0.0.0/24")),
-            upsert(port(
-                "port-c",
-                "net2",
-                &mac_text(MAC_C),
-                &[("sub4-2", "10.0.0.3")],
-                NODE,
-                "tap-c",
-            )),
-        ]))
-        .await?;
-    wait_status(&mut client, "port-c", pb::Status::Active).await?;
     assert!(c.ping(ip("10.0.0.1"), 3)?.none_replied());
     assert!(t.a.ping(ip("10.0.0.3"), 3)?.none_replied());
     // a and b still talk.
@@ -466,29 +475,7 @@ async fn bad_requests_get_precise_codes_and_change_nothing() -> Result<()> {
 #[tokio::test]
 async fn broadcast_reaches_the_networks_other_ports_only() -> Result<()> {
     let t = TwoVms::start("flood").await?;
-    let c = Vm::create(
-        &t.node,
-        "flood-c",
-        "tap-c",
-        MAC_C,
-        &["10.0.0.3/24".parse()?],
-    )?;
-    let mut client = t.agent.client().await?;
-    client
-        .apply(apply(vec![
-            upsert(network("net2")),
-            upsert(subnet("sub4-2", "net2", "10.0.0.0/24")),
-            upsert(port(
-                "port-c",
-                "net2",
-                &mac_text(MAC_C),
-                &[("sub4-2", "10.0.0.3")],
-                NODE,
-                "tap-c",
-            )),
-        ]))
-        .await?;
-    wait_status(&mut client, "port-c", pb::Status::Active).await?;
+    let c = t.add_vm_on_second_network("flood-c").await?;
 
     // A broadcast UDP datagram from a, marked so it can be told from other traffic.
     let marker = b"dataplane-flood-test";
