@@ -148,6 +148,8 @@ impl Node {
                 flags: p.flags,
                 mac: p.mac,
                 _pad: [0; 2],
+                policy_id: 0,
+                policy_revision: 0,
             };
             self.h.add_port(ifindex, info)?;
             for addr in [p.ip6, p.ll6] {
@@ -1005,6 +1007,8 @@ fn devices_without_a_port_count_in_noport_drops() -> Result<()> {
             flags: UP_SECURE,
             mac: P2.mac,
             _pad: [0; 2],
+            policy_id: 0,
+            policy_revision: 0,
         };
         n.h.add_port(stray, info)?;
         let out = n.h.ingress(stray, &f)?;
@@ -1213,6 +1217,8 @@ fn truncated_network_headers_sent_by_a_vm() -> Result<()> {
         flags: p.flags,
         mac: p.mac,
         _pad: [0; 2],
+        policy_id: 0,
+        policy_revision: 0,
     };
     let h = ns.run(|| -> Result<Harness> {
         let mut h = Harness::load()?;

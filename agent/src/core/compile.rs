@@ -295,6 +295,8 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                     flags,
                     mac: own_mac.0,
                     _pad: [0; 2],
+                    policy_id: 0,
+                    policy_revision: 0,
                 },
             );
             statuses.set(

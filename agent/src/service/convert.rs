@@ -76,6 +76,10 @@ pub fn drop_reason_to_proto(reason: DropReason) -> pb::DropReason {
         DropReason::NotFromDatapath => pb::DropReason::NotFromDatapath,
         DropReason::RedirectFailed => pb::DropReason::RedirectFailed,
         DropReason::NoFloodTarget => pb::DropReason::NoFloodTarget,
+        DropReason::PolicyDenied => pb::DropReason::PolicyDenied,
+        DropReason::ConnectionRevoked => pb::DropReason::ConnectionRevoked,
+        DropReason::CtInvalid => pb::DropReason::CtInvalid,
+        DropReason::CtTableFull => pb::DropReason::CtTableFull,
     }
 }
 

@@ -41,6 +41,15 @@ pub enum DropReason {
     RedirectFailed = 17,
     /// Broadcast or multicast with no other port of the network on this node to go to.
     NoFloodTarget = 18,
+    /// No security-group rule of the port allows the packet.
+    PolicyDenied = 19,
+    /// A tracked connection the current rules no longer allow: cut at its next packet.
+    ConnectionRevoked = 20,
+    /// A packet no connection can be in: TCP with impossible flags, an ICMP error
+    /// about no tracked connection and allowed by no rule.
+    CtInvalid = 21,
+    /// A new connection while the conntrack table is full.
+    CtTableFull = 22,
 }
 
 impl DropReason {
@@ -48,7 +57,7 @@ impl DropReason {
     pub const COUNT: usize = 32;
 
     /// Every reason, in value order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedArp,
         DropReason::MalformedIpv4,
@@ -67,6 +76,10 @@ impl DropReason {
         DropReason::NotFromDatapath,
         DropReason::RedirectFailed,
         DropReason::NoFloodTarget,
+        DropReason::PolicyDenied,
+        DropReason::ConnectionRevoked,
+        DropReason::CtInvalid,
+        DropReason::CtTableFull,
     ];
 
     pub const fn from_u32(value: u32) -> Option<DropReason> {
@@ -97,6 +110,10 @@ impl DropReason {
             DropReason::NotFromDatapath => "not_from_datapath",
             DropReason::RedirectFailed => "redirect_failed",
             DropReason::NoFloodTarget => "no_flood_target",
+            DropReason::PolicyDenied => "policy_denied",
+            DropReason::ConnectionRevoked => "connection_revoked",
+            DropReason::CtInvalid => "ct_invalid",
+            DropReason::CtTableFull => "ct_table_full",
         }
     }
 }

@@ -6,13 +6,18 @@
 //! bump [`ABI_VERSION`] (it is part of every pin path) and add new types beside the old.
 #![no_std]
 
+mod conntrack;
 mod drop_reason;
+mod policy;
 
+pub use conntrack::*;
 pub use drop_reason::DropReason;
+pub use policy::*;
 
 /// Version of the map layout below. Part of the bpffs pin path, so an agent never
 /// reads maps pinned by an agent with another layout.
-pub const ABI_VERSION: u32 = 1;
+/// v2: `PortInfo` gained the port's security-group policy; policy and conntrack maps.
+pub const ABI_VERSION: u32 = 2;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -31,6 +36,13 @@ pub mod map_names {
     pub const FDB: &str = "FDB";
     pub const FLOOD: &str = "FLOOD";
     pub const PORT_STATS: &str = "PORT_STATS";
+    pub const SG_REMOTE4: &str = "SG_REMOTE4";
+    pub const SG_REMOTE6: &str = "SG_REMOTE6";
+    pub const SG_RULES: &str = "SG_RULES";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const CT: &str = "CT";
+    pub const CT_NEW: &str = "CT_NEW";
+    pub const CT_STATS: &str = "CT_STATS";
     pub const NOPORT_DROPS: &str = "NOPORT_DROPS";
     pub const VERDICT: &str = "VERDICT";
 }
@@ -71,6 +83,12 @@ pub mod port_flags {
     pub const HAS_NET4: u32 = 1 << 2;
     /// As `HAS_NET4`, for IPv6 prefixes shorter than /128 and `PORT_NET6`.
     pub const HAS_NET6: u32 = 1 << 3;
+    /// Security groups apply: IP traffic from the VM must be allowed by an egress rule,
+    /// to the VM by an ingress rule, of the port's policy (`PortInfo::policy_id`).
+    pub const POLICY: u32 = 1 << 4;
+    /// The port's groups are stateful: connections are tracked in `CT` (zone = port
+    /// slot), replies and related ICMP errors pass without a rule.
+    pub const STATEFUL: u32 = 1 << 5;
 }
 
 /// `FloodEntry::flags`.
@@ -89,6 +107,12 @@ pub struct PortInfo {
     pub flags: u32,
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The port's security-group policy: ports with the same groups share one.
+    pub policy_id: u32,
+    /// Digest of the compiled rules of `policy_id`. A tracked connection admitted under
+    /// another revision is judged again by the current rules (and cut if they no longer
+    /// allow it), so a policy change reaches established connections at once.
+    pub policy_revision: u32,
 }
 
 /// `PORT_MACS`: hash map of the source MACs a port may send from; value `u32` (unused, 1).
@@ -250,10 +274,16 @@ mod pod {
     unsafe impl aya::Pod for FloodSet {}
     unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for RemoteKey4 {}
+    unsafe impl aya::Pod for RemoteKey6 {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
 }
 
 // No implicit padding: each size is the sum of its fields.
-const _: () = assert!(core::mem::size_of::<PortInfo>() == 20);
+const _: () = assert!(core::mem::size_of::<PortInfo>() == 28);
 const _: () = assert!(core::mem::size_of::<PortMacKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PortAddr4>() == 16);
 const _: () = assert!(core::mem::size_of::<PortAddr6>() == 28);

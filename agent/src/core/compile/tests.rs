@@ -108,6 +108,8 @@ fn a_port_gets_its_info_addresses_fdb_and_flood_entries() {
                 flags: port_flags::ADMIN_UP | port_flags::PORT_SECURITY,
                 mac: mac("fa:16:3e:12:34:56").0,
                 _pad: [0; 2],
+                policy_id: 0,
+                policy_revision: 0,
             }
         )])
     );
