@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub bpffs_dir: Option<PathBuf>,
     /// Ports this node can program at once.
     pub max_ports: Option<u32>,
+    /// Confirmed connections the conntrack table holds; new ones beyond are dropped.
+    pub conntrack_entries: Option<u32>,
 }
 
 impl FileConfig {
@@ -41,11 +43,13 @@ pub struct Config {
     pub grpc_tcp: Option<SocketAddr>,
     pub bpffs_dir: PathBuf,
     pub max_ports: u32,
+    pub conntrack_entries: u32,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dataplane";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const DEFAULT_MAX_PORTS: u32 = 4096;
+const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
 impl Config {
     /// `overrides` are the command-line flags; `file` the config file, if any.
@@ -79,8 +83,17 @@ impl Config {
             (2..=65535).contains(&max_ports),
             "max_ports must be within 2..=65535, got {max_ports}"
         );
+        let conntrack_entries = overrides
+            .conntrack_entries
+            .or(file.conntrack_entries)
+            .unwrap_or(DEFAULT_CONNTRACK_ENTRIES);
+        anyhow::ensure!(
+            conntrack_entries >= 16,
+            "conntrack_entries must be at least 16, got {conntrack_entries}"
+        );
         Ok(Self {
             node_name,
+            conntrack_entries,
             state_dir,
             socket,
             grpc_tcp: overrides.grpc_tcp.or(file.grpc_tcp),

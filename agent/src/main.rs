@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use dataplane_agent::{
     client::connect_unix,
     config::{Config, FileConfig, BPFFS_MOUNT, DEFAULT_STATE_DIR},
-    core::compile::Slots,
+    core::compile::{SlotLimits, Slots},
     kernel::{
         bpffs,
         datapath::{Datapath, LoadOptions, MapLimits},
@@ -22,9 +22,10 @@ use dataplane_agent::{
     node::Node,
     service::server,
 };
-use dataplane_proto::v1 as pb;
+use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -60,6 +61,8 @@ struct RunArgs {
     bpffs_dir: Option<PathBuf>,
     #[arg(long)]
     max_ports: Option<u32>,
+    #[arg(long)]
+    conntrack_entries: Option<u32>,
     /// tracing filter, e.g. `info` or `dataplane_agent=debug` (RUST_LOG wins).
     #[arg(long, default_value = "info")]
     log: String,
@@ -85,6 +88,32 @@ enum CtlCommand {
     },
     /// Status of every resource.
     Status,
+    /// Packets and bytes each security-group rule allowed.
+    Rules {
+        #[arg(long)]
+        security_group: Option<String>,
+    },
+    /// Tracked connections of stateful security groups.
+    Conntrack {
+        #[command(subcommand)]
+        command: ConntrackCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// List tracked connections.
+    List {
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// Forget a port's connections (their next packets are judged by the rules again).
+    Flush {
+        #[arg(long)]
+        port: String,
+    },
+    /// Table fill and counters.
+    Stats,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,6 +146,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             grpc_tcp: args.grpc_tcp,
             bpffs_dir: args.bpffs_dir,
             max_ports: args.max_ports,
+            conntrack_entries: args.conntrack_entries,
         },
         file,
     )?;
@@ -130,12 +160,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&config.state_dir)?;
 
     bpffs::ensure_mounted(Path::new(BPFFS_MOUNT)).context("mounting bpffs")?;
+    let limits = MapLimits::for_node(config.max_ports, config.conntrack_entries);
     let datapath = Datapath::load(
-        MapLimits {
-            max_ports: config.max_ports,
-            max_addresses: config.max_ports * 16,
-            max_fdb: config.max_ports * 4,
-        },
+        limits,
         &LoadOptions {
             pin_root: Some(config.bpffs_dir.clone()),
             trace_verdicts: false,
@@ -145,11 +172,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(
         config.node_name.clone(),
         datapath,
-        Slots::new(config.max_ports, config.max_ports),
+        Slots::new(SlotLimits {
+            max_ports: config.max_ports,
+            max_networks: config.max_ports,
+            max_rules: limits.max_rules,
+        }),
     ));
 
     let devices = tokio::spawn(watch_devices(node.clone()));
     let logs = tokio::spawn(forward_datapath_logs(node.clone()));
+    let expiry = tokio::spawn(expire_connections(node.clone()));
 
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -162,6 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let served = server::serve(node.clone(), &config.socket, config.grpc_tcp, shutdown).await;
     devices.abort();
     logs.abort();
+    expiry.abort();
     node.flush_datapath_logs().await;
     info!("stopped");
     served
@@ -206,6 +239,19 @@ async fn watch_devices(node: Arc<Node>) {
         }
         if let Err(e) = node.refresh_devices().await {
             error!(error = ?e, "reprogramming after a device change failed");
+        }
+    }
+}
+
+/// Removes conntrack entries idle past their timeout, every few seconds.
+async fn expire_connections(node: Arc<Node>) {
+    const SWEEP: Duration = Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(SWEEP).await;
+        match node.expire_connections().await {
+            Ok(0) => {}
+            Ok(expired) => tracing::debug!(expired, "expired connections removed"),
+            Err(e) => warn!(error = ?e, "conntrack expiry sweep failed"),
         }
     }
 }
@@ -292,6 +338,8 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        CtlCommand::Rules { security_group } => ctl_rules(&mut client, security_group).await?,
+        CtlCommand::Conntrack { command } => ctl_conntrack(&mut client, command).await?,
         CtlCommand::Status => {
             let mut events = client
                 .watch(pb::WatchRequest {
@@ -324,6 +372,99 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     println!("{kind:<15} {id:<38} {word:<8} {reason}");
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+async fn ctl_rules(
+    client: &mut DataplaneClient<Channel>,
+    security_group: Option<String>,
+) -> anyhow::Result<()> {
+    let rules = client
+        .get_rule_counters(pb::GetRuleCountersRequest {
+            security_group_id: security_group.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .rules;
+    println!(
+        "{:<38} {:<38} {:>10} {:>12}",
+        "SECURITY_GROUP", "RULE", "PACKETS", "BYTES"
+    );
+    for rule in rules {
+        println!(
+            "{:<38} {:<38} {:>10} {:>12}",
+            rule.security_group_id, rule.rule_id, rule.packets, rule.bytes
+        );
+    }
+    Ok(())
+}
+
+async fn ctl_conntrack(
+    client: &mut DataplaneClient<Channel>,
+    command: ConntrackCommand,
+) -> anyhow::Result<()> {
+    match command {
+        ConntrackCommand::List { port } => {
+            let connections = client
+                .list_connections(pb::ListConnectionsRequest {
+                    port_id: port.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .connections;
+            println!(
+                "{:<24} {:>5} {:<8} {:<28} {:<28} {:<12} {:>6}",
+                "PORT", "PROTO", "DIR", "SOURCE", "DESTINATION", "STATE", "IDLE"
+            );
+            for c in connections {
+                let endpoint = |e: Option<pb::Endpoint>| {
+                    e.map(|e| format!("{}:{}", e.address, e.port))
+                        .unwrap_or_default()
+                };
+                let direction = pb::ConnectionDirection::try_from(c.direction)
+                    .map(|d| {
+                        d.as_str_name()
+                            .trim_start_matches("CONNECTION_DIRECTION_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_default();
+                let state = pb::ConnectionState::try_from(c.state)
+                    .map(|s| {
+                        s.as_str_name()
+                            .trim_start_matches("CONNECTION_STATE_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{:<24} {:>5} {:<8} {:<28} {:<28} {:<12} {:>5}s",
+                    c.port_id,
+                    c.protocol,
+                    direction,
+                    endpoint(c.source),
+                    endpoint(c.destination),
+                    state,
+                    c.idle_seconds
+                );
+            }
+        }
+        ConntrackCommand::Flush { port } => {
+            let flushed = client
+                .flush_connections(pb::FlushConnectionsRequest {
+                    port_id: port.clone(),
+                })
+                .await?
+                .into_inner()
+                .flushed;
+            println!("flushed {flushed} connections of port {port}");
+        }
+        ConntrackCommand::Stats => {
+            let stats = client
+                .get_conntrack_stats(pb::GetConntrackStatsRequest {})
+                .await?
+                .into_inner();
+            println!("{stats:#?}");
         }
     }
     Ok(())

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use dataplane_abi::DropReason;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dataplane_abi::{ct_flags, ct_stat, CtEntry, CtKey, DropReason, RuleStats};
 use tokio::sync::{broadcast, Mutex};
 use tracing::{info, warn};
 
@@ -76,6 +78,8 @@ pub struct Committed {
 
 pub struct Node {
     node_name: String,
+    /// Connections the expiry sweep removed since start.
+    expired_connections: AtomicU64,
     inner: Mutex<Inner>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -97,6 +101,7 @@ impl Node {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Self {
             node_name,
+            expired_connections: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::default(),
                 slots,
@@ -182,6 +187,107 @@ impl Node {
         Ok((ports, inner.datapath.unattributed_drops()?))
     }
 
+    /// Packets and bytes each rule allowed: (group id, rule id, counters), optionally of
+    /// one group only.
+    pub async fn rule_counters(
+        &self,
+        security_group_id: Option<&str>,
+    ) -> Result<Vec<(String, String, RuleStats)>, NodeError> {
+        let inner = self.inner.lock().await;
+        let mut rules = Vec::new();
+        for group in inner.state.security_groups.values() {
+            if security_group_id.is_some_and(|id| id != group.id) {
+                continue;
+            }
+            for rule in &group.rules {
+                let counters = match inner.compiled.rules.get(&rule.id) {
+                    Some(slot) => inner.datapath.rule_counters(*slot)?,
+                    // A rule no programmed port uses has allowed nothing here.
+                    None => RuleStats::default(),
+                };
+                rules.push((group.id.clone(), rule.id.clone(), counters));
+            }
+        }
+        Ok(rules)
+    }
+
+    /// Tracked connections, optionally of one port only.
+    pub async fn connections(&self, port_id: Option<&str>) -> Result<Vec<Connection>, NodeError> {
+        let inner = self.inner.lock().await;
+        let zone = match port_id {
+            Some(id) => Some(programmed_slot(&inner, id)?),
+            None => None,
+        };
+        let ports: BTreeMap<u32, &str> = inner
+            .compiled
+            .ports
+            .iter()
+            .map(|port| (port.slot, port.port_id.as_str()))
+            .collect();
+        let now = monotonic_ns();
+        Ok(inner
+            .datapath
+            .connections()?
+            .into_iter()
+            .filter(|(key, _, _)| zone.is_none_or(|zone| key.zone == zone))
+            .filter_map(|(key, entry, _)| {
+                let port_id = ports.get(&key.zone)?;
+                Some(Connection::new(port_id, &key, &entry, now))
+            })
+            .collect())
+    }
+
+    /// Forgets a port's tracked connections: their next packets are judged as new.
+    pub async fn flush_connections(&self, port_id: &str) -> Result<u32, NodeError> {
+        let mut inner = self.inner.lock().await;
+        let zone = programmed_slot(&inner, port_id)?;
+        Ok(inner.datapath.flush_connections(zone)?)
+    }
+
+    /// Removes connections idle past their timeout.
+    pub async fn expire_connections(&self) -> Result<u32, NodeError> {
+        let expired = self
+            .inner
+            .lock()
+            .await
+            .datapath
+            .expire_connections(monotonic_ns())?;
+        self.expired_connections
+            .fetch_add(u64::from(expired), Ordering::Relaxed);
+        Ok(expired)
+    }
+
+    pub async fn conntrack_stats(&self) -> Result<ConntrackStats, NodeError> {
+        let inner = self.inner.lock().await;
+        let (counters, confirmed_capacity, unconfirmed_capacity) =
+            inner.datapath.conntrack_counters()?;
+        let connections = inner.datapath.connections()?;
+        let confirmed_entries = connections.iter().filter(|(_, _, c)| *c).count() as u64;
+        let unconfirmed_entries = connections.len() as u64 - confirmed_entries;
+        let counter = |index: u32| counters[index as usize];
+        let expired = self.expired_connections.load(Ordering::Relaxed);
+        Ok(ConntrackStats {
+            confirmed_entries,
+            unconfirmed_entries,
+            confirmed_capacity: u64::from(confirmed_capacity),
+            unconfirmed_capacity: u64::from(unconfirmed_capacity),
+            new_inserts: counter(ct_stat::NEW_INSERTS),
+            confirmed: counter(ct_stat::CONFIRMED),
+            table_full_drops: counter(ct_stat::TABLE_FULL),
+            deletes: counter(ct_stat::DELETES),
+            // What entered CT_NEW and neither left it by confirmation, deletion or
+            // expiry nor is still there was pushed out by the LRU.
+            evictions: counter(ct_stat::NEW_INSERTS).saturating_sub(
+                counter(ct_stat::CONFIRMED)
+                    + counter(ct_stat::DELETES)
+                    + expired
+                    + unconfirmed_entries,
+            ),
+            related: counter(ct_stat::RELATED),
+            expired,
+        })
+    }
+
     /// Forwards the programs' pending log records.
     pub async fn flush_datapath_logs(&self) {
         self.inner.lock().await.datapath.flush_logs();
@@ -227,11 +333,8 @@ impl Node {
                 }
             }
         }
-        if let Err(e) = inner.datapath.sync(&compiled.tables, &compiled.ports) {
-            if let Err(rollback) = inner
-                .datapath
-                .sync(&inner.compiled.tables, &inner.compiled.ports)
-            {
+        if let Err(e) = inner.datapath.sync(&compiled) {
+            if let Err(rollback) = inner.datapath.sync(&inner.compiled) {
                 warn!(error = ?rollback, "rolling the datapath back failed too");
             }
             return Err(e.into());
@@ -304,4 +407,83 @@ impl Node {
             }
         }
     }
+}
+
+fn programmed_slot(inner: &Inner, port_id: &str) -> Result<u32, NodeError> {
+    inner
+        .compiled
+        .ports
+        .iter()
+        .find(|port| port.port_id == port_id)
+        .map(|port| port.slot)
+        .ok_or_else(|| NodeError::PortNotProgrammed {
+            port_id: port_id.to_owned(),
+        })
+}
+
+/// The clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// A tracked connection as an operator reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub port_id: String,
+    pub protocol: u8,
+    /// Who sent the first packet, and to whom.
+    pub source: (std::net::IpAddr, u16),
+    pub destination: (std::net::IpAddr, u16),
+    /// Opened by the VM (egress) or towards it.
+    pub egress: bool,
+    pub state: u8,
+    pub replied: bool,
+    pub idle_seconds: u64,
+}
+
+impl Connection {
+    fn new(port_id: &str, key: &CtKey, entry: &CtEntry, now_ns: u64) -> Self {
+        let address = |bytes: [u8; 16]| -> std::net::IpAddr {
+            if key.family == 4 {
+                std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+            } else {
+                std::net::Ipv6Addr::from(bytes).into()
+            }
+        };
+        let lo = (address(key.addr_lo), key.port_lo);
+        let hi = (address(key.addr_hi), key.port_hi);
+        let (source, destination) = if entry.flags & ct_flags::ORIG_FROM_LO != 0 {
+            (lo, hi)
+        } else {
+            (hi, lo)
+        };
+        Self {
+            port_id: port_id.to_owned(),
+            protocol: key.protocol,
+            source,
+            destination,
+            egress: entry.flags & ct_flags::ORIG_EGRESS != 0,
+            state: entry.state,
+            replied: entry.flags & ct_flags::REPLIED != 0,
+            idle_seconds: now_ns.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+        }
+    }
+}
+
+/// Conntrack table fill and counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    pub confirmed_entries: u64,
+    pub unconfirmed_entries: u64,
+    pub confirmed_capacity: u64,
+    pub unconfirmed_capacity: u64,
+    pub new_inserts: u64,
+    pub confirmed: u64,
+    pub table_full_drops: u64,
+    pub deletes: u64,
+    pub evictions: u64,
+    pub related: u64,
+    pub expired: u64,
 }

@@ -88,6 +88,8 @@ impl Agent {
             ))
             .arg("--max-ports")
             .arg("256")
+            .arg("--conntrack-entries")
+            .arg("4096")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

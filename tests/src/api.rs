@@ -33,7 +33,84 @@ pub fn subnet(id: &str, network_id: &str, cidr: &str) -> pb::Subnet {
     }
 }
 
-/// A port bound to `host`'s device `interface`, with `(subnet_id, address)` fixed IPs.
+/// The group every test port is in, like Neutron's `default`: everything out, and in
+/// from other members of the group.
+pub const DEFAULT_GROUP: &str = "default";
+
+pub fn default_security_group() -> pb::SecurityGroup {
+    security_group(
+        DEFAULT_GROUP,
+        true,
+        vec![
+            rule(
+                "default-egress-v4",
+                pb::Direction::Egress,
+                pb::EtherType::Ipv4,
+                "",
+            ),
+            rule(
+                "default-egress-v6",
+                pb::Direction::Egress,
+                pb::EtherType::Ipv6,
+                "",
+            ),
+            pb::SecurityGroupRule {
+                remote_group_id: DEFAULT_GROUP.to_owned(),
+                ..rule(
+                    "default-ingress-v4",
+                    pb::Direction::Ingress,
+                    pb::EtherType::Ipv4,
+                    "",
+                )
+            },
+            pb::SecurityGroupRule {
+                remote_group_id: DEFAULT_GROUP.to_owned(),
+                ..rule(
+                    "default-ingress-v6",
+                    pb::Direction::Ingress,
+                    pb::EtherType::Ipv6,
+                    "",
+                )
+            },
+        ],
+    )
+}
+
+pub fn security_group(
+    id: &str,
+    stateful: bool,
+    rules: Vec<pb::SecurityGroupRule>,
+) -> pb::SecurityGroup {
+    pb::SecurityGroup {
+        id: id.to_owned(),
+        project_id: "tenant".to_owned(),
+        name: id.to_owned(),
+        stateful,
+        rules,
+        revision_number: 1,
+    }
+}
+
+/// A rule for `protocol` ("" for any) from/to anywhere; set ports and remotes with
+/// struct update syntax.
+pub fn rule(
+    id: &str,
+    direction: pb::Direction,
+    ethertype: pb::EtherType,
+    protocol: &str,
+) -> pb::SecurityGroupRule {
+    pb::SecurityGroupRule {
+        id: id.to_owned(),
+        direction: direction as i32,
+        ethertype: ethertype as i32,
+        protocol: protocol.to_owned(),
+        revision_number: 1,
+        ..Default::default()
+    }
+}
+
+/// A port bound to `host`'s device `interface`, with `(subnet_id, address)` fixed IPs,
+/// in the default security group.
 pub fn port(
     id: &str,
     network_id: &str,
@@ -53,6 +130,7 @@ pub fn port(
                 ip_address: (*ip).to_owned(),
             })
             .collect(),
+        security_group_ids: vec![DEFAULT_GROUP.to_owned()],
         admin_state_up: true,
         device_owner: "compute:nova".to_owned(),
         binding: Some(pb::PortBinding {

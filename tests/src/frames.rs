@@ -46,15 +46,46 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const DCCP: u8 = 33;
     pub const ROUTING: u8 = 43;
     pub const FRAGMENT: u8 = 44;
+    pub const GRE: u8 = 47;
     pub const ICMPV6: u8 = 58;
     pub const NONE: u8 = 59;
     pub const DSTOPTS: u8 = 60;
+    pub const SCTP: u8 = 132;
+    pub const UDPLITE: u8 = 136;
+}
+
+/// TCP header flags.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const SYN_ACK: u8 = SYN | ACK;
+    pub const FIN_ACK: u8 = FIN | ACK;
+    pub const PSH_ACK: u8 = PSH | ACK;
+}
+
+pub mod icmp4_type {
+    pub const ECHO_REPLY: u8 = 0;
+    pub const DEST_UNREACH: u8 = 3;
+    pub const ECHO_REQUEST: u8 = 8;
+    pub const TIME_EXCEEDED: u8 = 11;
+    /// `DEST_UNREACH` codes.
+    pub const CODE_PORT_UNREACH: u8 = 3;
+    pub const CODE_FRAG_NEEDED: u8 = 4;
 }
 
 pub mod icmp6_type {
+    pub const DEST_UNREACH: u8 = 1;
+    pub const PACKET_TOO_BIG: u8 = 2;
+    pub const TIME_EXCEEDED: u8 = 3;
     pub const ECHO_REQUEST: u8 = 128;
+    pub const ECHO_REPLY: u8 = 129;
+    pub const MLD_QUERY: u8 = 130;
     pub const MLD_REPORT: u8 = 131;
     pub const ROUTER_SOLICIT: u8 = 133;
     pub const ROUTER_ADVERT: u8 = 134;
@@ -312,12 +343,72 @@ pub fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
     t
 }
 
+/// A TCP segment without options or payload, with `flags` (see [`tcp_flags`]).
+pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = tcp_syn(sport, dport);
+    t[13] = flags;
+    if flags & tcp_flags::ACK != 0 {
+        t[8..12].copy_from_slice(&1u32.to_be_bytes());
+    }
+    t
+}
+
+/// The first 4 bytes of a header with ports (SCTP, UDP-Lite, DCCP), then `rest`.
+pub fn ports_header(sport: u16, dport: u16, rest: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(4 + rest.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(rest);
+    h
+}
+
 pub fn icmp4_echo(id: u16, seq: u16) -> Vec<u8> {
     let mut m = vec![8, 0, 0, 0];
     m.extend_from_slice(&id.to_be_bytes());
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(b"dataplane-ping!!");
     m
+}
+
+pub fn icmp4_echo_reply(id: u16, seq: u16) -> Vec<u8> {
+    let mut m = icmp4_echo(id, seq);
+    m[0] = icmp4_type::ECHO_REPLY;
+    m
+}
+
+/// Any ICMPv4 message: type, code, checksum (0), then `body` (which starts with the
+/// 4 bytes after the checksum).
+pub fn icmp4(kind: u8, code: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, code, 0, 0];
+    m.extend_from_slice(body);
+    m
+}
+
+/// What an ICMP error quotes of the IP packet `packet` (IPv4 or IPv6, without the
+/// Ethernet header): its header and the first 8 bytes of its payload.
+pub fn quote(packet: &[u8]) -> Vec<u8> {
+    let header = match packet.first().map(|b| b >> 4) {
+        Some(4) => usize::from(packet[0] & 0x0f) * 4,
+        _ => IPV6_HLEN,
+    };
+    packet[..(header + 8).min(packet.len())].to_vec()
+}
+
+/// An ICMPv4 error (destination unreachable, time exceeded, ...) with `rest` in the 4
+/// bytes after the checksum (frag-needed: the next-hop MTU in the low 16 bits) about
+/// the IP packet `about`.
+pub fn icmp4_error(kind: u8, code: u8, rest: u32, about: &[u8]) -> Vec<u8> {
+    let mut body = rest.to_be_bytes().to_vec();
+    body.extend_from_slice(&quote(about));
+    icmp4(kind, code, &body)
+}
+
+/// An ICMPv6 error (destination unreachable, packet too big, ...) with `rest` after the
+/// checksum (packet too big: the MTU) about the IPv6 packet `about`.
+pub fn icmp6_error(kind: u8, code: u8, rest: u32, about: &[u8]) -> Vec<u8> {
+    let mut body = rest.to_be_bytes().to_vec();
+    body.extend_from_slice(&about[..about.len().min(1232)]);
+    icmp6(kind, code, &body)
 }
 
 /// Any ICMPv6 message: type, code, checksum (0), then `body`.
@@ -333,6 +424,12 @@ pub fn icmp6_echo(id: u16, seq: u16) -> Vec<u8> {
     body.extend_from_slice(&seq.to_be_bytes());
     body.extend_from_slice(b"dataplane-ping!!");
     icmp6(icmp6_type::ECHO_REQUEST, 0, &body)
+}
+
+pub fn icmp6_echo_reply(id: u16, seq: u16) -> Vec<u8> {
+    let mut m = icmp6_echo(id, seq);
+    m[0] = icmp6_type::ECHO_REPLY;
+    m
 }
 
 /// A link-layer address ND option: 1 source, 2 target.
@@ -430,6 +527,30 @@ pub fn udp4_frame(
         ethertype::IPV4,
         &ipv4(saddr, daddr, proto::UDP, &l4),
     )
+}
+
+/// An IPv4 packet of `protocol` carrying `l4`, in an Ethernet frame.
+pub fn ip4_frame(
+    dst: Mac,
+    src: Mac,
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    protocol: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    ethernet(dst, src, ethertype::IPV4, &ipv4(saddr, daddr, protocol, l4))
+}
+
+/// An IPv6 packet of `next` carrying `l4`, in an Ethernet frame.
+pub fn ip6_frame(
+    dst: Mac,
+    src: Mac,
+    saddr: Ipv6Addr,
+    daddr: Ipv6Addr,
+    next: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    ethernet(dst, src, ethertype::IPV6, &ipv6(saddr, daddr, next, l4))
 }
 
 pub fn tcp4_frame(dst: Mac, src: Mac, saddr: Ipv4Addr, daddr: Ipv4Addr) -> Vec<u8> {

@@ -8,5 +8,7 @@ pub mod api;
 pub mod frames;
 pub mod netns;
 pub mod reference;
+pub mod reference_sg;
 pub mod testrun;
 pub mod topology;
+pub mod traffic;

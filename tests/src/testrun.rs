@@ -5,27 +5,34 @@
 //! the classifiers. Tests fill the maps with ABI types, run frames and read back the
 //! return code, the verdict, the `skb->mark` the program left, and the counters.
 //!
+//! Security groups are filled by hand as the agent compiles them (see
+//! `dataplane_abi::policy`): [`Harness::add_remote`] maps a remote prefix to an address
+//! class, [`Harness::add_rule`] what a class allows ([`RuleMatch`], port ranges split
+//! into aligned blocks by [`port_blocks`]). Conntrack tables can be read and written
+//! ([`Harness::ct_entries`], [`Harness::ct_insert`], [`ct_key`]).
+//!
 //! The kernel resolves `__sk_buff.ifindex` and `bpf_clone_redirect` targets in the
 //! network namespace of the thread that calls BPF_PROG_TEST_RUN: call [`Harness::run`]
 //! and friends from [`crate::netns::NetNs::run`] when frames name real devices.
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, MapData, PerCpuArray, PerCpuValues,
+        HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     },
     programs::{tc::TcAttachType, SchedClassifier, TestRun, TestRunOptions},
     util::nr_cpus,
     Ebpf, EbpfLoader, Pod,
 };
 use dataplane_abi::{
-    global_names, map_names, program_names, verdict_action, DropReason, FdbEntry, FdbKey,
-    FloodEntry, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, Verdict,
-    MAX_FLOOD_PORTS, PORT_ADDR_FIXED_BITS,
+    ct_stat, global_names, map_names, program_names, verdict_action, CtEntry, CtKey, DropReason,
+    FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats,
+    RemoteKey4, RemoteKey6, RuleKey, RuleStats, Verdict, MAX_FLOOD_PORTS, PORT_ADDR_FIXED_BITS,
+    REMOTE_FIXED_BITS, RULE_CLASS_BITS, RULE_PROTOCOL_BITS,
 };
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::frames::Mac;
 
@@ -41,6 +48,159 @@ const SKB_IFINDEX: usize = 40;
 
 /// Size of every resizable map in a harness: ample for tests, and fast to create.
 pub const TEST_MAX_ENTRIES: u32 = 1024;
+
+/// Map sizes a harness loads with: [`TEST_MAX_ENTRIES`] unless a test needs a table
+/// small enough to fill.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// `CT`.
+    pub ct: u32,
+    /// `CT_NEW`.
+    pub ct_new: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            ct: TEST_MAX_ENTRIES,
+            ct_new: TEST_MAX_ENTRIES,
+        }
+    }
+}
+
+/// What a security-group rule allows, as trie entries of `SG_RULES` (the agent's
+/// compilation, written again for tests that fill the maps by hand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleMatch {
+    /// Any protocol.
+    Any,
+    /// Any port of one protocol (ICMP: any type).
+    Protocol(u8),
+    /// Destination ports `min..=max` of a protocol with ports.
+    Ports { protocol: u8, min: u16, max: u16 },
+    /// One ICMP (protocol 1) or ICMPv6 (58) type, any code.
+    IcmpType { protocol: u8, kind: u8 },
+    /// One ICMP type and code.
+    IcmpCode { protocol: u8, kind: u8, code: u8 },
+}
+
+impl RuleMatch {
+    /// The (prefix length, key) entries of the rule for address class `class`.
+    pub fn entries(self, class: u32) -> Vec<(u32, RuleKey)> {
+        let key = |protocol: u8, port: [u8; 2]| RuleKey {
+            class,
+            protocol,
+            port,
+            _pad: 0,
+        };
+        match self {
+            RuleMatch::Any => vec![(RULE_CLASS_BITS, key(0, [0; 2]))],
+            RuleMatch::Protocol(p) => vec![(RULE_PROTOCOL_BITS, key(p, [0; 2]))],
+            RuleMatch::Ports { protocol, min, max } => port_blocks(min, max)
+                .into_iter()
+                .map(|(start, bits)| {
+                    (
+                        RULE_PROTOCOL_BITS + bits,
+                        key(protocol, start.to_be_bytes()),
+                    )
+                })
+                .collect(),
+            RuleMatch::IcmpType { protocol, kind } => {
+                vec![(RULE_PROTOCOL_BITS + 8, key(protocol, [kind, 0]))]
+            }
+            RuleMatch::IcmpCode {
+                protocol,
+                kind,
+                code,
+            } => vec![(RULE_PROTOCOL_BITS + 16, key(protocol, [kind, code]))],
+        }
+    }
+}
+
+/// `min..=max` as aligned power-of-two blocks: (first port, prefix bits of the port).
+pub fn port_blocks(min: u16, max: u16) -> Vec<(u16, u32)> {
+    let mut blocks = Vec::new();
+    let (mut start, end) = (u32::from(min), u32::from(max));
+    while start <= end {
+        // The largest block aligned at `start` that does not pass `end`.
+        let mut size = if start == 0 {
+            1 << 16
+        } else {
+            start & start.wrapping_neg()
+        };
+        while start + size - 1 > end {
+            size /= 2;
+        }
+        blocks.push((start as u16, 16 - size.trailing_zeros()));
+        start += size;
+    }
+    blocks
+}
+
+/// The canonical `CtKey` of a packet from `src:sport` to `dst:dport` in `zone`, and
+/// whether `src` is its `lo` endpoint (as `dataplane_abi::conntrack` defines it).
+pub fn ct_key(
+    zone: u32,
+    protocol: u8,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+) -> (CtKey, bool) {
+    let bytes = |a: IpAddr| match a {
+        IpAddr::V4(a) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    let family = if src.is_ipv4() { 4 } else { 6 };
+    let a = (bytes(src), sport);
+    let b = (bytes(dst), dport);
+    let from_lo = a <= b;
+    let (lo, hi) = if from_lo { (a, b) } else { (b, a) };
+    let key = CtKey {
+        zone,
+        addr_lo: lo.0,
+        addr_hi: hi.0,
+        port_lo: lo.1,
+        port_hi: hi.1,
+        family,
+        protocol,
+        _pad: [0; 2],
+    };
+    (key, from_lo)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Which conntrack table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtTable {
+    /// `CT`: confirmed connections.
+    Confirmed,
+    /// `CT_NEW`: connections waiting for a reply.
+    New,
+}
+
+impl CtTable {
+    fn map_name(self) -> &'static str {
+        match self {
+            CtTable::Confirmed => map_names::CT,
+            CtTable::New => map_names::CT_NEW,
+        }
+    }
+}
 
 /// What one run of a program did.
 #[derive(Clone, Copy, Debug)]
@@ -87,6 +247,11 @@ impl Harness {
     /// As [`Harness::load`]; `trace: false` loads the programs as production does
     /// (verdicts are then not written): for measurements.
     pub fn load_with_trace(trace: bool) -> Result<Harness> {
+        Harness::load_sized(trace, Sizes::default())
+    }
+
+    /// As [`Harness::load_with_trace`], with the conntrack tables of `sizes`.
+    pub fn load_sized(trace: bool, sizes: Sizes) -> Result<Harness> {
         let trace = u32::from(trace);
         let mut loader = EbpfLoader::new();
         loader.override_global(global_names::TRACE_VERDICT, &trace, true);
@@ -100,9 +265,15 @@ impl Harness {
             map_names::FDB,
             map_names::FLOOD,
             map_names::PORT_STATS,
+            map_names::SG_REMOTE4,
+            map_names::SG_REMOTE6,
+            map_names::SG_RULES,
+            map_names::RULE_STATS,
         ] {
             loader.map_max_entries(name, TEST_MAX_ENTRIES);
         }
+        loader.map_max_entries(map_names::CT, sizes.ct);
+        loader.map_max_entries(map_names::CT_NEW, sizes.ct_new);
         let ebpf = loader
             .load(dataplane_agent::kernel::BPF_OBJECT)
             .context("loading the BPF object")?;
@@ -289,6 +460,134 @@ impl Harness {
             }
         }
         Ok(sum)
+    }
+
+    // ---- security groups ----------------------------------------------------------
+
+    /// `SG_REMOTE4`/`SG_REMOTE6`: in `policy_id`'s `direction` (`sg_direction`), remote
+    /// addresses in `net` are of address class `class` (unless a longer prefix says
+    /// otherwise).
+    pub fn add_remote(
+        &mut self,
+        policy_id: u32,
+        direction: u8,
+        net: IpNet,
+        class: u32,
+    ) -> Result<()> {
+        let bits = REMOTE_FIXED_BITS + u32::from(net.prefix_len());
+        match net {
+            IpNet::V4(net) => {
+                let data = RemoteKey4 {
+                    policy_id,
+                    direction,
+                    _pad: [0; 3],
+                    addr: net.network().octets(),
+                };
+                self.trie::<RemoteKey4, u32>(map_names::SG_REMOTE4)?
+                    .insert(&Key::new(bits, data), class, 0)?;
+            }
+            IpNet::V6(net) => {
+                let data = RemoteKey6 {
+                    policy_id,
+                    direction,
+                    _pad: [0; 3],
+                    addr: net.network().octets(),
+                };
+                self.trie::<RemoteKey6, u32>(map_names::SG_REMOTE6)?
+                    .insert(&Key::new(bits, data), class, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `SG_RULES`: address class `class` allows `m`, charged to rule `slot`.
+    pub fn add_rule(&mut self, class: u32, m: RuleMatch, slot: u32) -> Result<()> {
+        let mut rules = self.trie::<RuleKey, u32>(map_names::SG_RULES)?;
+        for (bits, key) in m.entries(class) {
+            rules.insert(&Key::new(bits, key), slot, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Takes `m` out of what `class` allows.
+    pub fn remove_rule(&mut self, class: u32, m: RuleMatch) -> Result<()> {
+        let mut rules = self.trie::<RuleKey, u32>(map_names::SG_RULES)?;
+        for (bits, key) in m.entries(class) {
+            rules.remove(&Key::new(bits, key))?;
+        }
+        Ok(())
+    }
+
+    /// `RULE_STATS[slot]`, summed over CPUs.
+    pub fn rule_stats(&self, slot: u32) -> Result<RuleStats> {
+        let values = self.per_cpu::<RuleStats>(map_names::RULE_STATS, slot)?;
+        Ok(values
+            .iter()
+            .fold(RuleStats::default(), |sum, v| RuleStats {
+                packets: sum.packets + v.packets,
+                bytes: sum.bytes + v.bytes,
+            }))
+    }
+
+    /// `CT_STATS`, summed over CPUs, by `ct_stat` index.
+    pub fn ct_stats(&self) -> Result<[u64; ct_stat::COUNT as usize]> {
+        let mut stats = [0; ct_stat::COUNT as usize];
+        for (i, s) in stats.iter_mut().enumerate() {
+            *s = self
+                .per_cpu::<u64>(map_names::CT_STATS, i as u32)?
+                .iter()
+                .sum();
+        }
+        Ok(stats)
+    }
+
+    /// Every entry of a conntrack table.
+    pub fn ct_entries(&self, table: CtTable) -> Result<Vec<(CtKey, CtEntry)>> {
+        let name = table.map_name();
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("no map {name}"))?;
+        let map = HashMap::<_, CtKey, CtEntry>::try_from(map)?;
+        Ok(map.iter().collect::<Result<Vec<_>, MapError>>()?)
+    }
+
+    /// The entry of `key` and the table it is in.
+    pub fn ct_get(&self, key: &CtKey) -> Result<Option<(CtTable, CtEntry)>> {
+        for table in [CtTable::Confirmed, CtTable::New] {
+            let name = table.map_name();
+            let map = self
+                .ebpf
+                .map(name)
+                .with_context(|| format!("no map {name}"))?;
+            match HashMap::<_, CtKey, CtEntry>::try_from(map)?.get(key, 0) {
+                Ok(entry) => return Ok(Some((table, entry))),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes an entry, as a connection from before a restart, or one aged by hand.
+    pub fn ct_insert(&mut self, table: CtTable, key: CtKey, entry: CtEntry) -> Result<()> {
+        self.hash::<CtKey, CtEntry>(table.map_name())?
+            .insert(key, entry, 0)?;
+        Ok(())
+    }
+
+    /// Empties a conntrack table (as a flush does).
+    pub fn ct_flush(&mut self, table: CtTable) -> Result<()> {
+        let keys: Vec<CtKey> = self
+            .ct_entries(table)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut map = self.hash::<CtKey, CtEntry>(table.map_name())?;
+        for key in keys {
+            map.remove(&key)?;
+        }
+        Ok(())
     }
 
     /// `NOPORT_DROPS[reason]`, summed over CPUs.

@@ -7,7 +7,7 @@ use anyhow::Result;
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     agent::{agent_binary, Agent},
-    api::{apply, network, port, subnet, upsert, IntoResource},
+    api::{apply, default_security_group, network, port, subnet, upsert, IntoResource},
     netns::NetNs,
     topology::Vm,
 };
@@ -85,6 +85,7 @@ async fn watch_streams_build_then_active_when_the_device_appears() -> Result<()>
 
     client
         .apply(apply(vec![
+            upsert(default_security_group()),
             upsert(network("net")),
             upsert(subnet("sub", "net", "10.0.0.0/24")),
             upsert(port(
@@ -145,6 +146,7 @@ async fn sync_replaces_the_whole_state() -> Result<()> {
         &["10.0.0.2/24".parse()?],
     )?;
     let base = vec![
+        default_security_group().into_resource(),
         network("net").into_resource(),
         subnet("sub", "net", "10.0.0.0/24").into_resource(),
         port(
@@ -174,7 +176,7 @@ async fn sync_replaces_the_whole_state() -> Result<()> {
         .sync(pb::SyncRequest { resources: with_b })
         .await?
         .into_inner();
-    assert_eq!((synced.created, synced.updated, synced.deleted), (4, 0, 0));
+    assert_eq!((synced.created, synced.updated, synced.deleted), (5, 0, 0));
     assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
 
     // b is not in the next Sync: it is removed, and its traffic with it.

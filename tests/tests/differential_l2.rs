@@ -15,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use dataplane_abi::{program_names, verdict_action, DropReason, MAX_FLOOD_PORTS};
 use dataplane_agent::{
     core::{
-        compile::{compile, NodeView, Slots},
+        compile::{compile, NodeView, SlotLimits, Slots},
         model::{
             AllowedAddressPair, FixedIp, IpVersion, MacAddr, Network, Port, PortBinding, Resource,
             State, Subnet,
@@ -61,17 +61,17 @@ fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
 
     let checked = ns.run(move || -> Result<(u64, u64, BTreeMap<&'static str, u64>)> {
         let mut datapath = Datapath::load(
-            MapLimits {
-                max_ports: 64,
-                max_addresses: 1024,
-                max_fdb: 256,
-            },
+            MapLimits::for_node(64, 4096),
             &LoadOptions {
                 pin_root: None,
                 trace_verdicts: true,
             },
         )?;
-        let mut slots = Slots::new(64, 64);
+        let mut slots = Slots::new(SlotLimits {
+            max_ports: 64,
+            max_networks: 64,
+            max_rules: MapLimits::for_node(64, 4096).max_rules,
+        });
         let mut rng = StdRng::seed_from_u64(seed);
         let mut checked = 0;
         let mut skipped = 0;
@@ -86,7 +86,7 @@ fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
                 },
                 &mut slots,
             );
-            datapath.sync(&compiled.tables, &compiled.ports)?;
+            datapath.sync(&compiled)?;
             let port_of_ifindex: BTreeMap<u32, String> = compiled
                 .ports
                 .iter()

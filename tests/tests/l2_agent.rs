@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
     agent::Agent,
-    api::{apply, delete, network, port, subnet, upsert},
+    api::{apply, default_security_group, delete, network, port, subnet, upsert},
     frames,
     netns::NetNs,
     topology::Vm,
@@ -59,6 +59,7 @@ impl TwoVms {
         let mut client = setup.agent.client().await?;
         client
             .apply(apply(vec![
+                upsert(default_security_group()),
                 upsert(network("net1")),
                 upsert(subnet("sub4", "net1", "10.0.0.0/24")),
                 upsert(subnet("sub6", "net1", "fd00:1::/64")),
@@ -290,6 +291,8 @@ async fn port_security_disabled_lifts_the_checks() -> Result<()> {
     let mut open = port_a();
     open.revision_number = 2;
     open.port_security_enabled = Some(false);
+    // Security groups need port security (as in Neutron).
+    open.security_group_ids.clear();
     client.apply(apply(vec![upsert(open)])).await?;
     t.b.ns.ip(&["neigh", "flush", "dev", "eth0"])?;
     assert!(t.a.ping(ip("10.0.0.2"), 3)?.all_replied());

@@ -3,16 +3,26 @@
 //!
 //! Pure and deterministic: the same state, devices and slots give the same tables. The
 //! kernel layer diffs two [`DatapathTables`] to update the maps.
+//!
+//! Security groups become the classifier of `dataplane_abi`'s policy maps (how: the
+//! `policy` submodule); [`Slots`] holds the numbers that stay put across compilations.
 
-use std::collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    borrow::Borrow,
+    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet},
+    hash::Hash,
+};
 
 use dataplane_abi::{
     flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4, PortAddr6,
-    PortInfo, PortMacKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
+    PortInfo, PortMacKey, RemoteKey4, RemoteKey6, RuleKey, MAX_FLOOD_PORTS, NO_SLOT,
+    PORT_ADDR_FIXED_BITS,
 };
 use ipnet::{IpNet, Ipv6Net};
 
 use super::model::{MacAddr, Network, Port, ResourceKind, ResourceRef, State};
+
+mod policy;
 
 /// What the compiler needs to know about the node.
 #[derive(Clone, Copy, Debug)]
@@ -23,22 +33,41 @@ pub struct NodeView<'a> {
     pub interfaces: &'a BTreeMap<String, u32>,
 }
 
-/// Stable small numbers for local ports and networks: the index of per-port arrays and
-/// the key of per-network maps. A port or network keeps its slot while it stays
-/// programmed; a freed slot goes to the next newcomer (lowest first).
+/// How many slots there are of each kind: the sizes of the arrays indexed by slot, whose
+/// entry 0 is [`NO_SLOT`] (so slots are `1..max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotLimits {
+    pub max_ports: u32,
+    pub max_networks: u32,
+    /// Security-group rules of the ports' policies (`RULE_STATS`).
+    pub max_rules: u32,
+}
+
+/// Stable small numbers for local ports, networks and security-group rules (the index of
+/// per-port and per-rule arrays, the key of per-network maps), and the interned ids of
+/// policies and address classes. Each keeps its number while it stays in use; a freed
+/// number goes to the next newcomer (lowest first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slots {
-    ports: SlotPool,
-    networks: SlotPool,
+    ports: SlotPool<String>,
+    networks: SlotPool<String>,
+    /// By rule id (unique across groups).
+    rules: SlotPool<String>,
+    /// Policy ids, by the sorted ids of the port's security groups.
+    policies: SlotPool<Vec<String>>,
+    /// Address class ids, by the sorted slots of the class's rules.
+    classes: SlotPool<Vec<u32>>,
 }
 
 impl Slots {
-    /// Slots are `1..max_ports` and `1..max_networks`: the maximum is the size of arrays
-    /// indexed by slot, whose entry 0 is [`NO_SLOT`].
-    pub fn new(max_ports: u32, max_networks: u32) -> Self {
+    pub fn new(limits: SlotLimits) -> Self {
         Self {
-            ports: SlotPool::new(max_ports),
-            networks: SlotPool::new(max_networks),
+            ports: SlotPool::new(limits.max_ports),
+            networks: SlotPool::new(limits.max_networks),
+            rules: SlotPool::new(limits.max_rules),
+            // Map keys, not array indexes: only `u32` bounds them.
+            policies: SlotPool::new(u32::MAX),
+            classes: SlotPool::new(u32::MAX),
         }
     }
 
@@ -49,19 +78,42 @@ impl Slots {
     pub fn network_slot(&self, network_id: &str) -> Option<u32> {
         self.networks.get(network_id)
     }
+
+    pub fn rule_slot(&self, rule_id: &str) -> Option<u32> {
+        self.rules.get(rule_id)
+    }
+
+    /// The policy id of ports with these security groups (any order, repeats ignored),
+    /// if such a port is programmed.
+    pub fn policy_id(&self, group_ids: &[&str]) -> Option<u32> {
+        let mut key: Vec<String> = group_ids.iter().map(|id| (*id).to_owned()).collect();
+        key.sort();
+        key.dedup();
+        self.policies.get(key.as_slice())
+    }
+
+    /// The id of the address class of exactly these rules (slots in any order), if a
+    /// programmed policy uses it.
+    pub fn class_id(&self, rule_slots: &[u32]) -> Option<u32> {
+        let mut key = rule_slots.to_vec();
+        key.sort_unstable();
+        key.dedup();
+        self.classes.get(key.as_slice())
+    }
 }
 
+/// Numbers `1..end` handed out to keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct SlotPool {
+struct SlotPool<K: Hash + Eq> {
     /// One past the highest slot.
     end: u32,
-    assigned: HashMap<String, u32>,
+    assigned: HashMap<K, u32>,
     /// Freed slots below `next_unused`, handed out again lowest first.
     released: BTreeSet<u32>,
     next_unused: u32,
 }
 
-impl SlotPool {
+impl<K: Hash + Eq> SlotPool<K> {
     fn new(end: u32) -> Self {
         Self {
             end,
@@ -71,12 +123,16 @@ impl SlotPool {
         }
     }
 
-    fn get(&self, id: &str) -> Option<u32> {
+    fn get<Q>(&self, id: &Q) -> Option<u32>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.assigned.get(id).copied()
     }
 
     /// Frees the slots of ids `keep` says no to.
-    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+    fn retain(&mut self, keep: impl Fn(&K) -> bool) {
         let released = &mut self.released;
         self.assigned.retain(|id, slot| {
             let kept = keep(id);
@@ -87,14 +143,22 @@ impl SlotPool {
         });
     }
 
-    fn release(&mut self, id: &str) {
+    fn release<Q>(&mut self, id: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if let Some(slot) = self.assigned.remove(id) {
             self.released.insert(slot);
         }
     }
 
     /// The id's slot, assigning the lowest free one if it has none; `None` when full.
-    fn assign(&mut self, id: &str) -> Option<u32> {
+    fn assign<Q>(&mut self, id: &Q) -> Option<u32>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         if let Some(slot) = self.get(id) {
             return Some(slot);
         }
@@ -129,6 +193,13 @@ pub struct DatapathTables {
     pub fdb: BTreeMap<FdbKey, FdbEntry>,
     /// `FLOOD`, by network slot.
     pub flood: BTreeMap<u32, FloodSet>,
+    /// `SG_REMOTE4`: (trie prefix length, key with the address masked to the prefix) →
+    /// address class.
+    pub sg_remote4: BTreeMap<(u32, RemoteKey4), u32>,
+    pub sg_remote6: BTreeMap<(u32, RemoteKey6), u32>,
+    /// `SG_RULES`: (trie prefix length, key with the port masked to the prefix) → rule
+    /// slot.
+    pub sg_rules: BTreeMap<(u32, RuleKey), u32>,
 }
 
 /// A port the datapath serves on this node.
@@ -164,6 +235,8 @@ pub struct Compiled {
     pub ports: Vec<ProgrammedPort>,
     /// Every resource of the state.
     pub statuses: BTreeMap<ResourceRef, ResourceStatus>,
+    /// Slot of each rule of the programmed ports' policies, by rule id.
+    pub rules: BTreeMap<String, u32>,
 }
 
 pub const ROUTING_NOT_IMPLEMENTED: &str = "routing/NAT is not implemented by this datapath yet";
@@ -229,6 +302,13 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
     settle_slots(&mut candidates, slots, &mut statuses);
 
     let mut tables = DatapathTables::default();
+    let secured: Vec<&Port> = candidates
+        .values()
+        .flatten()
+        .filter(|candidate| port_security(candidate))
+        .map(|candidate| candidate.port)
+        .collect();
+    let policies = policy::compile_policies(state, &secured, slots, &mut tables);
     let mut programmed = Vec::new();
     for (network_id, ports) in &candidates {
         let Some(network_slot) = slots.network_slot(network_id) else {
@@ -243,9 +323,7 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
             };
             let own_mac = port.mac_address;
             let other_macs = pair_macs(port);
-            let port_security = port
-                .port_security_enabled
-                .unwrap_or(candidate.network.port_security_enabled);
+            let port_security = port_security(candidate);
             let fdb_entry = FdbEntry {
                 ifindex: candidate.ifindex,
                 port_slot,
@@ -272,7 +350,7 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
             }
 
             let mut flags = 0;
-            let (status, reason) = if !port.admin_state_up {
+            let (mut status, mut reason) = if !port.admin_state_up {
                 (StatusKind::Down, "admin_state_up is false".to_owned())
             } else if !candidate.network.admin_state_up {
                 (
@@ -283,9 +361,20 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                 flags |= port_flags::ADMIN_UP;
                 (StatusKind::Active, String::new())
             };
+            let (mut policy_id, mut policy_revision) = (0, 0);
             if port_security {
                 flags |=
                     port_flags::PORT_SECURITY | add_port_addresses(&mut tables, port_slot, port);
+                if let Some(policy) = policies.of_port(&port.id) {
+                    flags |= port_flags::POLICY;
+                    if policy.stateful {
+                        flags |= port_flags::STATEFUL;
+                    }
+                    (policy_id, policy_revision) = (policy.id, policy.revision);
+                    if let Some(problem) = &policy.problem {
+                        (status, reason) = (StatusKind::Error, problem.clone());
+                    }
+                }
             }
             tables.ports.insert(
                 candidate.ifindex,
@@ -295,8 +384,8 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                     flags,
                     mac: own_mac.0,
                     _pad: [0; 2],
-                    policy_id: 0,
-                    policy_revision: 0,
+                    policy_id,
+                    policy_revision,
                 },
             );
             statuses.set(
@@ -321,7 +410,16 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
         tables,
         ports: programmed,
         statuses: statuses.0,
+        rules: policies.rules,
     }
+}
+
+/// The port's own setting, else its network's.
+fn port_security(candidate: &Candidate<'_>) -> bool {
+    candidate
+        .port
+        .port_security_enabled
+        .unwrap_or(candidate.network.port_security_enabled)
 }
 
 #[derive(Default)]
@@ -463,10 +561,12 @@ fn settle_slots(
     slots: &mut Slots,
     statuses: &mut Statuses,
 ) {
-    slots.networks.retain(|id| candidates.contains_key(id));
+    slots
+        .networks
+        .retain(|id| candidates.contains_key(id.as_str()));
     let network_capacity = slots.networks.capacity();
     for (network_id, ports) in candidates.iter_mut() {
-        if slots.networks.assign(network_id).is_none() {
+        if slots.networks.assign(*network_id).is_none() {
             for candidate in ports.drain(..) {
                 statuses.port(
                     candidate.port,
@@ -482,11 +582,11 @@ fn settle_slots(
         .flatten()
         .map(|candidate| candidate.port.id.as_str())
         .collect();
-    slots.ports.retain(|id| wanted.contains(id));
+    slots.ports.retain(|id| wanted.contains(id.as_str()));
     let port_capacity = slots.ports.capacity();
     let without_slot: HashSet<&str> = wanted
         .into_iter()
-        .filter(|id| slots.ports.assign(id).is_none())
+        .filter(|id| slots.ports.assign(*id).is_none())
         .collect();
     for ports in candidates.values_mut() {
         ports.retain(|candidate| {
@@ -503,7 +603,7 @@ fn settle_slots(
     }
     candidates.retain(|network_id, ports| {
         if ports.is_empty() {
-            slots.networks.release(network_id);
+            slots.networks.release(*network_id);
         }
         !ports.is_empty()
     });

@@ -180,6 +180,8 @@ struct Checker<'a> {
     ports_by_mac: OnceCell<HashMap<(&'a str, MacAddr), Vec<&'a str>>>,
     ports_by_fixed_ip: OnceCell<HashMap<(&'a str, IpAddr), Vec<&'a str>>>,
     subnets_by_network: OnceCell<HashMap<&'a str, Vec<&'a Subnet>>>,
+    /// Rule id → the groups that have a rule with it.
+    groups_by_rule_id: OnceCell<HashMap<&'a str, Vec<&'a str>>>,
     /// Per target kind, built on first use.
     referrers: [OnceCell<Referrers<'a>>; 7],
 }
@@ -209,6 +211,7 @@ impl<'a> Checker<'a> {
             ports_by_mac: OnceCell::new(),
             ports_by_fixed_ip: OnceCell::new(),
             subnets_by_network: OnceCell::new(),
+            groups_by_rule_id: OnceCell::new(),
             referrers: Default::default(),
         }
     }
@@ -250,6 +253,23 @@ impl<'a> Checker<'a> {
             index
         });
         index.get(network_id).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    fn groups_with_rule(&self, rule_id: &str) -> &[&'a str] {
+        let index = self.groups_by_rule_id.get_or_init(|| {
+            let mut index: HashMap<&str, Vec<&str>> = HashMap::new();
+            for group in self.state.security_groups.values() {
+                for rule in &group.rules {
+                    let groups = index.entry(rule.id.as_str()).or_default();
+                    // A group using an id twice is reported on its own.
+                    if groups.last() != Some(&group.id.as_str()) {
+                        groups.push(&group.id);
+                    }
+                }
+            }
+            index
+        });
+        index.get(rule_id).map(Vec::as_slice).unwrap_or_default()
     }
 
     fn ports_with_mac(&self, network_id: &'a str, mac: MacAddr) -> &[&'a str] {
@@ -320,7 +340,7 @@ impl<'a> Checker<'a> {
             Resource::Network(network) => self.network(network),
             Resource::Subnet(subnet) => self.subnet(index, subnet),
             Resource::Port(port) => self.port(index, port),
-            Resource::SecurityGroup(group) => self.security_group(group),
+            Resource::SecurityGroup(group) => self.security_group(index, group),
             Resource::Router(router) => self.router(router),
             Resource::FloatingIp(floating_ip) => self.floating_ip(floating_ip),
             Resource::QosPolicy(policy) => check_qos_policy(policy),
@@ -361,6 +381,19 @@ impl<'a> Checker<'a> {
         let previous = self.before.and_then(|b| b.networks.get(&network.id));
         if previous.is_some_and(|old| old.router_external != network.router_external) {
             self.network_dependents(network)?;
+        }
+        if previous.is_some_and(|old| old.port_security_enabled && !network.port_security_enabled) {
+            for (kind, id) in self.untouched_referrers(ResourceKind::Network, &network.id) {
+                if let Some(port) = self
+                    .state
+                    .ports
+                    .get(id)
+                    .filter(|_| kind == ResourceKind::Port)
+                {
+                    check_port_security(port, network)
+                        .map_err(|e| depends_on("port_security_enabled", kind, id, e))?;
+                }
+            }
         }
         Ok(())
     }
@@ -506,6 +539,10 @@ impl<'a> Checker<'a> {
                 ));
             }
         }
+        if let Some(network) = self.state.networks.get(&port.network_id) {
+            check_port_security(port, network)?;
+        }
+        check_groups_agree(port, self.state)?;
         if let Some(policy_id) = &port.qos_policy_id {
             if !self.state.qos_policies.contains_key(policy_id) {
                 return Err(ValidationError::not_found(
@@ -566,7 +603,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    fn security_group(&self, group: &SecurityGroup) -> Checked {
+    fn security_group(&self, index: usize, group: &SecurityGroup) -> Checked {
         check_security_group(group)?;
         for (i, rule) in group.rules.iter().enumerate() {
             if let Some(remote) = &rule.remote_group_id {
@@ -575,6 +612,35 @@ impl<'a> Checker<'a> {
                         format!("rules[{i}].remote_group_id"),
                         format!("no security group {remote}"),
                     ));
+                }
+            }
+        }
+        // Rule ids name rules across groups (their counters, for one).
+        for (i, rule) in group.rules.iter().enumerate() {
+            if let Some(other) = self.groups_with_rule(&rule.id).iter().find(|other| {
+                **other != group.id
+                    && self.reports_conflict_with(ResourceKind::SecurityGroup, other, index)
+            }) {
+                return Err(ValidationError::already_exists(
+                    format!("rules[{i}].id"),
+                    format!(
+                        "rule id {} is already used by security group {other}",
+                        rule.id
+                    ),
+                ));
+            }
+        }
+        let previous = self.before.and_then(|b| b.security_groups.get(&group.id));
+        if previous.is_some_and(|old| old.stateful != group.stateful) {
+            for (kind, id) in self.untouched_referrers(ResourceKind::SecurityGroup, &group.id) {
+                if let Some(port) = self
+                    .state
+                    .ports
+                    .get(id)
+                    .filter(|_| kind == ResourceKind::Port)
+                {
+                    check_groups_agree(port, self.state)
+                        .map_err(|e| depends_on("stateful", kind, id, e))?;
                 }
             }
         }
@@ -1060,6 +1126,64 @@ fn check_fixed_ip_network(port: &Port, i: usize, subnet: &Subnet) -> Checked {
         ));
     }
     Ok(())
+}
+
+/// Without port security a port has no policy, so security groups on it would do
+/// nothing (Neutron refuses them too).
+fn check_port_security(port: &Port, network: &Network) -> Checked {
+    if port.security_group_ids.is_empty()
+        || port
+            .port_security_enabled
+            .unwrap_or(network.port_security_enabled)
+    {
+        return Ok(());
+    }
+    let whose = match port.port_security_enabled {
+        Some(_) => "the port".to_owned(),
+        None => format!("its network {}", network.id),
+    };
+    Err(ValidationError::failed_precondition(
+        "security_group_ids",
+        format!(
+            "port {} has port security disabled (by {whose}); security groups need it",
+            port.id
+        ),
+    ))
+}
+
+/// A port's groups are all stateful or all stateless: one policy, tracked or not.
+fn check_groups_agree(port: &Port, state: &State) -> Checked {
+    let mut groups = port
+        .security_group_ids
+        .iter()
+        .filter_map(|id| state.security_groups.get(id));
+    let Some(first) = groups.next() else {
+        return Ok(());
+    };
+    match groups.find(|group| group.stateful != first.stateful) {
+        None => Ok(()),
+        Some(other) => {
+            let kind = |group: &SecurityGroup| {
+                if group.stateful {
+                    "stateful"
+                } else {
+                    "stateless"
+                }
+            };
+            Err(ValidationError::failed_precondition(
+                "security_group_ids",
+                format!(
+                    "security group {} is {} but {} is {}; the groups of port {} must be \
+                     all stateful or all stateless",
+                    first.id,
+                    kind(first),
+                    other.id,
+                    kind(other),
+                    port.id
+                ),
+            ))
+        }
+    }
 }
 
 fn check_security_group(group: &SecurityGroup) -> Checked {

@@ -22,13 +22,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use dataplane_abi::{
-    global_names, map_names, program_names, DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4,
-    PortAddr6, PortInfo, PortMacKey, PortStats, Verdict, ABI_VERSION,
+    ct_stat, global_names, map_names, program_names, timeout_secs, CtEntry, CtKey, DropReason,
+    FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4,
+    RemoteKey6, RuleKey, RuleStats, Verdict, ABI_VERSION,
 };
 use tracing::{debug, info, warn};
 
 use super::BPF_OBJECT;
-use crate::core::compile::{DatapathTables, ProgrammedPort};
+use crate::core::compile::{Compiled, DatapathTables, ProgrammedPort};
 
 /// Sizes of the maps that grow with the node's ports.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +40,34 @@ pub struct MapLimits {
     pub max_addresses: u32,
     /// (network, MAC) forwarding entries.
     pub max_fdb: u32,
+    /// Security-group rules (`RULE_STATS`, the rule slot space).
+    pub max_rules: u32,
+    /// Entries of each of `SG_REMOTE4` and `SG_REMOTE6`.
+    pub max_remote_prefixes: u32,
+    /// `SG_RULES` entries (a rule takes one per port block of its range).
+    pub max_rule_entries: u32,
+    /// Confirmed connections (`CT`); a new one beyond it is dropped.
+    pub conntrack_entries: u32,
+    /// Unconfirmed connections (`CT_NEW`, LRU: the oldest is pushed out).
+    pub conntrack_new_entries: u32,
+}
+
+impl MapLimits {
+    /// Sizes for a node of `max_ports` ports, derived from typical per-port needs.
+    pub fn for_node(max_ports: u32, conntrack_entries: u32) -> Self {
+        Self {
+            max_ports,
+            max_addresses: max_ports * 16,
+            max_fdb: max_ports * 4,
+            max_rules: 131_072,
+            // Every policy holds the addresses of its remote groups' members: 10,000
+            // ports' policies over groups of 1,000 members need about 310,000.
+            max_remote_prefixes: 524_288,
+            max_rule_entries: 524_288,
+            conntrack_entries,
+            conntrack_new_entries: (conntrack_entries / 4).max(16),
+        }
+    }
 }
 
 /// How to load the object.
@@ -137,6 +166,13 @@ struct Maps {
     flood: HashMap<MapData, u32, FloodSet>,
     port_stats: PerCpuArray<MapData, PortStats>,
     noport_drops: PerCpuArray<MapData, u64>,
+    sg_remote4: LpmTrie<MapData, RemoteKey4, u32>,
+    sg_remote6: LpmTrie<MapData, RemoteKey6, u32>,
+    sg_rules: LpmTrie<MapData, RuleKey, u32>,
+    rule_stats: PerCpuArray<MapData, RuleStats>,
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    ct_new: HashMap<MapData, CtKey, CtEntry>,
+    ct_stats: PerCpuArray<MapData, u64>,
 }
 
 pub struct Datapath {
@@ -145,8 +181,10 @@ pub struct Datapath {
     maps: Maps,
     /// What the maps hold now.
     programmed: DatapathTables,
-    /// Slot of each programmed port, to notice slots that change hands.
-    slots: BTreeMap<String, u32>,
+    /// Slot of each programmed port and of each rule, to notice slots that change hands.
+    port_slots: BTreeMap<String, u32>,
+    rule_slots: BTreeMap<String, u32>,
+    limits: MapLimits,
     attachments: StdHashMap<u32, Attachment>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -171,6 +209,12 @@ impl Datapath {
             .map_max_entries(map_names::PORT_IP4, limits.max_addresses)
             .map_max_entries(map_names::PORT_IP6, limits.max_addresses)
             .map_max_entries(map_names::FDB, limits.max_fdb)
+            .map_max_entries(map_names::RULE_STATS, limits.max_rules)
+            .map_max_entries(map_names::SG_REMOTE4, limits.max_remote_prefixes)
+            .map_max_entries(map_names::SG_REMOTE6, limits.max_remote_prefixes)
+            .map_max_entries(map_names::SG_RULES, limits.max_rule_entries)
+            .map_max_entries(map_names::CT, limits.conntrack_entries)
+            .map_max_entries(map_names::CT_NEW, limits.conntrack_new_entries)
             .load(BPF_OBJECT)?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -206,13 +250,22 @@ impl Datapath {
             flood: take(&mut ebpf, map_names::FLOOD, pins)?,
             port_stats: take(&mut ebpf, map_names::PORT_STATS, pins)?,
             noport_drops: take(&mut ebpf, map_names::NOPORT_DROPS, pins)?,
+            sg_remote4: take(&mut ebpf, map_names::SG_REMOTE4, pins)?,
+            sg_remote6: take(&mut ebpf, map_names::SG_REMOTE6, pins)?,
+            sg_rules: take(&mut ebpf, map_names::SG_RULES, pins)?,
+            rule_stats: take(&mut ebpf, map_names::RULE_STATS, pins)?,
+            ct: take(&mut ebpf, map_names::CT, pins)?,
+            ct_new: take(&mut ebpf, map_names::CT_NEW, pins)?,
+            ct_stats: take(&mut ebpf, map_names::CT_STATS, pins)?,
         };
         info!(pins = ?pins, trace = options.trace_verdicts, "datapath loaded");
         Ok(Self {
             ebpf,
             maps,
             programmed: DatapathTables::default(),
-            slots: BTreeMap::new(),
+            port_slots: BTreeMap::new(),
+            rule_slots: BTreeMap::new(),
+            limits,
             attachments: StdHashMap::new(),
             _logger: logger,
         })
@@ -231,31 +284,32 @@ impl Datapath {
         self._logger.as_ref().map(|logger| logger.as_raw_fd())
     }
 
-    /// Makes maps and attachments match `desired`. On error the datapath may hold part
-    /// of `desired`; the caller re-syncs the previous tables to roll back.
-    pub fn sync(
-        &mut self,
-        desired: &DatapathTables,
-        ports: &[ProgrammedPort],
-    ) -> Result<(), DatapathError> {
+    /// Makes maps and attachments match `compiled`. On error the datapath may hold part
+    /// of it; the caller re-syncs the previous compilation to roll back.
+    pub fn sync(&mut self, compiled: &Compiled) -> Result<(), DatapathError> {
         let old = std::mem::take(&mut self.programmed);
         // Entries a new port's frames are checked against go in first, then the port;
         // on the way out the port goes first. Counters of a slot that changes hands
         // start from zero.
-        let new_slots: BTreeMap<String, u32> = ports
+        let port_slots: BTreeMap<String, u32> = compiled
+            .ports
             .iter()
             .map(|port| (port.port_id.clone(), port.slot))
             .collect();
-        let reused: BTreeSet<u32> = new_slots
-            .iter()
-            .filter(|(id, slot)| self.slots.get(*id) != Some(slot))
-            .map(|(_, slot)| *slot)
-            .collect();
-        let result = self.write(&old, desired, &reused, ports);
+        let reused_ports = changed_hands(&self.port_slots, &port_slots);
+        let reused_rules = changed_hands(&self.rule_slots, &compiled.rules);
+        let result = self.write(
+            &old,
+            &compiled.tables,
+            &reused_ports,
+            &reused_rules,
+            &compiled.ports,
+        );
         // Whatever happened, remember the tables as wanted: a failed sync is followed by
         // a sync back to the previous tables, which then rewrites every difference.
-        self.programmed = desired.clone();
-        self.slots = new_slots;
+        self.programmed = compiled.tables.clone();
+        self.port_slots = port_slots;
+        self.rule_slots = compiled.rules.clone();
         result
     }
 
@@ -263,13 +317,36 @@ impl Datapath {
         &mut self,
         old: &DatapathTables,
         new: &DatapathTables,
-        reused_slots: &BTreeSet<u32>,
+        reused_ports: &BTreeSet<u32>,
+        reused_rules: &BTreeSet<u32>,
         ports: &[ProgrammedPort],
     ) -> Result<(), DatapathError> {
         let m = &mut self.maps;
-        for slot in reused_slots {
-            zero_stats(&mut m.port_stats, *slot)?;
+        for slot in reused_ports {
+            zero_slot(&mut m.port_stats, *slot, map_names::PORT_STATS)?;
         }
+        for slot in reused_rules {
+            zero_slot(&mut m.rule_stats, *slot, map_names::RULE_STATS)?;
+        }
+        // Rules before the address classes that lead to them, both before the ports.
+        upsert_trie_map(
+            &mut m.sg_rules,
+            &old.sg_rules,
+            &new.sg_rules,
+            map_names::SG_RULES,
+        )?;
+        upsert_trie_map(
+            &mut m.sg_remote4,
+            &old.sg_remote4,
+            &new.sg_remote4,
+            map_names::SG_REMOTE4,
+        )?;
+        upsert_trie_map(
+            &mut m.sg_remote6,
+            &old.sg_remote6,
+            &new.sg_remote6,
+            map_names::SG_REMOTE6,
+        )?;
         upsert_set(
             &mut m.port_macs,
             &old.port_macs,
@@ -339,6 +416,24 @@ impl Datapath {
             &old.port_macs,
             &new.port_macs,
             map_names::PORT_MACS,
+        )?;
+        remove_trie_map(
+            &mut m.sg_remote6,
+            &old.sg_remote6,
+            &new.sg_remote6,
+            map_names::SG_REMOTE6,
+        )?;
+        remove_trie_map(
+            &mut m.sg_remote4,
+            &old.sg_remote4,
+            &new.sg_remote4,
+            map_names::SG_REMOTE4,
+        )?;
+        remove_trie_map(
+            &mut m.sg_rules,
+            &old.sg_rules,
+            &new.sg_rules,
+            map_names::SG_RULES,
         )?;
         Ok(())
     }
@@ -522,6 +617,99 @@ impl Datapath {
         Ok(counters)
     }
 
+    /// Packets and bytes the rule in `slot` allowed, summed over CPUs.
+    pub fn rule_counters(&self, slot: u32) -> Result<RuleStats, DatapathError> {
+        let per_cpu = self
+            .maps
+            .rule_stats
+            .get(&slot, 0)
+            .map_err(map_err(map_names::RULE_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(RuleStats::default(), |total, cpu| RuleStats {
+                packets: total.packets + cpu.packets,
+                bytes: total.bytes + cpu.bytes,
+            }))
+    }
+
+    /// Every tracked connection: (key, entry, confirmed).
+    pub fn connections(&self) -> Result<Vec<(CtKey, CtEntry, bool)>, DatapathError> {
+        let mut all = Vec::new();
+        for (map, confirmed, name) in [
+            (&self.maps.ct, true, map_names::CT),
+            (&self.maps.ct_new, false, map_names::CT_NEW),
+        ] {
+            for item in map.iter() {
+                // An entry removed between the key walk and its read is simply gone.
+                match item {
+                    Ok((key, entry)) => all.push((key, entry, confirmed)),
+                    Err(MapError::KeyNotFound) => {}
+                    Err(source) => return Err(DatapathError::Map { map: name, source }),
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Forgets the connections in `zone` (a port slot); returns how many.
+    pub fn flush_connections(&mut self, zone: u32) -> Result<u32, DatapathError> {
+        self.remove_connections(|key, _, _| key.zone == zone)
+    }
+
+    /// Removes connections idle past their timeout (`now_ns` on the clock of
+    /// `bpf_ktime_get_ns`, CLOCK_MONOTONIC); returns how many.
+    pub fn expire_connections(&mut self, now_ns: u64) -> Result<u32, DatapathError> {
+        self.remove_connections(|key, entry, confirmed| {
+            let timeout = timeout_secs(key.protocol, entry.state, confirmed) * 1_000_000_000;
+            now_ns.saturating_sub(entry.last_seen_ns) > timeout
+        })
+    }
+
+    fn remove_connections(
+        &mut self,
+        doomed: impl Fn(&CtKey, &CtEntry, bool) -> bool,
+    ) -> Result<u32, DatapathError> {
+        let mut removed = 0;
+        for (key, entry, confirmed) in self.connections()? {
+            if !doomed(&key, &entry, confirmed) {
+                continue;
+            }
+            let (map, name) = if confirmed {
+                (&mut self.maps.ct, map_names::CT)
+            } else {
+                (&mut self.maps.ct_new, map_names::CT_NEW)
+            };
+            match map.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DatapathError::Map { map: name, source }),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The datapath's conntrack counters (indexed by `ct_stat`), summed over CPUs, and
+    /// the table sizes: (counters, CT capacity, CT_NEW capacity).
+    pub fn conntrack_counters(
+        &self,
+    ) -> Result<([u64; ct_stat::COUNT as usize], u32, u32), DatapathError> {
+        let mut counters = [0u64; ct_stat::COUNT as usize];
+        for (index, total) in counters.iter_mut().enumerate() {
+            *total = self
+                .maps
+                .ct_stats
+                .get(&(index as u32), 0)
+                .map_err(map_err(map_names::CT_STATS))?
+                .iter()
+                .sum();
+        }
+        Ok((
+            counters,
+            self.limits.conntrack_entries,
+            self.limits.conntrack_new_entries,
+        ))
+    }
+
     /// Drops no port could be charged with, by reason.
     pub fn unattributed_drops(&self) -> Result<Vec<(DropReason, u64)>, DatapathError> {
         let mut totals = [0u64; DropReason::COUNT];
@@ -598,11 +786,21 @@ fn replace_dir(dir: &Path) -> Result<(), DatapathError> {
     std::fs::create_dir_all(dir).map_err(err)
 }
 
-fn zero_stats(stats: &mut PerCpuArray<MapData, PortStats>, slot: u32) -> Result<(), DatapathError> {
-    let zero = per_cpu(PortStats::default(), map_names::PORT_STATS)?;
-    stats
-        .set(slot, zero, 0)
-        .map_err(map_err(map_names::PORT_STATS))
+fn zero_slot<T: aya::Pod + Default>(
+    stats: &mut PerCpuArray<MapData, T>,
+    slot: u32,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    let zero = per_cpu(T::default(), map)?;
+    stats.set(slot, zero, 0).map_err(map_err(map))
+}
+
+/// Slots now held by another id than before (or newly taken).
+fn changed_hands(old: &BTreeMap<String, u32>, new: &BTreeMap<String, u32>) -> BTreeSet<u32> {
+    new.iter()
+        .filter(|(id, slot)| old.get(*id) != Some(slot))
+        .map(|(_, slot)| *slot)
+        .collect()
 }
 
 /// `value` on every possible CPU.
@@ -701,6 +899,33 @@ fn remove_trie<K: aya::Pod + Ord>(
     name: &'static str,
 ) -> MapResult {
     for (prefix_len, data) in old.difference(new) {
+        remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
+    }
+    Ok(())
+}
+
+fn upsert_trie_map<K: aya::Pod + Ord>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    old: &BTreeMap<(u32, K), u32>,
+    new: &BTreeMap<(u32, K), u32>,
+    name: &'static str,
+) -> MapResult {
+    for ((prefix_len, data), value) in new {
+        if old.get(&(*prefix_len, *data)) != Some(value) {
+            trie.insert(&LpmKey::new(*prefix_len, *data), *value, 0)
+                .map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_trie_map<K: aya::Pod + Ord>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    old: &BTreeMap<(u32, K), u32>,
+    new: &BTreeMap<(u32, K), u32>,
+    name: &'static str,
+) -> MapResult {
+    for (prefix_len, data) in old.keys().filter(|key| !new.contains_key(key)) {
         remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
     }
     Ok(())

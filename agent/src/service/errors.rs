@@ -47,15 +47,31 @@ pub fn validation_status(error: &ValidationError, list: RequestList) -> Status {
     )
 }
 
+/// The status of a failed Apply or Sync.
 pub fn node_status(error: NodeError, list: RequestList) -> Status {
     match error {
         NodeError::Invalid(invalid) => validation_status(&invalid, list),
-        NodeError::PortNotProgrammed { .. } => Status::not_found(error.to_string()),
+        other => query_status(other),
+    }
+}
+
+/// The status of a failed query or port operation (counters, connections).
+pub fn query_status(error: NodeError) -> Status {
+    match error {
+        NodeError::PortNotProgrammed { ref port_id } => Status::with_error_details(
+            Code::NotFound,
+            format!("port_id: {error}"),
+            ErrorDetails::with_bad_request_violation(
+                "port_id",
+                format!("port {port_id} is not programmed on this node"),
+            ),
+        ),
         NodeError::Datapath(ref datapath) => {
             // The request was valid; the kernel refused (a full map, a vanished device).
-            error!(error = ?datapath, "datapath update failed");
+            error!(error = ?datapath, "datapath operation failed");
             Status::internal(format!("{error}: {}", chain(datapath)))
         }
+        NodeError::Invalid(ref invalid) => Status::invalid_argument(invalid.to_string()),
     }
 }
 
@@ -77,5 +93,14 @@ pub fn not_found(kind: &str, id: &str) -> Status {
         Code::NotFound,
         format!("id: no {kind} {id}"),
         ErrorDetails::with_bad_request_violation("id", format!("no {kind} {id}")),
+    )
+}
+
+/// For a request field that must be set.
+pub fn missing_field(field: &str) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: required"),
+        ErrorDetails::with_bad_request_violation(field, "required"),
     )
 }

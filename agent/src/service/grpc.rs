@@ -11,11 +11,11 @@ use tracing::warn;
 
 use super::{
     convert::{changes_from_proto, drop_reason_to_proto, resources_from_proto, status_to_proto},
-    errors::{node_status, not_found, validation_status, RequestList},
+    errors::{missing_field, node_status, not_found, query_status, validation_status, RequestList},
 };
 use crate::{
     core::model::{ResourceKind, ResourceRef},
-    node::{Committed, Node, NodeEvent},
+    node::{Committed, Connection, Node, NodeEvent},
 };
 
 pub struct DataplaneService {
@@ -52,6 +52,36 @@ fn event_to_proto(event: NodeEvent) -> pb::WatchEvent {
         }),
     };
     pb::WatchEvent { event: Some(event) }
+}
+
+fn connection_to_proto(connection: Connection) -> pb::Connection {
+    let endpoint = |(address, port): (std::net::IpAddr, u16)| pb::Endpoint {
+        address: address.to_string(),
+        port: u32::from(port),
+    };
+    let state = match connection.state {
+        dataplane_abi::ct_state::OPEN => pb::ConnectionState::Open,
+        dataplane_abi::ct_state::SYN_SENT => pb::ConnectionState::SynSent,
+        dataplane_abi::ct_state::SYN_RECV => pb::ConnectionState::SynRecv,
+        dataplane_abi::ct_state::ESTABLISHED => pb::ConnectionState::Established,
+        dataplane_abi::ct_state::CLOSING => pb::ConnectionState::Closing,
+        dataplane_abi::ct_state::CLOSED => pb::ConnectionState::Closed,
+        _ => pb::ConnectionState::Unspecified,
+    };
+    pb::Connection {
+        port_id: connection.port_id,
+        protocol: u32::from(connection.protocol),
+        source: Some(endpoint(connection.source)),
+        destination: Some(endpoint(connection.destination)),
+        direction: if connection.egress {
+            pb::ConnectionDirection::Egress
+        } else {
+            pb::ConnectionDirection::Ingress
+        } as i32,
+        state: state as i32,
+        replied: connection.replied,
+        idle_seconds: connection.idle_seconds,
+    }
 }
 
 fn drop_counts(drops: &[(dataplane_abi::DropReason, u64)]) -> Vec<pb::DropCount> {
@@ -385,11 +415,7 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
     ) -> Result<Response<pb::GetPortCountersResponse>, Status> {
         let port_id = request.into_inner().port_id;
         let port_id = (!port_id.is_empty()).then_some(port_id.as_str());
-        let (ports, unattributed) = self
-            .node
-            .counters(port_id)
-            .await
-            .map_err(|e| node_status(e, RequestList::Changes))?;
+        let (ports, unattributed) = self.node.counters(port_id).await.map_err(query_status)?;
         Ok(Response::new(pb::GetPortCountersResponse {
             ports: ports
                 .into_iter()
@@ -403,6 +429,80 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
                 })
                 .collect(),
             unattributed_drops: drop_counts(&unattributed),
+        }))
+    }
+
+    async fn get_rule_counters(
+        &self,
+        request: Request<pb::GetRuleCountersRequest>,
+    ) -> Result<Response<pb::GetRuleCountersResponse>, Status> {
+        let group = request.into_inner().security_group_id;
+        let rules = self
+            .node
+            .rule_counters((!group.is_empty()).then_some(group.as_str()))
+            .await
+            .map_err(query_status)?;
+        Ok(Response::new(pb::GetRuleCountersResponse {
+            rules: rules
+                .into_iter()
+                .map(|(security_group_id, rule_id, counters)| pb::RuleCounters {
+                    security_group_id,
+                    rule_id,
+                    packets: counters.packets,
+                    bytes: counters.bytes,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let port_id = request.into_inner().port_id;
+        let connections = self
+            .node
+            .connections((!port_id.is_empty()).then_some(port_id.as_str()))
+            .await
+            .map_err(query_status)?;
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: connections.into_iter().map(connection_to_proto).collect(),
+        }))
+    }
+
+    async fn flush_connections(
+        &self,
+        request: Request<pb::FlushConnectionsRequest>,
+    ) -> Result<Response<pb::FlushConnectionsResponse>, Status> {
+        let port_id = request.into_inner().port_id;
+        if port_id.is_empty() {
+            return Err(missing_field("port_id"));
+        }
+        let flushed = self
+            .node
+            .flush_connections(&port_id)
+            .await
+            .map_err(query_status)?;
+        Ok(Response::new(pb::FlushConnectionsResponse { flushed }))
+    }
+
+    async fn get_conntrack_stats(
+        &self,
+        _request: Request<pb::GetConntrackStatsRequest>,
+    ) -> Result<Response<pb::ConntrackStats>, Status> {
+        let stats = self.node.conntrack_stats().await.map_err(query_status)?;
+        Ok(Response::new(pb::ConntrackStats {
+            confirmed_entries: stats.confirmed_entries,
+            unconfirmed_entries: stats.unconfirmed_entries,
+            confirmed_capacity: stats.confirmed_capacity,
+            unconfirmed_capacity: stats.unconfirmed_capacity,
+            new_inserts: stats.new_inserts,
+            confirmed: stats.confirmed,
+            table_full_drops: stats.table_full_drops,
+            deletes: stats.deletes,
+            evictions: stats.evictions,
+            related: stats.related,
+            expired: stats.expired,
         }))
     }
 }

@@ -95,3 +95,20 @@ pub mod ct_stat {
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+
+/// Seconds an entry lives after its last packet: the one rule the datapath (which treats
+/// an older entry as absent) and the agent's expiry sweep both apply. `confirmed`: the
+/// entry is in `CT` (a reply was seen), not `CT_NEW`.
+pub const fn timeout_secs(protocol: u8, state: u8, confirmed: bool) -> u64 {
+    if !confirmed {
+        return ct_timeout::NEW_SECS;
+    }
+    match (protocol, state) {
+        (6, ct_state::ESTABLISHED) => ct_timeout::TCP_ESTABLISHED_SECS,
+        (6, ct_state::CLOSING) => ct_timeout::TCP_CLOSING_SECS,
+        (6, ct_state::CLOSED) => ct_timeout::TCP_CLOSED_SECS,
+        (6, _) => ct_timeout::NEW_SECS,
+        (1 | 58, _) => ct_timeout::ICMP_SECS,
+        _ => ct_timeout::DATAGRAM_SECS,
+    }
+}

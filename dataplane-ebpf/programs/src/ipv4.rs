@@ -19,9 +19,12 @@ struct Ipv4Hdr {
     dst: [u8; 4],
 }
 
+/// `repr(C, align(4))` with the addresses first: `flow` reads them as aligned words.
+#[repr(C, align(4))]
 pub struct Ipv4 {
     /// Network order.
     pub src: [u8; 4],
+    pub dst: [u8; 4],
     pub proto: u8,
     /// Offset of the transport header in the frame.
     pub l4_off: usize,
@@ -43,9 +46,33 @@ pub fn parse(pkt: &mut Packet) -> Result<Ipv4, DropReason> {
     }
     Ok(Ipv4 {
         src: h.src,
+        dst: h.dst,
         proto: h.proto,
         l4_off: ETH_HLEN + ihl,
         end: ETH_HLEN + total,
+        first_fragment: u16::from_be_bytes(h.frag_off) & 0x1fff == 0,
+    })
+}
+
+/// The header an ICMP error quotes at `off` (the datagram it is about), inside the
+/// error's datagram ending at `end`. Only the header and 8 bytes of its payload are
+/// there: its total length is not checked.
+#[inline(always)]
+pub fn quoted(pkt: &mut Packet, off: usize, end: usize) -> Option<Ipv4> {
+    if off + core::mem::size_of::<Ipv4Hdr>() > end {
+        return None;
+    }
+    let h: &Ipv4Hdr = pkt.at(off)?;
+    let ihl = (h.version_ihl & 0x0f) as usize * 4;
+    if h.version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    Some(Ipv4 {
+        src: h.src,
+        dst: h.dst,
+        proto: h.proto,
+        l4_off: off + ihl,
+        end,
         first_fragment: u16::from_be_bytes(h.frag_off) & 0x1fff == 0,
     })
 }

@@ -77,8 +77,11 @@ struct NdLlOpt {
     addr: Mac,
 }
 
+/// `repr(C, align(4))` with the addresses first: `flow` reads them as aligned words.
+#[repr(C, align(4))]
 pub struct Ipv6 {
     pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// Protocol of the header at `l4_off` (the first that is not an extension header).
     pub next: u8,
     pub l4_off: usize,
@@ -98,6 +101,7 @@ pub fn parse(pkt: &mut Packet) -> Result<Ipv6, DropReason> {
     }
     let mut ip = Ipv6 {
         src: h.src,
+        dst: h.dst,
         next: h.next,
         l4_off: ETH_HLEN + IPV6_HLEN,
         end,
@@ -184,4 +188,28 @@ pub fn nd_ll_addr_is(
         opt += opt_len;
     }
     Ok(true)
+}
+
+/// The header an ICMPv6 error quotes at `off`, inside the error's payload ending at
+/// `end`: its addresses are copied into `src` and `dst`; its next header and the offset
+/// of what follows are returned. Extension headers are not walked: a quoted packet
+/// with any is about no connection `conntrack` could find.
+#[inline(always)]
+pub fn quoted(
+    pkt: &mut Packet,
+    off: usize,
+    end: usize,
+    src: &mut [u8; 16],
+    dst: &mut [u8; 16],
+) -> Option<(u8, usize)> {
+    if off + IPV6_HLEN > end {
+        return None;
+    }
+    let h: &Ipv6Hdr = pkt.at(off)?;
+    if h.version_tc_flow[0] >> 4 != 6 {
+        return None;
+    }
+    *src = h.src;
+    *dst = h.dst;
+    Some((h.next, off + IPV6_HLEN))
 }

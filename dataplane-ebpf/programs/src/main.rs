@@ -1,25 +1,34 @@
 //! TC programs of a VM port's device. `port_ingress` (tcx ingress: frames the VM sends)
-//! validates, applies port security and switches; `port_egress` (tcx egress: frames
-//! delivered to the VM) only lets through what `port_ingress` switched. Only
+//! validates, applies port security and the egress rules of the port's security groups,
+//! and switches; `port_egress` (tcx egress: frames delivered to the VM) only lets
+//! through what `port_ingress` switched, and applies the ingress rules. Only
 //! `port_ingress` traces verdicts (see `drop::Hook`).
 #![no_std]
 #![no_main]
 
 mod arp;
+mod conntrack;
 mod drop;
 mod eth;
+mod flow;
+mod icmp;
 mod ipv4;
 mod ipv6;
 mod l2;
 mod l4;
 mod maps;
 mod packet;
+mod policy;
 mod port_security;
 mod trace;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+    macros::classifier,
+    programs::TcContext,
+};
 use dataplane_abi::{
-    port_flags, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH, MARK_MAGIC_MASK,
+    port_flags, sg_direction, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH, MARK_MAGIC_MASK,
 };
 
 use crate::{
@@ -61,18 +70,26 @@ fn ingress(
     let mut pkt = Packet::new(ctx);
     let eth = eth::parse(&mut pkt)?;
     let secure = port.flags & port_flags::PORT_SECURITY != 0;
+    let policy = port.flags & port_flags::POLICY != 0;
     // Network headers are validated on every port, before port security looks at them.
+    // Security groups judge what port security let through.
     match eth.proto {
         ETH_P_IP => {
             let ip = ipv4::parse(&mut pkt)?;
             if secure {
                 port_security::ipv4(&mut pkt, port, &eth, &ip)?;
             }
+            if policy {
+                policy::check(ctx, port, Some(&ip), None, sg_direction::EGRESS)?;
+            }
         }
         ETH_P_IPV6 => {
             let ip = ipv6::parse(&mut pkt)?;
             if secure {
                 port_security::ipv6(&mut pkt, port, &eth, &ip)?;
+            }
+            if policy {
+                policy::check(ctx, port, None, Some(&ip), sg_direction::EGRESS)?;
             }
         }
         ETH_P_ARP => {
@@ -84,7 +101,8 @@ fn ingress(
         _ if secure => port_security::other(port, &eth)?,
         _ => {}
     }
-    l2::forward(ctx, port, ifindex, &eth.dst, stats)
+    l2::forward(ctx, port, ifindex, &eth.dst, stats)?;
+    Ok(TC_ACT_REDIRECT as i32)
 }
 
 #[classifier]
@@ -103,9 +121,32 @@ pub fn port_egress(ctx: TcContext) -> i32 {
     if port.flags & port_flags::ADMIN_UP == 0 {
         return drop::shot(Hook::Egress, Some(stats), DropReason::PortAdminDown);
     }
+    if port.flags & port_flags::POLICY != 0 {
+        if let Err(reason) = egress_policy(&ctx, port) {
+            return drop::shot(Hook::Egress, Some(stats), reason);
+        }
+    }
     stats.tx_packets += 1;
     stats.tx_bytes += u64::from(ctx.len());
     TC_ACT_OK
+}
+
+/// The ingress rules of the port's security groups, for an IP frame towards the VM.
+#[inline(always)]
+fn egress_policy(ctx: &TcContext, port: &PortInfo) -> Result<(), DropReason> {
+    let mut pkt = Packet::new(ctx);
+    let eth = eth::parse(&mut pkt)?;
+    match eth.proto {
+        ETH_P_IP => {
+            let ip = ipv4::parse(&mut pkt)?;
+            policy::check(ctx, port, Some(&ip), None, sg_direction::INGRESS)
+        }
+        ETH_P_IPV6 => {
+            let ip = ipv6::parse(&mut pkt)?;
+            policy::check(ctx, port, None, Some(&ip), sg_direction::INGRESS)
+        }
+        _ => Ok(()),
+    }
 }
 
 #[inline(always)]

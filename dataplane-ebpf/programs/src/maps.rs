@@ -1,11 +1,12 @@
-//! The maps of the L2 port path. Names, key and value types are the ABI in
+//! The maps of the port path. Names, key and value types are the ABI in
 //! `dataplane_abi`; sizes are defaults the loader may change with `set_max_entries`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_abi::{
-    DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats,
+    ct_stat, CtEntry, CtKey, DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6,
+    PortInfo, PortMacKey, PortStats, RemoteKey4, RemoteKey6, RuleKey, RuleStats, RuleValue,
     Verdict,
 };
 
@@ -36,6 +37,32 @@ pub static FLOOD: HashMap<u32, FloodSet> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 pub static PORT_STATS: PerCpuArray<PortStats> = PerCpuArray::with_max_entries(4096, 0);
+
+/// Security groups: remote address to address class, per policy and direction.
+#[map]
+pub static SG_REMOTE4: LpmTrie<RemoteKey4, u32> = LpmTrie::with_max_entries(65536, 0);
+
+#[map]
+pub static SG_REMOTE6: LpmTrie<RemoteKey6, u32> = LpmTrie::with_max_entries(65536, 0);
+
+/// (address class, protocol, port) to the slot of the rule that allows it.
+#[map]
+pub static SG_RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(262144, 0);
+
+#[map]
+pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(131072, 0);
+
+/// Confirmed connections. Not LRU: a full table refuses new connections rather than
+/// forget established ones.
+#[map]
+pub static CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(262144, 0);
+
+/// Connections waiting for their first reply.
+#[map]
+pub static CT_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ct_stat::COUNT, 0);
 
 #[map]
 pub static NOPORT_DROPS: PerCpuArray<u64> =

@@ -80,7 +80,7 @@ pub fn ip6_allowed(port: &PortInfo, mac: &Mac, addr: &[u8; 16]) -> bool {
             .is_some()
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn arp(port: &PortInfo, eth: &Eth, arp: &Arp) -> Result<(), DropReason> {
     check_mac(port, &eth.src)?;
     // An ARP probe (RFC 5227) has no sender address yet.
@@ -92,7 +92,7 @@ pub fn arp(port: &PortInfo, eth: &Eth, arp: &Arp) -> Result<(), DropReason> {
     Ok(())
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn ipv4(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv4) -> Result<(), DropReason> {
     check_mac(port, &eth.src)?;
     // Port 0, which no check below names, when there is no UDP header. (An `Option`
@@ -117,7 +117,7 @@ pub fn ipv4(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv4) -> Result<(
     Ok(())
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn ipv6(pkt: &mut Packet, port: &PortInfo, eth: &Eth, ip: &Ipv6) -> Result<(), DropReason> {
     check_mac(port, &eth.src)?;
     // Type 0 (reserved), which no check below names, when there is no ICMPv6 header:

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     agent::{agent_binary, Agent},
-    api::{apply, network, port, subnet, upsert},
+    api::{apply, default_security_group, network, port, subnet, upsert},
     netns::NetNs,
     topology::Vm,
 };
@@ -64,10 +64,11 @@ async fn main() -> Result<()> {
         &["10.1.0.13/24".parse()?],
     )?;
 
-    step("Apply over gRPC: 2 networks, 3 subnets, 3 ports (one all-or-nothing batch)");
+    step("Apply over gRPC: a security group, 2 networks, 3 subnets, 3 ports (one all-or-nothing batch)");
     let mut client = agent.client().await?;
     let response = client
         .apply(apply(vec![
+            upsert(default_security_group()),
             upsert(network("blue")),
             upsert(network("red")),
             upsert(subnet("blue-v4", "blue", "10.1.0.0/24")),

@@ -12,6 +12,15 @@ fn interfaces(names: &[(&str, u32)]) -> BTreeMap<String, u32> {
         .collect()
 }
 
+/// Slots for tests: rules are plentiful unless a test is about them.
+fn new_slots(max_ports: u32, max_networks: u32) -> Slots {
+    Slots::new(SlotLimits {
+        max_ports,
+        max_networks,
+        max_rules: 1024,
+    })
+}
+
 fn run(state: &State, devices: &BTreeMap<String, u32>, slots: &mut Slots) -> Compiled {
     compile(
         state,
@@ -90,7 +99,7 @@ fn a_port_gets_its_info_addresses_fdb_and_flood_entries() {
     ];
     let state = state_with(vec![p]);
     let devices = interfaces(&[("tap1", 11)]);
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(&state, &devices, &mut slots);
 
     let (slot, network_slot) = (
@@ -98,6 +107,10 @@ fn a_port_gets_its_info_addresses_fdb_and_flood_entries() {
         slots.network_slot("n1").unwrap(),
     );
     assert_eq!((slot, network_slot), (1, 1));
+    // Port security and no security groups: a policy without rules (IP is dropped).
+    let revision = compiled.tables.ports[&11].policy_revision;
+    assert_ne!(revision, 0);
+    assert_eq!(slots.policy_id(&[]), Some(1));
     assert_eq!(
         compiled.tables.ports,
         BTreeMap::from([(
@@ -105,14 +118,16 @@ fn a_port_gets_its_info_addresses_fdb_and_flood_entries() {
             PortInfo {
                 port_slot: 1,
                 network_slot: 1,
-                flags: port_flags::ADMIN_UP | port_flags::PORT_SECURITY,
+                flags: port_flags::ADMIN_UP | port_flags::PORT_SECURITY | port_flags::POLICY,
                 mac: mac("fa:16:3e:12:34:56").0,
                 _pad: [0; 2],
-                policy_id: 0,
-                policy_revision: 0,
+                policy_id: 1,
+                policy_revision: revision,
             }
         )])
     );
+    assert!(compiled.tables.sg_remote4.is_empty() && compiled.tables.sg_remote6.is_empty());
+    assert!(compiled.tables.sg_rules.is_empty() && compiled.rules.is_empty());
     assert_eq!(
         compiled.tables.port_macs,
         BTreeSet::from([mac_key(1, "fa:16:3e:12:34:56")])
@@ -174,7 +189,7 @@ fn allowed_address_pairs_exact_and_prefixes() {
         pair("0.0.0.0/0", Some(other)),
     ];
     let state = state_with(vec![p]);
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(&state, &interfaces(&[("tap1", 11)]), &mut slots);
     let tables = &compiled.tables;
 
@@ -182,6 +197,7 @@ fn allowed_address_pairs_exact_and_prefixes() {
         tables.ports[&11].flags,
         port_flags::ADMIN_UP
             | port_flags::PORT_SECURITY
+            | port_flags::POLICY
             | port_flags::HAS_NET4
             | port_flags::HAS_NET6
     );
@@ -246,7 +262,7 @@ fn a_pair_mac_claimed_by_two_ports_is_in_no_fdb_entry() {
     c.allowed_address_pairs = vec![pair("10.0.0.98", Some("fa:16:3e:00:00:0a"))];
     let state = state_with(vec![a, b, c]);
     let devices = interfaces(&[("tap-a", 1), ("tap-b", 2), ("tap-c", 3)]);
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(&state, &devices, &mut slots);
     let fdb = &compiled.tables.fdb;
 
@@ -271,7 +287,7 @@ fn networks_are_isolated() {
     let c = local_port("c", "n2", "fa:16:3e:00:00:01", "tap-c");
     let state = state_with(vec![a, b, c]);
     let devices = interfaces(&[("tap-a", 1), ("tap-b", 2), ("tap-c", 3)]);
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(&state, &devices, &mut slots);
 
     let (n1, n2) = (
@@ -306,11 +322,12 @@ fn admin_down_ports_stay_programmed_without_admin_up() {
         })])
         .unwrap();
     let devices = interfaces(&[("tap-a", 1), ("tap-b", 2)]);
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(&state, &devices, &mut slots);
 
-    assert_eq!(compiled.tables.ports[&1].flags, port_flags::PORT_SECURITY);
-    assert_eq!(compiled.tables.ports[&2].flags, port_flags::PORT_SECURITY);
+    let secured = port_flags::PORT_SECURITY | port_flags::POLICY;
+    assert_eq!(compiled.tables.ports[&1].flags, secured);
+    assert_eq!(compiled.tables.ports[&2].flags, secured);
     assert_eq!(compiled.ports.len(), 2);
     assert_eq!(
         status_of(&compiled, ResourceKind::Port, "a"),
@@ -351,16 +368,20 @@ fn port_security_comes_from_the_network_unless_the_port_sets_it() {
         })])
         .unwrap();
     let devices = interfaces(&[("tap-a", 1), ("tap-b", 2), ("tap-c", 3)]);
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(&state, &devices, &mut slots);
     let tables = &compiled.tables;
 
     assert_eq!(tables.ports[&1].flags, port_flags::ADMIN_UP);
     assert_eq!(
         tables.ports[&2].flags,
-        port_flags::ADMIN_UP | port_flags::PORT_SECURITY
+        port_flags::ADMIN_UP | port_flags::PORT_SECURITY | port_flags::POLICY
     );
     assert_eq!(tables.ports[&3].flags, port_flags::ADMIN_UP);
+    // A policy only for the port with port security.
+    assert_eq!(tables.ports[&1].policy_id, 0);
+    assert_ne!(tables.ports[&2].policy_id, 0);
+    assert_eq!(tables.ports[&3].policy_id, 0);
     // Address tables only for the port with port security.
     let slot_b = slots.port_slot("b").unwrap();
     assert!(tables.port_macs.iter().all(|key| key.port_slot == slot_b));
@@ -410,7 +431,7 @@ fn statuses_of_ports_not_programmed_and_of_other_resources() {
             upsert(qos_policy("q")),
         ])
         .unwrap();
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let compiled = run(
         &state,
         &interfaces(&[("tap-shared", 5), ("tap9", 9)]),
@@ -482,7 +503,7 @@ fn slots_are_stable_and_reused() {
     let devices = interfaces(&[("tap-b", 2), ("tap-c", 3), ("tap-d", 4), ("tap-a", 1)]);
     let b = local_port("b", "n1", "fa:16:3e:00:00:02", "tap-b");
     let c = local_port("c", "n1", "fa:16:3e:00:00:03", "tap-c");
-    let mut slots = Slots::new(16, 16);
+    let mut slots = new_slots(16, 16);
     let state = state_with(vec![b.clone(), c.clone()]);
     let first = run(&state, &devices, &mut slots);
     assert_eq!(
@@ -561,7 +582,7 @@ fn ports_beyond_the_slots_are_errors() {
         .collect();
     let state = state_with(ports);
     let devices = interfaces(&[("tap0", 10), ("tap1", 11), ("tap2", 12)]);
-    let mut slots = Slots::new(3, 3);
+    let mut slots = new_slots(3, 3);
     let compiled = run(&state, &devices, &mut slots);
     assert_eq!(
         compiled
@@ -579,7 +600,7 @@ fn ports_beyond_the_slots_are_errors() {
     // One network slot: the second network's ports are errors.
     let a = local_port("a", "n1", "fa:16:3e:00:00:01", "tap-a");
     let b = local_port("b", "n2", "fa:16:3e:00:00:02", "tap-b");
-    let mut slots = Slots::new(8, 2);
+    let mut slots = new_slots(8, 2);
     let compiled = run(
         &state_with(vec![a, b]),
         &interfaces(&[("tap-a", 1), ("tap-b", 2)]),
@@ -609,7 +630,7 @@ fn a_network_floods_to_at_most_max_flood_ports() {
     let devices: BTreeMap<String, u32> = (0..count)
         .map(|i| (format!("tap{i}"), 100 + i as u32))
         .collect();
-    let mut slots = Slots::new(1024, 16);
+    let mut slots = new_slots(1024, 16);
     let compiled = run(&state, &devices, &mut slots);
 
     assert_eq!(compiled.ports.len(), MAX_FLOOD_PORTS);
@@ -640,6 +661,6 @@ fn slot_pool_hands_out_the_lowest_free_slot() {
     assert_eq!(pool.assign("e"), Some(1));
     assert_eq!(pool.assign("f"), Some(3));
     assert_eq!(pool.capacity(), 3);
-    assert_eq!(SlotPool::new(0).capacity(), 0);
-    assert_eq!(SlotPool::new(0).assign("x"), None);
+    assert_eq!(SlotPool::<String>::new(0).capacity(), 0);
+    assert_eq!(SlotPool::<String>::new(0).assign("x"), None);
 }

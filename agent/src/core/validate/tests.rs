@@ -1278,6 +1278,281 @@ fn upserts_that_break_resources_outside_the_request() {
 }
 
 // ---------------------------------------------------------------------------------
+// Security groups on ports
+// ---------------------------------------------------------------------------------
+
+fn stateless(id: &str) -> SecurityGroup {
+    SecurityGroup {
+        stateful: false,
+        ..security_group(id)
+    }
+}
+
+#[test]
+fn a_ports_groups_are_all_stateful_or_all_stateless() {
+    let state = accepted(
+        &base_state(),
+        vec![upsert(stateless("loose")), upsert(stateless("loose2"))],
+    );
+    let mixed = Port {
+        security_group_ids: vec!["sg1".to_owned(), "loose".to_owned()],
+        ..p1()
+    };
+    let error = refused(
+        &state,
+        vec![upsert(mixed)],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.port.security_group_ids",
+    );
+    assert!(
+        error.message.contains("sg1") && error.message.contains("loose"),
+        "{}",
+        error.message
+    );
+    // Agreeing groups of either kind are fine.
+    accepted(
+        &state,
+        vec![upsert(Port {
+            security_group_ids: vec!["loose".to_owned(), "loose2".to_owned()],
+            ..p1()
+        })],
+    );
+    let mut p2 = port_at("p2", "fa:16:3e:00:00:02", "10.0.0.6");
+    p2.security_group_ids = vec!["sg1".to_owned(), "loose".to_owned()];
+    let error = State::replace(&[
+        network("n1").into(),
+        subnet("s1", "n1", "10.0.0.0/24").into(),
+        security_group("sg1").into(),
+        stateless("loose").into(),
+        p2.into(),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        (error.code, error.index, error.field.as_str()),
+        (
+            ErrorCode::FailedPrecondition,
+            Some(4),
+            "port.security_group_ids"
+        )
+    );
+}
+
+#[test]
+fn a_group_turning_stateless_under_a_port_with_stateful_groups() {
+    let state = accepted(&base_state(), vec![upsert(security_group("sg2"))]);
+    let state = accepted(
+        &state,
+        vec![upsert(Port {
+            security_group_ids: vec!["sg1".to_owned(), "sg2".to_owned()],
+            ..p1()
+        })],
+    );
+    let flipped = SecurityGroup {
+        revision_number: 2,
+        ..stateless("sg2")
+    };
+    let error = refused(
+        &state,
+        vec![upsert(flipped.clone())],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.security_group.stateful",
+    );
+    assert!(error.message.contains("port p1"), "{}", error.message);
+    // Both of the port's groups flip together: fine.
+    accepted(
+        &state,
+        vec![
+            upsert(flipped.clone()),
+            upsert(SecurityGroup {
+                revision_number: 2,
+                ..stateless("sg1")
+            }),
+        ],
+    );
+    // The port leaves the group in the same request: fine.
+    accepted(
+        &state,
+        vec![
+            upsert(flipped.clone()),
+            upsert(Port {
+                security_group_ids: vec!["sg1".to_owned()],
+                ..p1()
+            }),
+        ],
+    );
+    // The port stays in both: reported on the port, which the request names.
+    refused(
+        &state,
+        vec![
+            upsert(flipped),
+            upsert(Port {
+                name: "renamed".to_owned(),
+                ..state.ports["p1"].clone()
+            }),
+        ],
+        ErrorCode::FailedPrecondition,
+        1,
+        "upsert.port.security_group_ids",
+    );
+    // A group alone on its ports may change.
+    let state = accepted(&state, vec![upsert(security_group("sg3"))]);
+    let mut p2 = port_at("p2", "fa:16:3e:00:00:02", "10.0.0.6");
+    p2.security_group_ids = vec!["sg3".to_owned()];
+    let state = accepted(&state, vec![upsert(p2)]);
+    accepted(&state, vec![upsert(stateless("sg3"))]);
+}
+
+#[test]
+fn rule_ids_are_unique_across_groups() {
+    let mut sg1 = security_group("sg1");
+    sg1.rules = vec![rule("r1"), rule("r2")];
+    let state = accepted(&base_state(), vec![upsert(sg1.clone())]);
+
+    let mut sg2 = security_group("sg2");
+    sg2.rules = vec![rule("r3"), rule("r2")];
+    let error = refused(
+        &state,
+        vec![upsert(sg2.clone())],
+        ErrorCode::AlreadyExists,
+        0,
+        "upsert.security_group.rules[1].id",
+    );
+    assert!(
+        error.message.contains("r2") && error.message.contains("sg1"),
+        "{}",
+        error.message
+    );
+    // Moving a rule to another group in one request: fine, in either order.
+    let mut moved = sg1.clone();
+    moved.rules.retain(|r| r.id != "r2");
+    accepted(&state, vec![upsert(sg2.clone()), upsert(moved.clone())]);
+    accepted(&state, vec![upsert(moved), upsert(sg2.clone())]);
+    // Both naming it in one request: reported on the later one.
+    let mut sg3 = security_group("sg3");
+    sg3.rules = vec![rule("r9")];
+    let mut sg4 = security_group("sg4");
+    sg4.rules = vec![rule("r8"), rule("r9")];
+    refused(
+        &state,
+        vec![upsert(sg3), upsert(network("n9")), upsert(sg4)],
+        ErrorCode::AlreadyExists,
+        2,
+        "upsert.security_group.rules[1].id",
+    );
+    // Re-sending a group with its own rules is no conflict.
+    accepted(&state, vec![upsert(sg1)]);
+    // Sync: the later group.
+    let mut a = security_group("a");
+    a.rules = vec![rule("x")];
+    let mut b = security_group("b");
+    b.rules = vec![rule("x")];
+    let error = State::replace(&[a.into(), b.into()]).unwrap_err();
+    assert_eq!(
+        (error.code, error.index, error.field.as_str()),
+        (
+            ErrorCode::AlreadyExists,
+            Some(1),
+            "security_group.rules[0].id"
+        )
+    );
+}
+
+#[test]
+fn security_groups_need_port_security() {
+    let state = base_state();
+    // Disabled on the port.
+    let error = refused(
+        &state,
+        vec![upsert(Port {
+            port_security_enabled: Some(false),
+            ..p1()
+        })],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.port.security_group_ids",
+    );
+    assert!(error.message.contains("port p1"), "{}", error.message);
+    // Without groups, fine.
+    accepted(
+        &state,
+        vec![upsert(Port {
+            port_security_enabled: Some(false),
+            security_group_ids: Vec::new(),
+            ..p1()
+        })],
+    );
+
+    // Inherited from a network without port security.
+    let open_network = Network {
+        port_security_enabled: false,
+        ..network("open")
+    };
+    let state = accepted(
+        &state,
+        vec![
+            upsert(open_network),
+            upsert(subnet("open-s", "open", "192.168.0.0/24")),
+        ],
+    );
+    let mut p2 = port("p2", "open", "fa:16:3e:00:00:02");
+    p2.security_group_ids = vec!["sg1".to_owned()];
+    let error = refused(
+        &state,
+        vec![upsert(p2.clone())],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.port.security_group_ids",
+    );
+    assert!(error.message.contains("network open"), "{}", error.message);
+    // The port turning it on for itself: fine.
+    accepted(
+        &state,
+        vec![upsert(Port {
+            port_security_enabled: Some(true),
+            ..p2
+        })],
+    );
+
+    // The network turns it off under p1, which inherits it and has a group.
+    let closed = Network {
+        port_security_enabled: false,
+        revision_number: 2,
+        ..state.networks["n1"].clone()
+    };
+    let error = refused(
+        &state,
+        vec![upsert(closed.clone())],
+        ErrorCode::FailedPrecondition,
+        0,
+        "upsert.network.port_security_enabled",
+    );
+    assert!(error.message.contains("port p1"), "{}", error.message);
+    // ...fine when p1 keeps it on for itself, or drops its groups, in the same request.
+    accepted(
+        &state,
+        vec![
+            upsert(closed.clone()),
+            upsert(Port {
+                port_security_enabled: Some(true),
+                ..p1()
+            }),
+        ],
+    );
+    accepted(
+        &state,
+        vec![
+            upsert(Port {
+                security_group_ids: Vec::new(),
+                ..p1()
+            }),
+            upsert(closed),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------
 // Determinism
 // ---------------------------------------------------------------------------------
 

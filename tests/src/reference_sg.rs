@@ -1,0 +1,305 @@
+//! A reference evaluator of security groups, in plain Rust, over the model — not over the
+//! compiled tables: the Networking API's semantics written down a second time, with a
+//! connection table of its own, for differential tests against the eBPF datapath.
+//!
+//! Semantics: a port with port security has a policy, the union of the rules of its
+//! groups; rules only allow. Stateful groups track connections per port: every packet
+//! of a tracked connection passes while the *current* rules still allow the packet that
+//! opened it (a connection they no longer allow is cut), and ICMP errors about a tracked
+//! connection pass as related. Stateless groups judge every packet by the rules.
+//! Neighbour discovery, MLD and DHCP client requests always pass.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use dataplane_abi::DropReason;
+use dataplane_agent::core::model::{
+    Direction, EtherType, Port, Protocol, SecurityGroupRule, State,
+};
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// One IP packet between two ports, as a security group sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// TCP/UDP-like ports; for ICMP echo, the identifier in both.
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// For an ICMP error: the packet it is about (as that packet was sent).
+    pub embedded: Option<Box<Flow>>,
+    /// False for a non-first fragment: no transport header to judge.
+    pub first_fragment: bool,
+}
+
+impl Flow {
+    pub fn is_icmp(&self) -> bool {
+        matches!(self.protocol, ICMP | ICMPV6)
+    }
+
+    fn has_ports(&self) -> bool {
+        matches!(self.protocol, 6 | 17 | 33 | 132 | 136)
+    }
+
+    pub fn is_icmp_error(&self) -> bool {
+        match (self.src, self.protocol) {
+            (IpAddr::V4(_), ICMP) => matches!(self.icmp_type, 3 | 4 | 5 | 11 | 12),
+            (IpAddr::V6(_), ICMPV6) => matches!(self.icmp_type, 1..=4),
+            _ => false,
+        }
+    }
+
+    fn is_echo(&self) -> bool {
+        match (self.src, self.protocol) {
+            (IpAddr::V4(_), ICMP) => matches!(self.icmp_type, 0 | 8),
+            (IpAddr::V6(_), ICMPV6) => matches!(self.icmp_type, 128 | 129),
+            _ => false,
+        }
+    }
+
+    /// Passes whatever the rules say (Neutron's firewall allows these itself).
+    fn always_allowed(&self, direction: Direction) -> bool {
+        let neighbour_discovery = matches!(self.src, IpAddr::V6(_))
+            && self.protocol == ICMPV6
+            && self.first_fragment
+            && (matches!(self.icmp_type, 130..=133 | 135..=137 | 143)
+                || (self.icmp_type == 134 && direction == Direction::Ingress));
+        let dhcp_client = direction == Direction::Egress
+            && self.protocol == UDP
+            && self.first_fragment
+            && matches!((self.sport, self.dport), (68, 67) | (546, 547));
+        neighbour_discovery || dhcp_client
+    }
+
+    fn tcp_flags_invalid(&self) -> bool {
+        use tcp_flags::*;
+        self.protocol == TCP
+            && self.first_fragment
+            && (self.tcp_flags & (SYN | FIN) == SYN | FIN
+                || self.tcp_flags & (SYN | RST) == SYN | RST
+                || self.tcp_flags == 0)
+    }
+
+    /// Packets that open a tracked connection; other ICMP is judged per packet.
+    fn trackable(&self) -> bool {
+        !self.is_icmp() || self.is_echo()
+    }
+
+    /// The endpoints in an order both directions agree on.
+    fn canonical(&self) -> ConnKey {
+        let (sport, dport) = if self.has_ports() || self.is_echo() {
+            (self.sport, self.dport)
+        } else {
+            (0, 0)
+        };
+        let a = (self.src, sport);
+        let b = (self.dst, dport);
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        ConnKey {
+            protocol: self.protocol,
+            lo,
+            hi,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ConnKey {
+    protocol: u8,
+    lo: (IpAddr, u16),
+    hi: (IpAddr, u16),
+}
+
+#[derive(Clone, Debug)]
+struct Conn {
+    direction: Direction,
+    opening: Flow,
+}
+
+/// What a port's security groups do with a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SgVerdict {
+    Pass,
+    Drop(DropReason),
+}
+
+/// The reference's own connection tables, one per port.
+#[derive(Default)]
+pub struct SgReference {
+    connections: HashMap<(String, ConnKey), Conn>,
+}
+
+impl SgReference {
+    /// Judges `flow` at `port`, leaving it (`Egress`) or reaching it (`Ingress`).
+    pub fn judge(
+        &mut self,
+        state: &State,
+        port: &Port,
+        direction: Direction,
+        flow: &Flow,
+    ) -> SgVerdict {
+        let network = &state.networks[&port.network_id];
+        if !port
+            .port_security_enabled
+            .unwrap_or(network.port_security_enabled)
+        {
+            return SgVerdict::Pass;
+        }
+        if flow.always_allowed(direction) {
+            return SgVerdict::Pass;
+        }
+        let stateful = port
+            .security_group_ids
+            .first()
+            .is_some_and(|id| state.security_groups[id].stateful);
+        if !stateful {
+            return if policy_allows(state, port, direction, flow) {
+                SgVerdict::Pass
+            } else {
+                SgVerdict::Drop(DropReason::PolicyDenied)
+            };
+        }
+
+        if flow.is_icmp_error() {
+            let related = flow.embedded.as_ref().is_some_and(|inner| {
+                self.connections
+                    .contains_key(&(port.id.clone(), inner.canonical()))
+            });
+            return if related || policy_allows(state, port, direction, flow) {
+                SgVerdict::Pass
+            } else {
+                SgVerdict::Drop(DropReason::CtInvalid)
+            };
+        }
+        if flow.tcp_flags_invalid() {
+            return SgVerdict::Drop(DropReason::CtInvalid);
+        }
+        let key = (port.id.clone(), flow.canonical());
+        if let Some(conn) = self.connections.get(&key) {
+            if policy_allows(state, port, conn.direction, &conn.opening) {
+                return SgVerdict::Pass;
+            }
+            self.connections.remove(&key);
+            return SgVerdict::Drop(DropReason::ConnectionRevoked);
+        }
+        if !policy_allows(state, port, direction, flow) {
+            return SgVerdict::Drop(DropReason::PolicyDenied);
+        }
+        if flow.trackable() {
+            self.connections.insert(
+                key,
+                Conn {
+                    direction,
+                    opening: flow.clone(),
+                },
+            );
+        }
+        SgVerdict::Pass
+    }
+
+    /// Forgets a port's connections (as a flush does).
+    pub fn flush(&mut self, port_id: &str) {
+        self.connections.retain(|(port, _), _| port != port_id);
+    }
+}
+
+/// Whether any rule of the port's groups allows `flow` in `direction`.
+pub fn policy_allows(state: &State, port: &Port, direction: Direction, flow: &Flow) -> bool {
+    port.security_group_ids
+        .iter()
+        .flat_map(|id| &state.security_groups[id].rules)
+        .any(|rule| rule_allows(state, rule, direction, flow))
+}
+
+fn rule_allows(state: &State, rule: &SecurityGroupRule, direction: Direction, flow: &Flow) -> bool {
+    let family_matches = matches!(
+        (rule.ethertype, flow.src),
+        (EtherType::Ipv4, IpAddr::V4(_)) | (EtherType::Ipv6, IpAddr::V6(_))
+    );
+    if rule.direction != direction || !family_matches {
+        return false;
+    }
+    let protocol = match rule.protocol {
+        Protocol::Any => return remote_matches(state, rule, direction, flow),
+        // `icmp` in an IPv6 rule means ICMPv6, as in Neutron.
+        Protocol::Number(1) if rule.ethertype == EtherType::Ipv6 => ICMPV6,
+        Protocol::Number(number) => number,
+    };
+    if protocol != flow.protocol {
+        return false;
+    }
+    let detail_matches = if Protocol::Number(protocol).has_ports() {
+        match (rule.port_range_min, rule.port_range_max) {
+            (None, _) => true,
+            (Some(min), max) => {
+                let max = max.unwrap_or(min);
+                if flow.first_fragment {
+                    (min..=max).contains(&u32::from(flow.dport))
+                } else {
+                    // No port to judge: only a rule for every port allows a fragment.
+                    min == 0 && max == 65535
+                }
+            }
+        }
+    } else if Protocol::Number(protocol).is_icmp() {
+        match (rule.port_range_min, rule.port_range_max) {
+            (None, _) => true,
+            (Some(_), _) if !flow.first_fragment => false,
+            (Some(kind), None) => u32::from(flow.icmp_type) == kind,
+            (Some(kind), Some(code)) => {
+                u32::from(flow.icmp_type) == kind && u32::from(flow.icmp_code) == code
+            }
+        }
+    } else {
+        true
+    };
+    detail_matches && remote_matches(state, rule, direction, flow)
+}
+
+/// The remote end (destination of what leaves the port, source of what reaches it) is
+/// in the rule's prefix, or is an address of a port in its remote group.
+fn remote_matches(
+    state: &State,
+    rule: &SecurityGroupRule,
+    direction: Direction,
+    flow: &Flow,
+) -> bool {
+    let remote = match direction {
+        Direction::Egress => flow.dst,
+        Direction::Ingress => flow.src,
+    };
+    if let Some(prefix) = rule.remote_ip_prefix {
+        return prefix.contains(&remote);
+    }
+    let Some(group) = &rule.remote_group_id else {
+        return true;
+    };
+    state
+        .ports
+        .values()
+        .filter(|member| member.security_group_ids.contains(group))
+        .any(|member| {
+            member
+                .fixed_ips
+                .iter()
+                .any(|fixed| fixed.ip_address == remote)
+                || member
+                    .allowed_address_pairs
+                    .iter()
+                    .any(|pair| pair.ip_address.contains(&remote))
+        })
+}
