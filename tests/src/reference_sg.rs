@@ -63,6 +63,13 @@ impl Flow {
         }
     }
 
+    fn is_echo_request(&self) -> bool {
+        matches!(
+            (self.src, self.icmp_type),
+            (IpAddr::V4(_), 8) | (IpAddr::V6(_), 128)
+        )
+    }
+
     fn is_echo(&self) -> bool {
         match (self.src, self.protocol) {
             (IpAddr::V4(_), ICMP) => matches!(self.icmp_type, 0 | 8),
@@ -124,10 +131,62 @@ struct ConnKey {
     hi: (IpAddr, u16),
 }
 
+/// TCP progress, as far as verdicts depend on it: a SYN reopens a closed connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TcpState {
+    SynSent,
+    SynRecv,
+    Established,
+    Closing,
+    Closed,
+}
+
 #[derive(Clone, Debug)]
 struct Conn {
     direction: Direction,
     opening: Flow,
+    /// A packet came back from the other end.
+    confirmed: bool,
+    tcp: TcpState,
+    fin_from_opener: bool,
+    fin_from_other: bool,
+}
+
+impl Conn {
+    fn from_opener(&self, flow: &Flow) -> bool {
+        (flow.src, flow.sport) == (self.opening.src, self.opening.sport)
+    }
+
+    /// RST closes; FINs from both ends close; a SYN+ACK answers the SYN, the ACK after
+    /// it establishes.
+    fn advance(&mut self, flow: &Flow) {
+        use tcp_flags::*;
+        let reply = !self.from_opener(flow);
+        if flow.tcp_flags & RST != 0 {
+            self.tcp = TcpState::Closed;
+            return;
+        }
+        if flow.tcp_flags & FIN != 0 {
+            if reply {
+                self.fin_from_other = true;
+            } else {
+                self.fin_from_opener = true;
+            }
+            self.tcp =
+                if (self.fin_from_opener && self.fin_from_other) || self.tcp == TcpState::Closed {
+                    TcpState::Closed
+                } else {
+                    TcpState::Closing
+                };
+            return;
+        }
+        let syn_ack = flow.tcp_flags & (SYN | ACK);
+        self.tcp = match self.tcp {
+            TcpState::SynSent if reply && syn_ack == SYN | ACK => TcpState::SynRecv,
+            TcpState::SynRecv if !reply && syn_ack == ACK => TcpState::Established,
+            other => other,
+        };
+    }
 }
 
 /// What a port's security groups do with a packet.
@@ -135,6 +194,14 @@ struct Conn {
 pub enum SgVerdict {
     Pass,
     Drop(DropReason),
+}
+
+fn judged_by_rules(allowed: bool) -> SgVerdict {
+    if allowed {
+        SgVerdict::Pass
+    } else {
+        SgVerdict::Drop(DropReason::PolicyDenied)
+    }
 }
 
 /// The reference's own connection tables, one per port.
@@ -166,48 +233,103 @@ impl SgReference {
             .security_group_ids
             .first()
             .is_some_and(|id| state.security_groups[id].stateful);
+        let allowed = |flow: &Flow| policy_allows(state, port, direction, flow);
         if !stateful {
-            return if policy_allows(state, port, direction, flow) {
-                SgVerdict::Pass
-            } else {
-                SgVerdict::Drop(DropReason::PolicyDenied)
-            };
+            return judged_by_rules(allowed(flow));
         }
 
         if flow.is_icmp_error() {
+            // About a tracked connection, or allowed by a rule; else about nothing.
             let related = flow.embedded.as_ref().is_some_and(|inner| {
-                self.connections
-                    .contains_key(&(port.id.clone(), inner.canonical()))
+                inner.first_fragment
+                    && inner.trackable()
+                    && self
+                        .connections
+                        .contains_key(&(port.id.clone(), inner.canonical()))
             });
-            return if related || policy_allows(state, port, direction, flow) {
+            return if related || allowed(flow) {
                 SgVerdict::Pass
             } else {
                 SgVerdict::Drop(DropReason::CtInvalid)
             };
         }
+        if !flow.trackable() || !flow.first_fragment {
+            return judged_by_rules(allowed(flow));
+        }
         if flow.tcp_flags_invalid() {
             return SgVerdict::Drop(DropReason::CtInvalid);
         }
+
         let key = (port.id.clone(), flow.canonical());
-        if let Some(conn) = self.connections.get(&key) {
-            if policy_allows(state, port, conn.direction, &conn.opening) {
-                return SgVerdict::Pass;
+        if let Some(conn) = self.connections.get_mut(&key) {
+            let from_opener = conn.from_opener(flow);
+            let syn_only = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+            // An echo request from the answering end, or a reply from the asking one,
+            // is not part of the exchange: judged on its own.
+            if flow.is_echo() && flow.is_echo_request() != from_opener {
+                return judged_by_rules(allowed(flow));
             }
-            self.connections.remove(&key);
-            return SgVerdict::Drop(DropReason::ConnectionRevoked);
+            if flow.protocol == TCP && syn_only && conn.tcp == TcpState::Closed {
+                self.connections.remove(&key);
+                return self.open(key, direction, flow, allowed(flow));
+            }
+            if !policy_allows(state, port, conn.direction, &conn.opening) {
+                self.connections.remove(&key);
+                return SgVerdict::Drop(DropReason::ConnectionRevoked);
+            }
+            if flow.protocol == TCP {
+                if flow.tcp_flags & tcp_flags::RST != 0 && !conn.confirmed {
+                    // Refused before it was confirmed: nothing left to track.
+                    self.connections.remove(&key);
+                    return SgVerdict::Pass;
+                }
+                conn.advance(flow);
+            }
+            if !from_opener {
+                conn.confirmed = true;
+            }
+            return SgVerdict::Pass;
         }
-        if !policy_allows(state, port, direction, flow) {
+        self.open(key, direction, flow, allowed(flow))
+    }
+
+    /// A packet no connection knows: judged by the rules and, if allowed, tracked.
+    fn open(
+        &mut self,
+        key: (String, ConnKey),
+        direction: Direction,
+        flow: &Flow,
+        allowed: bool,
+    ) -> SgVerdict {
+        use tcp_flags::*;
+        let tcp = flow.protocol == TCP;
+        if tcp && flow.tcp_flags & (SYN | ACK) == SYN | ACK {
+            // The answer to a SYN nobody sent.
+            return SgVerdict::Drop(DropReason::CtInvalid);
+        }
+        if !allowed {
             return SgVerdict::Drop(DropReason::PolicyDenied);
         }
-        if flow.trackable() {
-            self.connections.insert(
-                key,
-                Conn {
-                    direction,
-                    opening: flow.clone(),
-                },
-            );
+        if flow.is_echo() && !flow.is_echo_request() {
+            // Only a request opens an echo exchange.
+            return SgVerdict::Pass;
         }
+        let mut conn = Conn {
+            direction,
+            opening: flow.clone(),
+            confirmed: false,
+            tcp: TcpState::SynSent,
+            fin_from_opener: false,
+            fin_from_other: false,
+        };
+        if tcp && flow.tcp_flags & SYN == 0 {
+            // Mid-stream (after a restart or flush): picked up as established, as
+            // Linux's nf_conntrack_tcp_loose does.
+            conn.confirmed = true;
+            conn.tcp = TcpState::Established;
+            conn.advance(flow);
+        }
+        self.connections.insert(key, conn);
         SgVerdict::Pass
     }
 

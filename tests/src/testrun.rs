@@ -50,13 +50,15 @@ const SKB_IFINDEX: usize = 40;
 pub const TEST_MAX_ENTRIES: u32 = 1024;
 
 /// Map sizes a harness loads with: [`TEST_MAX_ENTRIES`] unless a test needs a table
-/// small enough to fill.
+/// small enough to fill, or large enough for a benchmark.
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
     /// `CT`.
     pub ct: u32,
     /// `CT_NEW`.
     pub ct_new: u32,
+    /// `SG_REMOTE4`, `SG_REMOTE6`, `SG_RULES` and `RULE_STATS`.
+    pub policy: u32,
 }
 
 impl Default for Sizes {
@@ -64,6 +66,7 @@ impl Default for Sizes {
         Self {
             ct: TEST_MAX_ENTRIES,
             ct_new: TEST_MAX_ENTRIES,
+            policy: TEST_MAX_ENTRIES,
         }
     }
 }
@@ -265,12 +268,16 @@ impl Harness {
             map_names::FDB,
             map_names::FLOOD,
             map_names::PORT_STATS,
+        ] {
+            loader.map_max_entries(name, TEST_MAX_ENTRIES);
+        }
+        for name in [
             map_names::SG_REMOTE4,
             map_names::SG_REMOTE6,
             map_names::SG_RULES,
             map_names::RULE_STATS,
         ] {
-            loader.map_max_entries(name, TEST_MAX_ENTRIES);
+            loader.map_max_entries(name, sizes.policy);
         }
         loader.map_max_entries(map_names::CT, sizes.ct);
         loader.map_max_entries(map_names::CT_NEW, sizes.ct_new);

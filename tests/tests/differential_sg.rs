@@ -123,8 +123,20 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
                 let sender = &state.ports[&format!("p{from}")];
                 let receiver = &state.ports[&format!("p{to}")];
                 let context = || {
+                    let earlier: Vec<String> = sent
+                        .iter()
+                        .filter(|(f, t, _)| [*f, *t].contains(&from) || [*f, *t].contains(&to))
+                        .map(|(f, t, flow)| format!("  p{f} -> p{t} {flow:?}"))
+                        .collect();
+                    let groups: Vec<String> = state
+                        .ports
+                        .values()
+                        .map(|p| format!("{}: {:?} security {:?}", p.id, p.security_group_ids, p.port_security_enabled))
+                        .collect();
                     format!(
-                        "seed {seed:#x} state {scenario} flow {flow_index}: p{from} -> p{to} {flow:?}\nstate {state:#?}"
+                        "seed {seed:#x} state {scenario} flow {flow_index}: p{from} -> p{to} {flow:?}\n\
+                         passed before, between these ports' peers:\n{}\nports: {groups:?}\nstate {state:#?}",
+                        earlier.join("\n")
                     )
                 };
 

@@ -7,7 +7,9 @@ use anyhow::{bail, Result};
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
     agent::Agent,
-    api::{apply, default_security_group, delete, network, port, subnet, upsert},
+    api::{
+        apply, default_security_group, delete, network, port, rule, security_group, subnet, upsert,
+    },
     frames,
     netns::NetNs,
     topology::Vm,
@@ -293,7 +295,23 @@ async fn port_security_disabled_lifts_the_checks() -> Result<()> {
     open.port_security_enabled = Some(false);
     // Security groups need port security (as in Neutron).
     open.security_group_ids.clear();
-    client.apply(apply(vec![upsert(open)])).await?;
+    // b's groups judge what reaches b: let in anyone, 10.0.0.99 included.
+    let anyone = security_group(
+        "anyone",
+        true,
+        vec![rule(
+            "anyone-in",
+            pb::Direction::Ingress,
+            pb::EtherType::Ipv4,
+            "",
+        )],
+    );
+    let mut b = port_b();
+    b.revision_number = 2;
+    b.security_group_ids.push("anyone".to_owned());
+    client
+        .apply(apply(vec![upsert(anyone), upsert(open), upsert(b)]))
+        .await?;
     t.b.ns.ip(&["neigh", "flush", "dev", "eth0"])?;
     assert!(t.a.ping(ip("10.0.0.2"), 3)?.all_replied());
     Ok(())

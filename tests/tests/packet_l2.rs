@@ -20,13 +20,16 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{ensure, Result};
 use aya::programs::tc::TcAttachType;
 use dataplane_abi::{
-    flood_flags, port_flags, verdict_action, DropReason, FdbEntry, FloodEntry, PortInfo, PortStats,
-    MARK_FROM_DATAPATH,
+    ct_state, flood_flags, port_flags, sg_direction, verdict_action, CtEntry, DropReason, FdbEntry,
+    FloodEntry, PortInfo, PortStats, MARK_FROM_DATAPATH,
 };
 use dataplane_tests::{
-    frames::{self, ethertype, offsets, proto, Ext, Mac, BROADCAST},
+    frames::{self, ethertype, offsets, proto, tcp_flags, Ext, Mac, BROADCAST},
     netns::NetNs,
-    testrun::{Harness, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_MAX_ENTRIES},
+    testrun::{
+        ct_key, CtTable, Harness, Outcome, RuleMatch, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        TEST_MAX_ENTRIES,
+    },
 };
 
 const NET_A: u32 = 1;
@@ -1621,6 +1624,66 @@ fn every_drop_reason_is_reachable() -> Result<()> {
         n.ingress(&P1, &frames::arp_request_frame(P1.mac, P1.ip4, P2.ip4))?;
         if n.stats(&P1)?.drops[DropReason::RedirectFailed as usize] > 0 {
             seen.insert(DropReason::RedirectFailed);
+        }
+        // Security groups: p1 gets a stateful policy (1, revision 1) without rules.
+        n.h.add_port(
+            n.ifx(&P1),
+            PortInfo {
+                port_slot: P1.slot,
+                network_slot: P1.network,
+                flags: P1.flags | port_flags::POLICY | port_flags::STATEFUL,
+                mac: P1.mac,
+                _pad: [0; 2],
+                policy_id: 1,
+                policy_revision: 1,
+            },
+        )?;
+        let udp = |sport, dport| frames::udp4_frame(P2.mac, P1.mac, P1.ip4, P2.ip4, sport, dport);
+        let syn_fin = frames::ethernet(
+            P2.mac,
+            P1.mac,
+            ethertype::IPV4,
+            &frames::ipv4(
+                P1.ip4,
+                P2.ip4,
+                proto::TCP,
+                &frames::tcp(1, 2, tcp_flags::SYN | tcp_flags::FIN),
+            ),
+        );
+        // A connection admitted under revision 0, which allowed what 1 does not.
+        let (key, from_lo) = ct_key(P1.slot, proto::UDP, P1.ip4.into(), 3, P2.ip4.into(), 4);
+        let entry = CtEntry {
+            last_seen_ns: dataplane_tests::testrun::monotonic_ns(),
+            policy_revision: 0,
+            state: ct_state::OPEN,
+            flags: if from_lo {
+                dataplane_abi::ct_flags::ORIG_FROM_LO
+            } else {
+                0
+            } | dataplane_abi::ct_flags::ORIG_EGRESS,
+            _pad: [0; 2],
+        };
+        n.h.ct_insert(CtTable::New, key, entry)?;
+        // A full CT, and a datagram from p2 that p1's ingress rule lets in: p1's answer
+        // cannot be confirmed.
+        for i in 0..TEST_MAX_ENTRIES {
+            let (filler, _) = ct_key(999, proto::UDP, P1.ip4.into(), i as u16, P2.ip4.into(), 1);
+            n.h.ct_insert(CtTable::Confirmed, filler, entry)?;
+        }
+        n.h.add_remote(1, sg_direction::INGRESS, "10.0.0.2/32".parse()?, 1)?;
+        n.h.add_rule(1, RuleMatch::Protocol(proto::UDP), 1)?;
+        let question = frames::udp4_frame(P1.mac, P2.mac, P2.ip4, P1.ip4, 5, 6);
+        let delivered =
+            n.h.egress(n.ifx(&P1), MARK_FROM_DATAPATH | P2.slot, &question)?;
+        ensure!(
+            delivered.ret == TC_ACT_OK,
+            "question into p1: {}",
+            describe(&delivered)
+        );
+        for f in [udp(1, 2), syn_fin, udp(3, 4), udp(6, 5)] {
+            if let Some(r) = n.ingress(&P1, &f)?.drop_reason() {
+                seen.insert(r);
+            }
         }
         let missing: Vec<_> = DropReason::ALL
             .iter()
