@@ -2094,13 +2094,16 @@ fn a_full_ct_refuses_new_connections_and_keeps_established_ones() -> Result<()> 
             orig_flags(a5_lo, EGRESS),
             "fifth stays in CT_NEW",
         )?;
-        // A connection picked up mid-stream needs room in CT as well.
+        // A connection picked up mid-stream needs room in CT as well; refused, it is
+        // not charged to the rule that allowed it.
+        let charged = n.h.rule_stats(1)?;
         n.drop_out(
             &SA,
             &tcp(a(41005), b, tcp_flags::ACK),
             DropReason::CtTableFull,
             "pick-up",
         )?;
+        ensure!(n.h.rule_stats(1)? == charged, "refused pick-up charged");
         // Established connections are not affected.
         for port in 41000..41004 {
             n.pass_out(&SA, &tcp(a(port), b, tcp_flags::PSH_ACK), "established out")?;
@@ -2202,10 +2205,12 @@ fn a_syn_flood_churns_ct_new_without_evicting_ct() -> Result<()> {
 #[test]
 fn non_first_fragments_match_whole_protocol_rules_only() -> Result<()> {
     with_node("sg-frags", |n| {
+        // A range from port 0: a later fragment has no port, and must not be taken
+        // for port 0.
         let dns = RuleMatch::Ports {
             protocol: proto::UDP,
-            min: 53,
-            max: 53,
+            min: 0,
+            max: 1023,
         };
         let any_udp = RuleMatch::Protocol(proto::UDP);
         for p in [&SA, &SC] {
@@ -2409,7 +2414,7 @@ fn bench_round(n: &mut Node, label: &str, a: Ep, b: Ep, next_port: &mut u16) -> 
         .map(|i| tcp(ep(&SA, SA.ip4, *next_port + i), b, tcp_flags::SYN))
         .collect();
     *next_port += count;
-    let mut single = |program: &str, frame: &dyn Fn(usize) -> Vec<u8>| -> Result<f64> {
+    let single = |program: &str, frame: &dyn Fn(usize) -> Vec<u8>| -> Result<f64> {
         let mut total = 0.0;
         for i in 0..usize::from(count) {
             total += ns(n.h.bench(program, sa, &frame(i), 1)?);

@@ -276,9 +276,13 @@ fn new_connection(
         // The answer to a SYN nobody sent.
         return Err(DropReason::CtInvalid);
     }
-    policy::allow(port, flow, direction, bytes)?;
+    let slot = policy::rule(port, flow, direction);
+    if slot == NO_RULE {
+        return Err(DropReason::PolicyDenied);
+    }
     if flow.kind == Kind::EchoReply {
         // Only a request opens an echo exchange.
+        policy::charge(slot, bytes);
         return Ok(());
     }
     let mut flags = 0;
@@ -305,17 +309,18 @@ fn new_connection(
             flags,
             _pad: [0; 2],
         };
-        return match CT.insert(key, &entry, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                count(ct_stat::CONFIRMED);
-                Ok(())
-            }
-            Err(e) if e == -EEXIST => Ok(()),
+        match CT.insert(key, &entry, u64::from(BPF_NOEXIST)) {
+            Ok(()) => count(ct_stat::CONFIRMED),
+            // Picked up at the same time on another CPU.
+            Err(e) if e == -EEXIST => {}
+            // Refused: not charged to the rule, as it did not go through.
             Err(_) => {
                 count(ct_stat::TABLE_FULL);
-                Err(DropReason::CtTableFull)
+                return Err(DropReason::CtTableFull);
             }
-        };
+        }
+        policy::charge(slot, bytes);
+        return Ok(());
     }
     let entry = CtEntry {
         last_seen_ns: now,
@@ -332,5 +337,6 @@ fn new_connection(
     if CT_NEW.insert(key, &entry, 0).is_ok() {
         count(ct_stat::NEW_INSERTS);
     }
+    policy::charge(slot, bytes);
     Ok(())
 }

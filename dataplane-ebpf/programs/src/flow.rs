@@ -1,8 +1,9 @@
 //! An IP packet as security groups and connection tracking see it: its connection's
 //! canonical key (addresses, ports, protocol) and what its transport header says.
 //!
-//! The key is the one copy of the addresses (the call chain's stack is 512 bytes for
-//! everything): rule lookups take the remote address out of it.
+//! The key is the one copy of the addresses: rule lookups take the remote address out
+//! of it. The flow lives in a per-CPU scratch map (`maps::SG_FLOW`), not on the stack,
+//! which the call chain below `port_ingress` has 512 bytes of in all.
 use dataplane_abi::{sg_direction, CtKey, DropReason};
 
 use crate::{
@@ -226,9 +227,8 @@ pub fn sort_key(key: &mut CtKey, sport: u16, dport: u16) -> bool {
 
 /// Fills in `flow` (a `Flow::new`) for the IP packet whose header `ipv4::parse` or
 /// `ipv6::parse` read (one of `v4` and `v6`). A transport header too short for what is
-/// read from it is `MalformedL4`. A BPF function of its own that writes the flow in
-/// place: inlined, the compiler splits the flow into dozens of registers and spills
-/// them, and the stack (512 bytes for the whole call chain) overflows.
+/// read from it is `MalformedL4`. A BPF function of its own: the packet pulls it may
+/// make spill registers, on a stack frame that is not `policy::check`'s.
 #[inline(never)]
 pub fn parse(
     pkt: &mut Packet,
@@ -236,21 +236,23 @@ pub fn parse(
     v6: Option<&Ipv6>,
     flow: &mut Flow,
 ) -> Result<(), DropReason> {
-    let has_l4;
+    // Offsets from the parsers, not read back from `flow` (map memory, where the
+    // verifier forgets their bounds and would refuse them in packet arithmetic).
+    let (l4_off, end, has_l4);
     if let Some(ip) = v4 {
         set_addrs4(&mut flow.key, ip);
         flow.key.family = FAMILY_V4;
         flow.key.protocol = ip.proto;
-        (flow.l4_off, flow.end, has_l4) = (ip.l4_off, ip.end, ip.first_fragment);
+        (l4_off, end, has_l4) = (ip.l4_off, ip.end, ip.first_fragment);
     } else if let Some(ip) = v6 {
         set_addrs6(&mut flow.key, ip);
         flow.key.family = FAMILY_V6;
         flow.key.protocol = ip.next;
-        (flow.l4_off, flow.end, has_l4) = (ip.l4_off, ip.end, ip.has_l4);
+        (l4_off, end, has_l4) = (ip.l4_off, ip.end, ip.has_l4);
     } else {
         return Err(DropReason::MalformedEthernet);
     }
-    let (l4_off, end) = (flow.l4_off, flow.end);
+    (flow.l4_off, flow.end) = (l4_off, end);
     let (family, protocol) = (flow.key.family, flow.key.protocol);
     let (mut sport, mut dport) = (0, 0);
     if !has_l4 {

@@ -7,13 +7,22 @@ use crate::{
     packet::Packet,
 };
 
+/// Offset beyond which `related` looks at no quote.
+const MAX_L4_OFF: usize = 0x3fff;
+
 /// Whether the ICMP error `flow` quotes a packet of a live connection of its zone (the
 /// quote is the reverse of the error's own direction, which the canonical key makes no
 /// matter). A quote cut short, or of no trackable connection, is of none. Overwrites
-/// `flow.key` with the quoted packet's key: a second key would not fit on the stack.
-/// A BPF function of its own, for the same reason.
+/// `flow.key` with the quoted packet's key (the caller is done with it). A BPF
+/// function of its own: the quoted header and the pulls' spills stay off the stack
+/// frame of `policy::check`.
 #[inline(never)]
 pub fn related(pkt: &mut Packet, flow: &mut Flow, now: u64) -> bool {
+    // The flow is in map memory: the verifier knows nothing of its offsets until they
+    // are bounded again. No transport header starts this far in.
+    if flow.l4_off > MAX_L4_OFF {
+        return false;
+    }
     let off = flow.l4_off + ICMP_HLEN;
     let end = flow.end;
     let key = &mut flow.key;

@@ -1,6 +1,6 @@
 //! Switching within the port's network: FDB for known unicast, the network's flood set
 //! for everything else. No learning: the agent programs the FDB.
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
 use aya_log_ebpf::warn;
 use dataplane_abi::{
     flood_flags, DropReason, FdbKey, PortInfo, PortStats, MARK_FROM_DATAPATH, MAX_FLOOD_PORTS,
@@ -13,17 +13,14 @@ use crate::{
     trace,
 };
 
-/// Redirects the frame (the caller returns `TC_ACT_REDIRECT`) or says why not. A BPF
-/// function of its own: the flood loop's spills stay off the stack of `port_ingress`,
-/// which security groups' calls are deep below (512 bytes for the whole call chain).
-#[inline(never)]
+#[inline(always)]
 pub fn forward(
     ctx: &TcContext,
     port: &PortInfo,
     ingress: u32,
     dst: &Mac,
     stats: &mut PortStats,
-) -> Result<(), DropReason> {
+) -> Result<i32, DropReason> {
     // One flood call site below: the loop is the longest code of the program.
     let (need, none) = if is_multicast(dst) {
         (0, DropReason::NoFloodTarget)
@@ -40,7 +37,7 @@ pub fn forward(
                 stamp(ctx, port);
                 redirect(target);
                 trace::unicast(target);
-                return Ok(());
+                return Ok(TC_ACT_REDIRECT as i32);
             }
             // The destination is the sender's own: a hairpin the network never does.
             Some(_) => return Err(DropReason::UnknownDestination),
@@ -61,7 +58,7 @@ fn flood(
     need: u32,
     none: DropReason,
     stats: &mut PortStats,
-) -> Result<(), DropReason> {
+) -> Result<i32, DropReason> {
     // SAFETY: the agent replaces flood sets with one update, never in place.
     let Some(set) = (unsafe { FLOOD.get(port.network_slot) }) else {
         return Err(none);
@@ -107,7 +104,7 @@ fn flood(
     }
     redirect(pending);
     trace::flood_target(pending);
-    Ok(())
+    Ok(TC_ACT_REDIRECT as i32)
 }
 
 /// Marks the frame as switched by the datapath, for `port_egress` of the target.

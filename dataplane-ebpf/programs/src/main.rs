@@ -22,11 +22,7 @@ mod policy;
 mod port_security;
 mod trace;
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_abi::{
     port_flags, sg_direction, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH, MARK_MAGIC_MASK,
 };
@@ -101,8 +97,7 @@ fn ingress(
         _ if secure => port_security::other(port, &eth)?,
         _ => {}
     }
-    l2::forward(ctx, port, ifindex, &eth.dst, stats)?;
-    Ok(TC_ACT_REDIRECT as i32)
+    l2::forward(ctx, port, ifindex, &eth.dst, stats)
 }
 
 #[classifier]

@@ -10,6 +10,8 @@ use dataplane_abi::{
     Verdict,
 };
 
+use crate::flow::Flow;
+
 #[map]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::with_max_entries(4096, 0);
 
@@ -63,6 +65,13 @@ pub static CT_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(655
 
 #[map]
 pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ct_stat::COUNT, 0);
+
+/// Scratch space for the flow `policy::check` works on: kept off the stack, where the
+/// call chain below `port_ingress` has 512 bytes in all. One per CPU: a program runs to
+/// its end on its CPU, and the only nesting (`port_egress` inside the flood copies of
+/// `port_ingress`) starts after `port_ingress` is done with it. Not part of the ABI.
+#[map]
+pub static SG_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static NOPORT_DROPS: PerCpuArray<u64> =

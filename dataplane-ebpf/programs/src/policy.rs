@@ -15,7 +15,7 @@ use crate::{
     ipv4::Ipv4,
     ipv6::Ipv6,
     l4::{IPPROTO_ICMPV6, IPPROTO_UDP},
-    maps::{RULE_STATS, SG_REMOTE4, SG_REMOTE6, SG_RULES},
+    maps::{RULE_STATS, SG_FLOW, SG_REMOTE4, SG_REMOTE6, SG_RULES},
     packet::Packet,
 };
 
@@ -31,7 +31,7 @@ pub const NO_RULE: u32 = u32::MAX;
 /// Applies the port's security groups, in `direction` (`sg_direction`), to the IP
 /// packet whose header `ipv4::parse` or `ipv6::parse` read (`v4` or `v6`). A BPF
 /// function of its own: the verifier walks it once per call site, not once per path
-/// into the flood loop behind it.
+/// into the flood loop behind it, and its stack is not `port_ingress`'s.
 #[inline(never)]
 pub fn check(
     ctx: &TcContext,
@@ -41,16 +41,23 @@ pub fn check(
     direction: u8,
 ) -> Result<(), DropReason> {
     let mut pkt = Packet::new(ctx);
-    let mut flow = Flow::new(port.port_slot);
-    flow::parse(&mut pkt, v4, v6, &mut flow)?;
-    if always_allowed(&flow, direction) {
+    let Some(flow) = SG_FLOW.get_ptr_mut(0) else {
+        // Index 0 of a one-entry array: cannot happen. Closed, should it ever.
+        return Err(DropReason::PolicyDenied);
+    };
+    // SAFETY: per-CPU value, only touched by the program running on this CPU, and only
+    // within this call (see `SG_FLOW`).
+    let flow = unsafe { &mut *flow };
+    *flow = Flow::new(port.port_slot);
+    flow::parse(&mut pkt, v4, v6, flow)?;
+    if always_allowed(flow, direction) {
         return Ok(());
     }
     let bytes = u64::from(ctx.len());
     if port.flags & port_flags::STATEFUL == 0 {
-        return allow(port, &flow, direction, bytes);
+        return allow(port, flow, direction, bytes);
     }
-    conntrack::track(&mut pkt, port, &mut flow, direction, bytes)
+    conntrack::track(&mut pkt, port, flow, direction, bytes)
 }
 
 /// What Neutron's firewall lets through before any rule: neighbour discovery and MLD

@@ -1,6 +1,10 @@
 //! Port security (Neutron semantics): a port may only send from its own MACs and
 //! addresses, may not answer for others in ARP/ND, and may not act as a router or DHCP
 //! server. Only for ports with `PORT_SECURITY`.
+//!
+//! The checks of `port_ingress` are BPF functions of their own (`inline(never)`): their
+//! keys stay off its stack frame, below which `policy::check` needs room (512 bytes for
+//! the whole call chain).
 use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_abi::{
     port_flags, DropReason, PortAddr4, PortAddr6, PortInfo, PortMacKey, PORT_ADDR_FIXED_BITS,
