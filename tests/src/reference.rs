@@ -87,6 +87,8 @@ impl Reference<'_> {
         };
         if self.security(port) {
             self.port_security(port, frame, src, &header)?;
+            // The port's security groups read the transport header of what it sends.
+            transport_header_complete(&header)?;
         }
         self.switch(port, dst)
     }
@@ -381,6 +383,27 @@ fn parse_ipv6(frame: &[u8]) -> Result<Ipv6, DropReason> {
         return Err(DropReason::MalformedIpv6);
     }
     Ok(ip)
+}
+
+/// Security groups judge IP packets by their transport header: TCP needs its 20 bytes,
+/// ICMP its 8, UDP and the other port protocols their 4 bytes of ports. Non-first
+/// fragments have none to read.
+fn transport_header_complete(header: &Header) -> Result<(), DropReason> {
+    let (family_icmp, protocol, l4, end, has_l4) = match header {
+        Header::Ipv4(ip) => (1, ip.protocol, ip.l4, ip.end, ip.first_fragment),
+        Header::Ipv6(ip) => (58, ip.next, ip.l4, ip.end, ip.has_l4),
+        Header::Arp(_) | Header::Other => return Ok(()),
+    };
+    let needed = match protocol {
+        6 => 20,
+        17 | 33 | 132 | 136 => 4,
+        p if p == family_icmp => 8,
+        _ => 0,
+    };
+    if has_l4 && l4 + needed > end {
+        return Err(DropReason::MalformedL4);
+    }
+    Ok(())
 }
 
 fn udp_ports(frame: &[u8], l4: usize, end: usize) -> Result<(u16, u16), DropReason> {

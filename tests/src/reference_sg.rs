@@ -88,7 +88,11 @@ impl Flow {
         let dhcp_client = direction == Direction::Egress
             && self.protocol == UDP
             && self.first_fragment
-            && matches!((self.sport, self.dport), (68, 67) | (546, 547));
+            && (self.sport, self.dport)
+                == match self.src {
+                    IpAddr::V4(_) => (68, 67),
+                    IpAddr::V6(_) => (546, 547),
+                };
         neighbour_discovery || dhcp_client
     }
 

@@ -17,8 +17,8 @@ use dataplane_agent::{
     core::{
         compile::{compile, NodeView, SlotLimits, Slots},
         model::{
-            AllowedAddressPair, FixedIp, IpVersion, MacAddr, Network, Port, PortBinding, Resource,
-            State, Subnet,
+            AllowedAddressPair, Direction, EtherType, FixedIp, IpVersion, MacAddr, Network, Port,
+            PortBinding, Protocol, Resource, SecurityGroup, SecurityGroupRule, State, Subnet,
         },
     },
     kernel::datapath::{Datapath, LoadOptions, MapLimits},
@@ -216,8 +216,10 @@ fn v6(network: usize, host: u16) -> Ipv6Addr {
 
 fn random_state(rng: &mut StdRng) -> State {
     let network_count = rng.random_range(1..=3);
-    let mut resources = Vec::new();
+    let mut resources = vec![open_group()];
+    let mut network_security = Vec::new();
     for n in 0..network_count {
+        network_security.push(rng.random_bool(0.8));
         resources.push(Resource::Network(Network {
             id: format!("net{n}"),
             name: String::new(),
@@ -227,7 +229,7 @@ fn random_state(rng: &mut StdRng) -> State {
             router_external: false,
             mtu: 1500,
             provider: None,
-            port_security_enabled: rng.random_bool(0.8),
+            port_security_enabled: network_security[n],
             revision_number: 1,
         }));
         for (suffix, cidr, version) in [
@@ -274,6 +276,12 @@ fn random_state(rng: &mut StdRng) -> State {
         } else {
             "other-node"
         };
+        let port_security_enabled = match rng.random_range(0..4) {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        };
+        let secure = port_security_enabled.unwrap_or(network_security[n]);
         // Some ports wait for a device that does not exist.
         let interface = if rng.random_bool(0.95) {
             format!("d{i}")
@@ -286,12 +294,14 @@ fn random_state(rng: &mut StdRng) -> State {
             mac_address: MacAddr(port_mac(i)),
             fixed_ips,
             allowed_address_pairs: pairs,
-            security_group_ids: Vec::new(),
-            port_security_enabled: match rng.random_range(0..4) {
-                0 => Some(false),
-                1 => Some(true),
-                _ => None,
+            // Ports with port security are in a group that allows all IP both ways:
+            // this test is about switching and port security, not the rules.
+            security_group_ids: if secure {
+                vec![OPEN_GROUP.to_owned()]
+            } else {
+                Vec::new()
             },
+            port_security_enabled,
             admin_state_up: rng.random_bool(0.9),
             device_owner: String::new(),
             device_id: String::new(),
@@ -306,6 +316,36 @@ fn random_state(rng: &mut StdRng) -> State {
         }));
     }
     State::replace(&resources).expect("generated state is valid")
+}
+
+const OPEN_GROUP: &str = "open";
+
+/// A stateless group allowing all IP, both ways, both families.
+fn open_group() -> Resource {
+    let rule = |id: &str, direction, ethertype| SecurityGroupRule {
+        id: id.to_owned(),
+        direction,
+        ethertype,
+        protocol: Protocol::Any,
+        port_range_min: None,
+        port_range_max: None,
+        remote_ip_prefix: None,
+        remote_group_id: None,
+        revision_number: 1,
+    };
+    Resource::SecurityGroup(SecurityGroup {
+        id: OPEN_GROUP.to_owned(),
+        project_id: String::new(),
+        name: String::new(),
+        stateful: false,
+        rules: vec![
+            rule("in4", Direction::Ingress, EtherType::Ipv4),
+            rule("in6", Direction::Ingress, EtherType::Ipv6),
+            rule("out4", Direction::Egress, EtherType::Ipv4),
+            rule("out6", Direction::Egress, EtherType::Ipv6),
+        ],
+        revision_number: 1,
+    })
 }
 
 fn random_pair(rng: &mut StdRng, n: usize, i: usize) -> AllowedAddressPair {

@@ -4,10 +4,7 @@
 //! judged right at the far end of the rule list and by remote-group membership. Prints
 //! the compile and load times and the kernel's memory for the maps. Needs root.
 
-use std::{
-    collections::BTreeMap,
-    time::Instant,
-};
+use std::{collections::BTreeMap, time::Instant};
 
 use anyhow::{ensure, Result};
 use dataplane_abi::{program_names, MARK_FROM_DATAPATH};
@@ -48,7 +45,12 @@ fn group(g: usize) -> pb::SecurityGroup {
                 // From prefixes of another range, on ports of their own.
                 _ => {
                     let (min, max) = port(2000 + r * 10, 2000 + r * 10 + g % 7);
-                    (min, max, format!("172.{}.{}.0/24", 16 + g % 16, r), String::new())
+                    (
+                        min,
+                        max,
+                        format!("172.{}.{}.0/24", 16 + g % 16, r),
+                        String::new(),
+                    )
                 }
             };
             pb::SecurityGroupRule {
@@ -67,7 +69,14 @@ fn large_state() -> Result<State> {
     let mut resources: Vec<pb::Resource> = (0..GROUPS).map(|g| group(g).into_resource()).collect();
     for n in 0..NETWORKS {
         resources.push(network(&format!("n{n}")).into_resource());
-        resources.push(subnet(&format!("s{n}"), &format!("n{n}"), &format!("10.{n}.0.0/16")).into_resource());
+        resources.push(
+            subnet(
+                &format!("s{n}"),
+                &format!("n{n}"),
+                &format!("10.{n}.0.0/16"),
+            )
+            .into_resource(),
+        );
         for i in 0..PORTS_PER_NETWORK {
             let address = format!("10.{n}.{}.{}", i / 200, i % 200 + 2);
             let mut p = port(
@@ -109,8 +118,14 @@ fn syn(dport: u16) -> Result<Vec<u8>> {
 fn map_memory() -> (usize, u64) {
     let mut maps = 0;
     let mut bytes = 0;
-    for entry in std::fs::read_dir("/proc/self/fdinfo").into_iter().flatten().flatten() {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+    for entry in std::fs::read_dir("/proc/self/fdinfo")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
         if !info.contains("map_type:") {
             continue;
         }
@@ -130,7 +145,10 @@ fn a_hundred_thousand_rules_load_and_enforce() -> Result<()> {
     ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
     let mut devices = BTreeMap::new();
     for i in 0..2 {
-        devices.insert(format!("sc{i}"), ns.add_veth(&format!("sc{i}"), None, &format!("sc{i}p"))?);
+        devices.insert(
+            format!("sc{i}"),
+            ns.add_veth(&format!("sc{i}"), None, &format!("sc{i}p"))?,
+        );
     }
 
     let started = Instant::now();
