@@ -157,7 +157,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn from_opener(&self, flow: &Flow) -> bool {
+    fn sent_by_opener(&self, flow: &Flow) -> bool {
         (flow.src, flow.sport) == (self.opening.src, self.opening.sport)
     }
 
@@ -165,7 +165,7 @@ impl Conn {
     /// it establishes.
     fn advance(&mut self, flow: &Flow) {
         use tcp_flags::*;
-        let reply = !self.from_opener(flow);
+        let reply = !self.sent_by_opener(flow);
         if flow.tcp_flags & RST != 0 {
             self.tcp = TcpState::Closed;
             return;
@@ -266,7 +266,7 @@ impl SgReference {
 
         let key = (port.id.clone(), flow.canonical());
         if let Some(conn) = self.connections.get_mut(&key) {
-            let from_opener = conn.from_opener(flow);
+            let from_opener = conn.sent_by_opener(flow);
             let syn_only = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
             // An echo request from the answering end, or a reply from the asking one,
             // is not part of the exchange: judged on its own.

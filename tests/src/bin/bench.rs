@@ -8,6 +8,7 @@
 //! - security groups at 10, 1,000 and 100,000 rules: a packet of an established TCP
 //!   connection (conntrack hit) and a new connection's SYN (classification + conntrack
 //!   insert), each through `port_ingress` of the sender.
+//!
 //! Established and L2 cases run `--repeat` times per call; a new flow must be new every
 //! time, so it runs once per call with a fresh source port, and is compared with the
 //! no-op run the same way. Rounds alternate between cases; medians are reported.
@@ -178,6 +179,9 @@ fn tcp_frame(from_a: bool, sport: u16, dport: u16, flags: Flags) -> Result<Vec<u
     Ok(frame)
 }
 
+/// A case: its name, its samples, and the no-op samples measured the same way.
+type Row = (String, Vec<f64>, Vec<f64>);
+
 fn median(samples: &[f64]) -> (f64, f64, f64) {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -307,7 +311,7 @@ fn main() -> Result<()> {
         );
     }
 
-    let rows = ns.run(|| -> Result<Vec<(String, Vec<f64>, Vec<f64>)>> {
+    let rows = ns.run(|| -> Result<Vec<Row>> {
         let largest = args.rules.iter().copied().max().unwrap_or(10) as u32;
         let mut limits = MapLimits::for_node(64, 1 << 20);
         limits.max_rules = limits.max_rules.max(largest + 16);
@@ -320,8 +324,7 @@ fn main() -> Result<()> {
             slot_a: 0,
         };
         let frame = tcp_frame(true, 40000, SERVER_PORT, Flags::Ack)?;
-        // (name, samples, floor samples of the same kind)
-        let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
         let mut measure =
             |name: String, samples: Vec<f64>, floor: Vec<f64>| rows.push((name, samples, floor));
 
