@@ -12,6 +12,7 @@
 //!   a `__sk_buff` with an `ifindex`, `bpf_clone_redirect` targets, sockets, netlink,
 //!   tcx attach by ifindex.
 use std::{
+    collections::BTreeMap,
     fs::File,
     os::fd::{AsRawFd, FromRawFd},
     process::{Command, Output},
@@ -147,6 +148,28 @@ impl NetNs {
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
+}
+
+/// A namespace holding port devices for programs run with BPF_PROG_TEST_RUN: a veth
+/// `<name>` (peer `<name>p`) for each name, with IPv6 off so the host stack adds no
+/// traffic of its own. Returns the namespace and each device's ifindex.
+pub fn device_lab(tag: &str, names: &[String]) -> Result<(NetNs, BTreeMap<String, u32>)> {
+    let ns = NetNs::new(tag)?;
+    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
+    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])?;
+    let mut devices = BTreeMap::new();
+    for name in names {
+        devices.insert(name.clone(), ns.add_veth(name, None, &format!("{name}p"))?);
+    }
+    Ok((ns, devices))
+}
+
+/// A number from the environment (test scale and seeds), or `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 impl Drop for NetNs {

@@ -25,7 +25,7 @@ use dataplane_agent::{
 };
 use dataplane_tests::{
     frames::{self, ethertype, Mac, BROADCAST},
-    netns::NetNs,
+    netns::{device_lab, env_number},
     reference::{Expected, Reference},
 };
 use ipnet::IpNet;
@@ -35,29 +35,14 @@ const NODE: &str = "diff-node";
 /// Port devices in the test namespace; one more, unbound, plays an unknown device.
 const DEVICES: usize = 8;
 
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
     let seed = env_number("DP_DIFF_SEED", 0x5eed_1234);
     let states = env_number("DP_DIFF_STATES", 40);
     let frames_per_state = env_number("DP_DIFF_FRAMES", 100);
 
-    let ns = NetNs::new("diff")?;
-    // No host-stack chatter on the devices the programs get attached to.
-    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
-    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])?;
-    let mut devices = BTreeMap::new();
-    for i in 0..=DEVICES {
-        let name = format!("d{i}");
-        let ifindex = ns.add_veth(&name, None, &format!("d{i}p"))?;
-        devices.insert(name, ifindex);
-    }
+    let names: Vec<String> = (0..=DEVICES).map(|i| format!("d{i}")).collect();
+    let (ns, devices) = device_lab("diff", &names)?;
 
     let checked = ns.run(move || -> Result<(u64, u64, BTreeMap<&'static str, u64>)> {
         let mut datapath = Datapath::load(

@@ -27,7 +27,7 @@ use dataplane_agent::{
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     api::{network, port, rule, security_group, subnet, IntoResource},
-    netns::NetNs,
+    netns::{device_lab, env_number},
     reference_sg::{tcp_flags, Flow, SgReference, SgVerdict, ICMP, ICMPV6, TCP, UDP},
 };
 use etherparse::{IpNumber, PacketBuilder};
@@ -35,13 +35,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const NODE: &str = "sg-diff";
 const PORTS: usize = 4;
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn mac(i: usize) -> [u8; 6] {
     [0xfa, 0x16, 0x3e, 0, 0, i as u8 + 1]
@@ -61,14 +54,8 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
     let states = env_number("DP_DIFF_STATES", 30);
     let flows_per_state = env_number("DP_DIFF_FLOWS", 150);
 
-    let ns = NetNs::new("sgdiff")?;
-    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
-    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])?;
-    let mut devices = BTreeMap::new();
-    for i in 0..PORTS {
-        let name = format!("s{i}");
-        devices.insert(name.clone(), ns.add_veth(&name, None, &format!("s{i}p"))?);
-    }
+    let names: Vec<String> = (0..PORTS).map(|i| format!("s{i}")).collect();
+    let (ns, devices) = device_lab("sgdiff", &names)?;
 
     let (checked, outcomes) = ns.run(move || -> Result<(u64, BTreeMap<String, u64>)> {
         let mut datapath = Datapath::load(

@@ -4,7 +4,7 @@
 //! judged right at the far end of the rule list and by remote-group membership. Prints
 //! the compile and load times and the kernel's memory for the maps. Needs root.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use dataplane_abi::{program_names, MARK_FROM_DATAPATH};
@@ -19,7 +19,7 @@ use dataplane_agent::{
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     api::{network, port, rule, security_group, subnet, IntoResource},
-    netns::NetNs,
+    netns::device_lab,
 };
 use etherparse::PacketBuilder;
 
@@ -141,15 +141,7 @@ fn map_memory() -> (usize, u64) {
 
 #[test]
 fn a_hundred_thousand_rules_load_and_enforce() -> Result<()> {
-    let ns = NetNs::new("scale")?;
-    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
-    let mut devices = BTreeMap::new();
-    for i in 0..2 {
-        devices.insert(
-            format!("sc{i}"),
-            ns.add_veth(&format!("sc{i}"), None, &format!("sc{i}p"))?,
-        );
-    }
+    let (ns, devices) = device_lab("scale", &["sc0".to_owned(), "sc1".to_owned()])?;
 
     let started = Instant::now();
     let state = large_state()?;

@@ -29,7 +29,7 @@ use dataplane_agent::{
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     api::{network, port, rule, security_group, subnet, IntoResource},
-    netns::NetNs,
+    netns::device_lab,
 };
 use etherparse::PacketBuilder;
 
@@ -301,15 +301,7 @@ impl Lab {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let ns = NetNs::new("bench")?;
-    ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
-    let mut devices = BTreeMap::new();
-    for name in ["bench-a", "bench-b"] {
-        devices.insert(
-            name.to_owned(),
-            ns.add_veth(name, None, &format!("{name}p"))?,
-        );
-    }
+    let (ns, devices) = device_lab("bench", &["bench-a".to_owned(), "bench-b".to_owned()])?;
 
     let rows = ns.run(|| -> Result<Vec<Row>> {
         let largest = args.rules.iter().copied().max().unwrap_or(10) as u32;
