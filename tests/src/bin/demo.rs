@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     agent::{agent_binary, Agent},
-    api::{apply, default_security_group, network, port, subnet, upsert},
+    api::{apply, default_security_group, network, port, rule, security_group, subnet, upsert},
     netns::NetNs,
     topology::Vm,
 };
@@ -160,6 +160,36 @@ async fn main() -> Result<()> {
         web.ping(ip("10.1.0.12"), 3)?.none_replied(),
     );
 
+    let ssh_only = security_group(
+        "ssh-only",
+        true,
+        vec![
+            pb::SecurityGroupRule {
+                port_range_min: Some(22),
+                port_range_max: Some(22),
+                ..rule("ssh-in", pb::Direction::Ingress, pb::EtherType::Ipv4, "tcp")
+            },
+            rule("all-out", pb::Direction::Egress, pb::EtherType::Ipv4, ""),
+        ],
+    );
+    let mut guarded = port(
+        "db",
+        "blue",
+        "fa:16:3e:00:01:02",
+        &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
+        NODE,
+        "tap-db",
+    );
+    guarded.revision_number = 3;
+    guarded.security_group_ids = vec!["ssh-only".into()];
+    client
+        .apply(apply(vec![upsert(ssh_only), upsert(guarded)]))
+        .await?;
+    expect(
+        "db back up, but in security group 'ssh-only' (TCP 22 in): web's pings are denied",
+        web.ping(ip("10.1.0.12"), 3)?.none_replied(),
+    );
+
     step("the counters that explain it (dataplane-agent ctl counters)");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ctl = Command::new(agent_binary()?)
@@ -196,6 +226,10 @@ async fn main() -> Result<()> {
     expect(
         "db's admin-down drops are counted",
         count("db", pb::DropReason::PortAdminDown) > 0,
+    );
+    expect(
+        "db's security group denials are counted (policy_denied)",
+        count("db", pb::DropReason::PolicyDenied) > 0,
     );
     expect(
         "intruder's ARP found nobody on 'red' (no_flood_target)",
