@@ -50,7 +50,7 @@ const SKB_IFINDEX: usize = 40;
 pub const TEST_MAX_ENTRIES: u32 = 1024;
 
 /// Map sizes a harness loads with: [`TEST_MAX_ENTRIES`] unless a test needs a table
-/// small enough to fill, or large enough for a benchmark.
+/// small enough to fill (conntrack full, LRU churn).
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
     /// `CT`.
@@ -647,25 +647,6 @@ impl Harness {
             verdict: self.verdict()?,
             mark,
         })
-    }
-
-    /// Runs `frame` `repeat` times through `program`; the mean time per run.
-    pub fn bench(
-        &self,
-        program: &str,
-        ifindex: u32,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<std::time::Duration> {
-        let mut ctx_in = [0u8; SKB_CTX_LEN];
-        ctx_in[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-        let result = self.program(program)?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx_in),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        Ok(result.duration)
     }
 
     fn clear_verdict(&mut self) -> Result<()> {

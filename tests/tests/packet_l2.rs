@@ -1699,39 +1699,3 @@ fn every_drop_reason_is_reachable() -> Result<()> {
         Ok(())
     })
 }
-
-/// Not a pass/fail test (timing on a shared machine is noisy): prints what the common
-/// path (unicast IPv4 from a secure port, its own MAC and fixed IP) costs next to
-/// `noop_tc`, as production loads it (no trace), and the programs' sizes. Run with
-/// `--ignored --nocapture`.
-#[test]
-#[ignore]
-fn common_path_cost_against_noop() -> Result<()> {
-    with_node_traced("bench", false, |n| {
-        let traced = Harness::load()?;
-        for (h, how) in [(&n.h, "production"), (&traced, "traced")] {
-            for name in ["noop_tc", "port_ingress", "port_egress"] {
-                let info = h.program(name)?.info()?;
-                let xlated = info.size_translated().unwrap_or(0) / 8;
-                let verified = info.verified_instruction_count().unwrap_or(0);
-                println!("{how} {name}: {xlated} instructions, {verified} verified");
-            }
-        }
-        let runs = 2_000_000;
-        let p1 = n.ifx(&P1);
-        let tcp = frames::tcp4_frame(P2.mac, P1.mac, P1.ip4, P2.ip4);
-        let udp = frames::udp4_frame(P2.mac, P1.mac, P1.ip4, P2.ip4, 1, 2);
-        for round in 0..3 {
-            let noop = n.h.bench("noop_tc", p1, &tcp, runs)?;
-            let tcp = n.h.bench("port_ingress", p1, &tcp, runs)?;
-            let udp = n.h.bench("port_ingress", p1, &udp, runs)?;
-            let x = |d: std::time::Duration| d.as_secs_f64() / noop.as_secs_f64();
-            println!(
-                "round {round}: noop_tc {noop:?}, port_ingress tcp {tcp:?} ({:.2}x), udp {udp:?} ({:.2}x)",
-                x(tcp),
-                x(udp)
-            );
-        }
-        Ok(())
-    })
-}
