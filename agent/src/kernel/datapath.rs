@@ -186,7 +186,7 @@ pub struct Datapath {
     rule_slots: BTreeMap<String, u32>,
     limits: MapLimits,
     attachments: StdHashMap<u32, Attachment>,
-    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 /// Where this agent pins its maps: `<root>/v<ABI_VERSION>/maps`. The version in the path
@@ -267,13 +267,13 @@ impl Datapath {
             rule_slots: BTreeMap::new(),
             limits,
             attachments: StdHashMap::new(),
-            _logger: logger,
+            logger,
         })
     }
 
     /// Forwards pending log records of the programs to `tracing`.
     pub fn flush_logs(&mut self) {
-        if let Some(logger) = &mut self._logger {
+        if let Some(logger) = &mut self.logger {
             logger.flush();
         }
     }
@@ -281,7 +281,7 @@ impl Datapath {
     /// The log ring buffer's fd, to wait on, if the programs log at all.
     pub fn log_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
-        self._logger.as_ref().map(|logger| logger.as_raw_fd())
+        self.logger.as_ref().map(|logger| logger.as_raw_fd())
     }
 
     /// Makes maps and attachments match `compiled`. On error the datapath may hold part
