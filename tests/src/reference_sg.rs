@@ -16,17 +16,10 @@ use dataplane_agent::core::model::{
     Direction, EtherType, Port, Protocol, SecurityGroupRule, State,
 };
 
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const ICMP: u8 = 1;
-pub const ICMPV6: u8 = 58;
-
-pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
-}
+use crate::frames::{
+    proto::{ICMP, ICMPV6, TCP, UDP},
+    tcp_flags,
+};
 
 /// One IP packet between two ports, as a security group sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,8 +27,12 @@ use dataplane_agent::{
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     api::{network, port, rule, security_group, subnet, IntoResource},
+    frames::{
+        proto::{ICMP, ICMPV6, TCP, UDP},
+        tcp_flags,
+    },
     netns::{device_lab, env_number},
-    reference_sg::{tcp_flags, Flow, SgReference, SgVerdict, ICMP, ICMPV6, TCP, UDP},
+    reference_sg::{Flow, SgReference, SgVerdict},
 };
 use etherparse::{IpNumber, PacketBuilder};
 use rand::{rngs::StdRng, Rng, SeedableRng};
