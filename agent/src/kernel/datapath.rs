@@ -173,6 +173,7 @@ struct Maps {
     ct: HashMap<MapData, CtKey, CtEntry>,
     ct_new: HashMap<MapData, CtKey, CtEntry>,
     ct_stats: PerCpuArray<MapData, u64>,
+    verdict: PerCpuArray<MapData, Verdict>,
 }
 
 pub struct Datapath {
@@ -257,6 +258,7 @@ impl Datapath {
             ct: take(&mut ebpf, map_names::CT, pins)?,
             ct_new: take(&mut ebpf, map_names::CT_NEW, pins)?,
             ct_stats: take(&mut ebpf, map_names::CT_STATS, pins)?,
+            verdict: take(&mut ebpf, map_names::VERDICT, pins)?,
         };
         info!(pins = ?pins, trace = options.trace_verdicts, "datapath loaded");
         Ok(Self {
@@ -539,16 +541,9 @@ impl Datapath {
         repeat: u32,
     ) -> Result<TestRunOutcome, DatapathError> {
         let verdict_err = map_err(map_names::VERDICT);
-        let mut verdicts: PerCpuArray<&mut MapData, Verdict> =
-            PerCpuArray::try_from(self.ebpf.map_mut(map_names::VERDICT).ok_or(
-                DatapathError::Missing {
-                    kind: "map",
-                    name: map_names::VERDICT,
-                },
-            )?)
-            .map_err(&verdict_err)?;
         // Cleared first, so the one CPU entry the run fills is the only non-empty one.
-        verdicts
+        self.maps
+            .verdict
             .set(0, per_cpu(Verdict::default(), map_names::VERDICT)?, 0)
             .map_err(&verdict_err)?;
 
@@ -570,15 +565,9 @@ impl Datapath {
             })
             .map_err(|source| DatapathError::Program { program, source })?;
 
-        let verdicts: PerCpuArray<&MapData, Verdict> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::VERDICT).ok_or(
-                DatapathError::Missing {
-                    kind: "map",
-                    name: map_names::VERDICT,
-                },
-            )?)
-            .map_err(&verdict_err)?;
-        let verdict = verdicts
+        let verdict = self
+            .maps
+            .verdict
             .get(&0, 0)
             .map_err(&verdict_err)?
             .iter()

@@ -16,6 +16,20 @@ use dataplane_tests::{
 
 const NODE: &str = "demo-node";
 
+/// The db VM's port, at `revision`.
+fn db_port(revision: u64) -> pb::Port {
+    let mut db = port(
+        "db",
+        "blue",
+        "fa:16:3e:00:01:02",
+        &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
+        NODE,
+        "tap-db",
+    );
+    db.revision_number = revision;
+    db
+}
+
 fn step(text: &str) {
     println!("\n==> {text}");
 }
@@ -82,14 +96,7 @@ async fn main() -> Result<()> {
                 NODE,
                 "tap-web",
             )),
-            upsert(port(
-                "db",
-                "blue",
-                "fa:16:3e:00:01:02",
-                &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
-                NODE,
-                "tap-db",
-            )),
+            upsert(db_port(1)),
             upsert(port(
                 "intruder",
                 "red",
@@ -144,15 +151,7 @@ async fn main() -> Result<()> {
     web.del_address("10.1.0.66/24".parse()?)?;
     web.add_address("10.1.0.11/24".parse()?)?;
 
-    let mut down = port(
-        "db",
-        "blue",
-        "fa:16:3e:00:01:02",
-        &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
-        NODE,
-        "tap-db",
-    );
-    down.revision_number = 2;
+    let mut down = db_port(2);
     down.admin_state_up = false;
     client.apply(apply(vec![upsert(down)])).await?;
     expect(
@@ -172,15 +171,7 @@ async fn main() -> Result<()> {
             rule("all-out", pb::Direction::Egress, pb::EtherType::Ipv4, ""),
         ],
     );
-    let mut guarded = port(
-        "db",
-        "blue",
-        "fa:16:3e:00:01:02",
-        &[("blue-v4", "10.1.0.12"), ("blue-v6", "fd00:b1::12")],
-        NODE,
-        "tap-db",
-    );
-    guarded.revision_number = 3;
+    let mut guarded = db_port(3);
     guarded.security_group_ids = vec!["ssh-only".into()];
     client
         .apply(apply(vec![upsert(ssh_only), upsert(guarded)]))
