@@ -26,25 +26,27 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a SIGTERM may take before the guard uses SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The agent binary: `DATAPLANE_AGENT_BIN`, else `dataplane-agent` beside the test
-/// binary's `deps/` directory (built by `cargo xtask test` before the tests run).
+/// The agent binary: `DATAPLANE_AGENT_BIN`, else `dataplane-agent` in the same profile
+/// directory as the running binary (`target/<profile>/` for the demo and bench,
+/// `target/<profile>/deps/` for tests), which `cargo xtask test|demo` build first.
 pub fn agent_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("DATAPLANE_AGENT_BIN") {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("current_exe")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary outside target/<profile>/deps")?;
-    let candidate = profile_dir.join("dataplane-agent");
-    if !candidate.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build -p dataplane-agent` (`cargo xtask test` does)",
-            candidate.display()
-        );
-    }
-    Ok(candidate)
+    let dir = exe.parent().context("current_exe has no directory")?;
+    let found = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join("dataplane-agent"))
+        .find(|candidate| candidate.is_file());
+    found.with_context(|| {
+        format!(
+            "no dataplane-agent beside {}: build it with `cargo build -p dataplane-agent` \
+                 (`cargo xtask test` and `cargo xtask demo` do)",
+            exe.display()
+        )
+    })
 }
 
 /// A running agent; stopped and its state directory removed on drop.
