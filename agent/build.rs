@@ -1,4 +1,6 @@
-//! Builds the eBPF programs for `bpfel-unknown-none` and embeds the object in the agent.
+//! Builds the eBPF programs for `bpfel-unknown-none` and embeds the objects in the agent:
+//! the datapath (`dataplane-ebpf`) and the benchmark's traffic generator
+//! (`dataplane-traffic`, which the agent itself never loads).
 //!
 //! The BPF build needs Debian's rustc (it ships `core` for the BPF target) and
 //! bpf-linker; `cargo xtask setup` installs both (see ../shared/TOOLCHAIN.md). The BPF
@@ -6,7 +8,8 @@
 //! lock of the build that runs this script, and a second build is incremental.
 //!
 //! `DATAPLANE_BPF_OBJECT=<path>` embeds an object built elsewhere instead (packagers,
-//! or work on the agent while the programs are mid-edit).
+//! or work on the agent while the programs are mid-edit); the traffic object is taken
+//! from beside it (`dataplane-traffic`, as cargo names it).
 use std::{
     env,
     path::{Path, PathBuf},
@@ -16,13 +19,25 @@ use std::{
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_CRATE: &str = "dataplane-ebpf";
+/// Object names as cargo builds them, and the names they are embedded under.
+const OBJECTS: [(&str, &str); 2] = [
+    ("dataplane-ebpf", "dataplane.bpf.o"),
+    ("dataplane-traffic", "traffic.bpf.o"),
+];
 
 fn main() {
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("dataplane.bpf.o");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-env-changed=DATAPLANE_BPF_OBJECT");
     if let Some(prebuilt) = env::var_os("DATAPLANE_BPF_OBJECT") {
-        println!("cargo:rerun-if-changed={}", Path::new(&prebuilt).display());
-        copy(Path::new(&prebuilt), &out);
+        let prebuilt = Path::new(&prebuilt);
+        let dir = prebuilt.parent().unwrap_or(Path::new("."));
+        let (_, datapath) = OBJECTS[0];
+        println!("cargo:rerun-if-changed={}", prebuilt.display());
+        copy(prebuilt, &out_dir.join(datapath));
+        for (built, embedded) in &OBJECTS[1..] {
+            println!("cargo:rerun-if-changed={}", dir.join(built).display());
+            copy(&dir.join(built), &out_dir.join(embedded));
+        }
         return;
     }
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -83,10 +98,10 @@ fn main() {
         .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
     assert!(status.success(), "eBPF build failed: {cmd:?}");
 
-    copy(
-        &target_dir.join(BPF_TARGET).join("release").join(BPF_CRATE),
-        &out,
-    );
+    let built = target_dir.join(BPF_TARGET).join("release");
+    for (name, embedded) in OBJECTS {
+        copy(&built.join(name), &out_dir.join(embedded));
+    }
 }
 
 fn copy(from: &Path, to: &Path) {

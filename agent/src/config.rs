@@ -49,7 +49,8 @@ pub struct Config {
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dataplane";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const DEFAULT_MAX_PORTS: u32 = 4096;
-const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Confirmed connections the agent tracks unless configured otherwise.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
 impl Config {
     /// `overrides` are the command-line flags; `file` the config file, if any.

@@ -5,13 +5,13 @@
 //! current. A datapath error rolls the maps back to the previous compiled tables, so a
 //! request either takes effect whole or not at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dataplane_abi::{ct_flags, ct_stat, CtEntry, CtKey, DropReason, RuleStats};
 use tokio::sync::{broadcast, Mutex};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     core::{
@@ -88,9 +88,17 @@ struct Inner {
     state: State,
     slots: Slots,
     compiled: Compiled,
-    interfaces: BTreeMap<String, u32>,
+    devices: Devices,
     datapath: Datapath,
     generation: u64,
+}
+
+/// The port devices present on this node, as the compiler sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Devices {
+    interfaces: BTreeMap<String, u32>,
+    /// Those whose VM end the datapath can hand frames to directly (`PEER_DELIVERY`).
+    peers: BTreeSet<u32>,
 }
 
 /// Watchers that fall this far behind miss events (and are told so by the channel).
@@ -106,7 +114,7 @@ impl Node {
                 state: State::default(),
                 slots,
                 compiled: Compiled::default(),
-                interfaces: BTreeMap::new(),
+                devices: Devices::default(),
                 datapath,
                 generation: 0,
             }),
@@ -143,8 +151,7 @@ impl Node {
     /// Re-resolves port devices after link events; recompiles if any came or went.
     pub async fn refresh_devices(&self) -> Result<(), NodeError> {
         let mut inner = self.inner.lock().await;
-        let interfaces = self.local_interfaces(&inner.state);
-        if interfaces == inner.interfaces {
+        if self.local_devices(&inner.state) == inner.devices {
             return Ok(());
         }
         let state = inner.state.clone();
@@ -297,15 +304,29 @@ impl Node {
         self.inner.lock().await.datapath.log_fd()
     }
 
-    fn local_interfaces(&self, state: &State) -> BTreeMap<String, u32> {
-        links::resolve_interfaces(
+    fn local_devices(&self, state: &State) -> Devices {
+        let interfaces = links::resolve_interfaces(
             state
                 .ports
                 .values()
                 .filter(|port| port.binding.host == self.node_name)
                 .map(|port| port.binding.interface_name.as_str())
                 .filter(|name| !name.is_empty()),
-        )
+        );
+        let peers = interfaces
+            .iter()
+            .filter(|(name, &ifindex)| match links::link_info(ifindex) {
+                Ok(info) => info.delivers_to_peer(),
+                // Gone since it was resolved, or rtnetlink would not say: the device's
+                // own transmit path works for any device.
+                Err(e) => {
+                    debug!(interface = %name, error = %e, "no link info");
+                    false
+                }
+            })
+            .map(|(_, &ifindex)| ifindex)
+            .collect();
+        Devices { interfaces, peers }
     }
 
     fn commit(
@@ -316,18 +337,19 @@ impl Node {
         changes: usize,
         named: &[ResourceRef],
     ) -> Result<Committed, NodeError> {
-        let interfaces = self.local_interfaces(&next);
+        let devices = self.local_devices(&next);
         let mut slots = inner.slots.clone();
         let compiled = compile(
             &next,
             &NodeView {
                 node_name: &self.node_name,
-                interfaces: &interfaces,
+                interfaces: &devices.interfaces,
+                peer_devices: &devices.peers,
             },
             &mut slots,
         );
         for port in &compiled.ports {
-            if !inner.interfaces.contains_key(&port.interface_name) {
+            if !inner.devices.interfaces.contains_key(&port.interface_name) {
                 if let Err(e) = links::disable_host_ipv6(&port.interface_name) {
                     warn!(interface = %port.interface_name, error = %e, "could not disable IPv6 on the port device");
                 }
@@ -344,7 +366,7 @@ impl Node {
         let old = std::mem::replace(&mut inner.compiled, compiled);
         inner.state = next;
         inner.slots = slots;
-        inner.interfaces = interfaces;
+        inner.devices = devices;
         inner.generation += 1;
         let generation = inner.generation;
         self.announce(&old.statuses, &inner.compiled.statuses);

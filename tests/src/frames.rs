@@ -24,8 +24,10 @@ pub mod offsets {
     pub const IPV4_VERSION_IHL: usize = ETH_HLEN;
     pub const IPV4_TOTAL_LEN: usize = ETH_HLEN + 2;
     pub const IPV4_FRAG_OFF: usize = ETH_HLEN + 6;
+    pub const IPV4_SRC: usize = ETH_HLEN + 12;
     pub const IPV6_VERSION: usize = ETH_HLEN;
     pub const IPV6_PAYLOAD_LEN: usize = ETH_HLEN + 4;
+    pub const IPV6_SRC: usize = ETH_HLEN + 8;
     pub const ARP_HTYPE: usize = ETH_HLEN;
     pub const ARP_PTYPE: usize = ETH_HLEN + 2;
     pub const ARP_HLEN: usize = ETH_HLEN + 4;

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod frames;
+pub mod generator;
 pub mod netns;
 pub mod reference;
 pub mod reference_sg;

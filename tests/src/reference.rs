@@ -25,12 +25,15 @@ pub enum Expected {
     Flood(BTreeSet<String>),
 }
 
-/// The node as the reference sees it: the desired state, this node's name, and which
-/// port devices exist.
+/// The node as the reference sees it: the desired state, this node's name, which port
+/// devices exist, and which of them deliver to their peer (frames switched to those are
+/// checked for the receiver on the way in: the receiver is up, and the transport header
+/// its security groups read is complete).
 pub struct Reference<'a> {
     pub state: &'a State,
     pub node_name: &'a str,
     pub devices: &'a BTreeMap<String, u32>,
+    pub peer_devices: &'a BTreeSet<String>,
 }
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -90,7 +93,19 @@ impl Reference<'_> {
             // The port's security groups read the transport header of what it sends.
             transport_header_complete(&header)?;
         }
-        self.switch(port, dst)
+        let expected = self.switch(port, dst)?;
+        if let Expected::Unicast(id) = &expected {
+            let receiver = &self.state.ports[id];
+            if self.peer_devices.contains(&receiver.binding.interface_name) {
+                if !receiver.admin_state_up {
+                    return Err(DropReason::PortAdminDown);
+                }
+                if self.security(receiver) {
+                    transport_header_complete(&header)?;
+                }
+            }
+        }
+        Ok(expected)
     }
 
     fn allowed_macs(&self, port: &Port) -> BTreeSet<MacAddr> {

@@ -63,11 +63,19 @@ fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
         let mut outcomes = BTreeMap::new();
         for scenario in 0..states {
             let state = random_state(&mut rng);
+            // About half the devices deliver to their peer.
+            let peer_names: BTreeSet<String> = devices
+                .keys()
+                .filter(|_| rng.random_bool(0.5))
+                .cloned()
+                .collect();
+            let peers: BTreeSet<u32> = peer_names.iter().map(|name| devices[name]).collect();
             let compiled = compile(
                 &state,
                 &NodeView {
                     node_name: NODE,
                     interfaces: &devices,
+                    peer_devices: &peers,
                 },
                 &mut slots,
             );
@@ -81,6 +89,7 @@ fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
                 state: &state,
                 node_name: NODE,
                 devices: &devices,
+                peer_devices: &peer_names,
             };
             for case in 0..frames_per_state {
                 let (device, frame) = random_frame(&mut rng, &state);

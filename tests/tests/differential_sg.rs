@@ -4,13 +4,15 @@
 //! ports — new connections, replies, ICMP errors about earlier packets, invalid TCP,
 //! fragments — with policy changes in between. Each packet runs through the sender's
 //! `port_ingress` and, if switched, the receiver's `port_egress`; both verdicts must
-//! equal the plain-Rust reference (`dataplane_tests::reference_sg`). Needs root.
+//! equal the plain-Rust reference (`dataplane_tests::reference_sg`). Random ports get
+//! peer delivery, where the sender's `port_ingress` judges for the receiver too. Needs
+//! root.
 //!
 //! Reproducible: `DP_DIFF_SEED`, `DP_DIFF_STATES` (default 30) and `DP_DIFF_FLOWS`
 //! (default 150 per state).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -86,15 +88,18 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
             let mut state = random_state(&mut rng, stateful);
             let mut reference = SgReference::default();
             let mut sent: Vec<(usize, usize, Flow)> = Vec::new();
+            let mut peers = random_peers(&mut rng, &devices);
             for flow_index in 0..flows_per_state {
                 if flow_index % 50 == 25 {
                     state = random_state(&mut rng, stateful);
+                    peers = random_peers(&mut rng, &devices);
                 }
                 let compiled = compile(
                     &state,
                     &NodeView {
                         node_name: NODE,
                         interfaces: &devices,
+                        peer_devices: &peers,
                     },
                     &mut slots,
                 );
@@ -153,14 +158,27 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
                     }
                     other => anyhow::bail!("verdict action {other}\n{}", context()),
                 };
+                // A receiver with peer delivery is judged inside the sender's
+                // `port_ingress`: its verdict is the pair's.
+                let peer = peers.contains(&devices[&format!("s{to}")]);
+                let (side, expected) = if peer && expected_out == SgVerdict::Pass {
+                    ("in", reference.judge(&state, receiver, Direction::Ingress, &flow))
+                } else {
+                    ("out", expected_out)
+                };
                 ensure!(
-                    actual_out == expected_out,
-                    "leaving p{from}: datapath {actual_out:?}, reference {expected_out:?}\n{}",
+                    actual_out == expected,
+                    "p{from} -> p{to} ({side}, peer delivery {peer}): datapath {actual_out:?}, \
+                     reference {expected:?}\n{}",
                     context()
                 );
-                count(&mut outcomes, "out", &actual_out);
+                count(&mut outcomes, side, &actual_out);
                 checked += 1;
                 if actual_out != SgVerdict::Pass {
+                    continue;
+                }
+                if peer {
+                    sent.push((from, to, flow));
                     continue;
                 }
 
@@ -217,6 +235,15 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Devices whose ports get `PEER_DELIVERY`: about half of them.
+fn random_peers(rng: &mut StdRng, devices: &BTreeMap<String, u32>) -> BTreeSet<u32> {
+    devices
+        .values()
+        .copied()
+        .filter(|_| rng.random_bool(0.5))
+        .collect()
 }
 
 fn count(outcomes: &mut BTreeMap<String, u64>, side: &str, verdict: &SgVerdict) {

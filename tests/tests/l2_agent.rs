@@ -526,3 +526,30 @@ async fn broadcast_reaches_the_networks_other_ports_only() -> Result<()> {
     assert!(!carries_marker(&at_c), "c, on another network, must not");
     Ok(())
 }
+
+/// A device's own transmit counter, as the kernel keeps it.
+fn device_tx_packets(ns: &NetNs, dev: &str) -> Result<u64> {
+    let text = ns.exec_ok(&[
+        "cat",
+        &format!("/sys/class/net/{dev}/statistics/tx_packets"),
+    ])?;
+    Ok(text.trim().parse()?)
+}
+
+#[tokio::test]
+async fn unicast_to_a_veth_port_goes_straight_to_the_vm_end() -> Result<()> {
+    let t = TwoVms::start("peer").await?;
+    // Neighbours resolved (ARP is broadcast: it still goes out of the device).
+    assert!(t.a.ping(ip("10.0.0.2"), 1)?.all_replied());
+    let mut client = t.agent.client().await?;
+    let port_before = counters(&mut client, "port-b").await?.tx_packets;
+    let device_before = device_tx_packets(&t.node, "tap-b")?;
+    assert!(t.a.ping(ip("10.0.0.2"), 5)?.all_replied());
+    let port_sent = counters(&mut client, "port-b").await?.tx_packets - port_before;
+    let device_sent = device_tx_packets(&t.node, "tap-b")? - device_before;
+    // The datapath delivered (and counted) every request; the host device sent
+    // next to none of them (at most a neighbour probe).
+    assert!(port_sent >= 5, "port-b was sent {port_sent}");
+    assert!(device_sent <= 2, "tap-b transmitted {device_sent}");
+    Ok(())
+}

@@ -2342,3 +2342,112 @@ fn icmp_error_builders_quote_the_packet() {
         Some(etherparse::TransportSlice::Icmpv4(_))
     ));
 }
+
+/// `sb` with `PEER_DELIVERY` and `flags` otherwise: as the agent programs a veth port
+/// whose VM end is in another namespace.
+fn peer_port(n: &mut Node, flags: u32) -> Result<()> {
+    let info = PortInfo {
+        port_slot: SB.slot,
+        network_slot: NET,
+        flags: flags | port_flags::PEER_DELIVERY,
+        mac: SB.mac,
+        _pad: [0; 2],
+        policy_id: SB.slot,
+        policy_revision: n.revision[SB.slot as usize - 1],
+    };
+    n.h.add_port(n.ifx(&SB), info)
+}
+
+#[test]
+fn peer_delivery_judges_the_receiver_inside_port_ingress() -> Result<()> {
+    with_node("sg-peer", |n| {
+        n.allow(
+            &SA,
+            EGRESS,
+            "10.0.0.0/24",
+            RuleMatch::Protocol(proto::TCP),
+            1,
+        )?;
+        n.allow(
+            &SB,
+            INGRESS,
+            "10.0.0.1/32",
+            RuleMatch::Ports {
+                protocol: proto::TCP,
+                min: 22,
+                max: 22,
+            },
+            2,
+        )?;
+        peer_port(n, STATEFUL)?;
+        let a = ep(&SA, SA.ip4, 40000);
+        let ssh = ep(&SB, SB.ip4, 22);
+        let web = ep(&SB, SB.ip4, 80);
+
+        // Allowed both ways: one run switches it and opens it in both zones; the
+        // receiver counts it as sent to its VM.
+        let tx = n.h.port_stats(SB.slot)?.tx_packets;
+        let out = n.send(&SA, &tcp(a, ssh, tcp_flags::SYN))?;
+        ensure!(
+            out.ret == TC_ACT_REDIRECT
+                && out.verdict.action == verdict_action::UNICAST
+                && out.verdict.ifindexes[0] == n.ifx(&SB),
+            "syn to ssh: {}",
+            describe(&out)
+        );
+        ensure!(
+            n.h.port_stats(SB.slot)?.tx_packets == tx + 1,
+            "sb counted no tx"
+        );
+        let (ka, _) = key(&SA, proto::TCP, a, ssh);
+        let (kb, _) = key(&SB, proto::TCP, a, ssh);
+        n.entry(&ka, "sa's zone")?;
+        n.entry(&kb, "sb's zone")?;
+
+        // The sender's rules allow it, the receiver's do not: dropped in port_ingress,
+        // counted against the receiver.
+        let (sa_before, sb_before) = (
+            n.drops(&SA, DropReason::PolicyDenied)?,
+            n.drops(&SB, DropReason::PolicyDenied)?,
+        );
+        let out = n.send(&SA, &tcp(a, web, tcp_flags::SYN))?;
+        ensure!(
+            out.ret == TC_ACT_SHOT && out.drop_reason() == Some(DropReason::PolicyDenied),
+            "syn to web: {}",
+            describe(&out)
+        );
+        ensure!(
+            n.drops(&SA, DropReason::PolicyDenied)? == sa_before
+                && n.drops(&SB, DropReason::PolicyDenied)? == sb_before + 1,
+            "the receiver's drop was counted against the sender"
+        );
+
+        // A receiver that is down takes nothing.
+        peer_port(n, STATEFUL & !port_flags::ADMIN_UP)?;
+        let before = n.drops(&SB, DropReason::PortAdminDown)?;
+        let out = n.send(&SA, &tcp(a, ssh, tcp_flags::ACK))?;
+        ensure!(
+            out.drop_reason() == Some(DropReason::PortAdminDown)
+                && n.drops(&SB, DropReason::PortAdminDown)? == before + 1,
+            "to a port that is down: {}",
+            describe(&out)
+        );
+
+        // Floods still go out of every device, peer or not, for port_egress to check.
+        peer_port(n, STATEFUL)?;
+        let arp = frames::ethernet(
+            frames::BROADCAST,
+            SA.mac,
+            ethertype::ARP,
+            &frames::arp(frames::arp_op::REQUEST, SA.mac, SA.ip4, [0; 6], SB.ip4),
+        );
+        let out = n.send(&SA, &arp)?;
+        ensure!(
+            out.verdict.action == verdict_action::FLOOD
+                && out.verdict.ifindexes[..out.verdict.count as usize].contains(&n.ifx(&SB)),
+            "arp broadcast: {}",
+            describe(&out)
+        );
+        Ok(())
+    })
+}

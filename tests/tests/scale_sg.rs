@@ -4,7 +4,7 @@
 //! judged right at the far end of the rule list and by remote-group membership. Prints
 //! the compile and load times and the kernel's memory for the maps. Needs root.
 
-use std::time::Instant;
+use std::{collections::BTreeSet, time::Instant};
 
 use anyhow::{ensure, Result};
 use dataplane_abi::{program_names, MARK_FROM_DATAPATH};
@@ -162,6 +162,7 @@ fn a_hundred_thousand_rules_load_and_enforce() -> Result<()> {
             &NodeView {
                 node_name: NODE,
                 interfaces: &devices,
+                peer_devices: &BTreeSet::new(),
             },
             &mut slots,
         );

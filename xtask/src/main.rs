@@ -50,6 +50,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
     ("iproute2", "/usr/sbin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
+    // The traffic generator's receiving veths need GRO (NAPI) on; the benchmark's
+    // peers: iptables (legacy and nft backends) and nftables.
+    ("ethtool", "/usr/sbin/ethtool"),
+    ("iptables", "/usr/sbin/iptables-legacy-restore"),
+    ("nftables", "/usr/sbin/nft"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -31,6 +31,9 @@ pub struct NodeView<'a> {
     pub node_name: &'a str,
     /// Device name → ifindex of the devices present on this node.
     pub interfaces: &'a BTreeMap<String, u32>,
+    /// Ifindexes of the devices among them whose frames can go straight to the VM's end
+    /// (veths with that end in another namespace): their ports get `PEER_DELIVERY`.
+    pub peer_devices: &'a BTreeSet<u32>,
 }
 
 /// How many slots there are of each kind: the sizes of the arrays indexed by slot, whose
@@ -361,6 +364,9 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                 flags |= port_flags::ADMIN_UP;
                 (StatusKind::Active, String::new())
             };
+            if node.peer_devices.contains(&candidate.ifindex) {
+                flags |= port_flags::PEER_DELIVERY;
+            }
             let (mut policy_id, mut policy_revision) = (0, 0);
             if port_security {
                 flags |=

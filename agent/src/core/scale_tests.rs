@@ -1,7 +1,7 @@
 //! Validation and compilation at the scale of a large node's desired state.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     mem::size_of,
     time::{Duration, Instant},
 };
@@ -180,6 +180,7 @@ fn compile_timed(
         &NodeView {
             node_name: "node-a",
             interfaces: devices,
+            peer_devices: &BTreeSet::new(),
         },
         slots,
     );
@@ -246,10 +247,8 @@ fn ten_thousand_ports_and_a_hundred_thousand_rules() {
     assert!(active > GROUPS + NETWORKS);
 
     let tables = &compiled.tables;
-    let policies: std::collections::BTreeSet<u32> =
-        tables.ports.values().map(|info| info.policy_id).collect();
-    let classes: std::collections::BTreeSet<u32> =
-        tables.sg_rules.keys().map(|(_, key)| key.class).collect();
+    let policies: BTreeSet<u32> = tables.ports.values().map(|info| info.policy_id).collect();
+    let classes: BTreeSet<u32> = tables.sg_rules.keys().map(|(_, key)| key.class).collect();
     let (remote4, remote6, rule_entries) = (
         memory(tables.sg_remote4.len(), size_of::<RemoteKey4>(), 4),
         memory(tables.sg_remote6.len(), size_of::<RemoteKey6>(), 4),
@@ -275,13 +274,13 @@ fn ten_thousand_ports_and_a_hundred_thousand_rules() {
     );
     // Every local port has a policy (ports with the same groups share one), and every
     // rule of their groups a slot.
-    let local_groups: std::collections::BTreeSet<&str> = compiled
+    let local_groups: BTreeSet<&str> = compiled
         .ports
         .iter()
         .flat_map(|port| &next.ports[&port.port_id].security_group_ids)
         .map(String::as_str)
         .collect();
-    let local_policies: std::collections::BTreeSet<Vec<&String>> = compiled
+    let local_policies: BTreeSet<Vec<&String>> = compiled
         .ports
         .iter()
         .map(|port| {

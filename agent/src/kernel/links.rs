@@ -21,6 +21,125 @@ pub fn resolve_interfaces<'a>(names: impl IntoIterator<Item = &'a str>) -> BTree
         .collect()
 }
 
+/// rtnetlink message and attribute numbers (linux/rtnetlink.h, linux/if_link.h).
+mod rtnl {
+    pub const NLMSG_ERROR: u16 = 2;
+    pub const RTM_NEWLINK: u16 = 16;
+    pub const RTM_GETLINK: u16 = 18;
+    pub const NLM_F_REQUEST: u16 = 1;
+    pub const NLMSG_HDRLEN: usize = 16;
+    pub const IFINFOMSG_LEN: usize = 16;
+    pub const IFLA_LINKINFO: u16 = 18;
+    pub const IFLA_LINK_NETNSID: u16 = 37;
+    pub const IFLA_INFO_KIND: u16 = 1;
+    /// Attribute type bits (the rest flag nesting and byte order).
+    pub const NLA_TYPE_MASK: u16 = 0x3fff;
+}
+
+/// What rtnetlink says about a device that matters to delivery.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `IFLA_INFO_KIND`: "veth", "tun", ...; `None` for devices without one.
+    pub kind: Option<String>,
+    /// The device's link (a veth's other end) is in another network namespace.
+    pub link_in_other_netns: bool,
+}
+
+impl LinkInfo {
+    /// Frames for this device can be handed straight to its other end with
+    /// `bpf_redirect_peer`: a veth whose other end lives in another namespace (the
+    /// kernel refuses a peer in the same one).
+    pub fn delivers_to_peer(&self) -> bool {
+        self.kind.as_deref() == Some("veth") && self.link_in_other_netns
+    }
+}
+
+/// Asks rtnetlink about device `ifindex` of this agent's network namespace.
+pub fn link_info(ifindex: u32) -> io::Result<LinkInfo> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    let len = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
+    let mut request = vec![0u8; len];
+    request[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    request[4..6].copy_from_slice(&rtnl::RTM_GETLINK.to_ne_bytes());
+    request[6..8].copy_from_slice(&rtnl::NLM_F_REQUEST.to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // ifinfomsg: family AF_UNSPEC, then the index at offset 4.
+    let index = rtnl::NLMSG_HDRLEN + 4;
+    request[index..index + 4].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    socket.send_to(&request, &SocketAddr::new(0, 0), 0)?;
+    let mut reply = vec![0u8; 64 * 1024];
+    let n = socket.recv(&mut &mut reply[..], 0)?;
+    parse_link_reply(&reply[..n])
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("rtnetlink reply: {what}"),
+    )
+}
+
+fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?))
+}
+
+/// Netlink attributes in `buf`: (type, payload), each padded to 4 bytes.
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16_at(buf, 0)?);
+        let kind = u16_at(buf, 2)? & rtnl::NLA_TYPE_MASK;
+        let payload = buf.get(4..len)?;
+        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some((kind, payload))
+    })
+}
+
+/// The `LinkInfo` in the reply to an `RTM_GETLINK` request for one device.
+fn parse_link_reply(msg: &[u8]) -> io::Result<LinkInfo> {
+    let len = u32::from_ne_bytes(
+        msg.get(0..4)
+            .ok_or_else(|| invalid("short header"))?
+            .try_into()
+            .map_err(|_| invalid("short header"))?,
+    ) as usize;
+    let kind = u16_at(msg, 4).ok_or_else(|| invalid("short header"))?;
+    let body = msg
+        .get(rtnl::NLMSG_HDRLEN..len)
+        .ok_or_else(|| invalid("truncated message"))?;
+    if kind == rtnl::NLMSG_ERROR {
+        let errno = i32::from_ne_bytes(
+            body.get(0..4)
+                .ok_or_else(|| invalid("short error"))?
+                .try_into()
+                .map_err(|_| invalid("short error"))?,
+        );
+        return Err(io::Error::from_raw_os_error(-errno));
+    }
+    if kind != rtnl::RTM_NEWLINK {
+        return Err(invalid(&format!("message type {kind}")));
+    }
+    let attrs = body
+        .get(rtnl::IFINFOMSG_LEN..)
+        .ok_or_else(|| invalid("short ifinfomsg"))?;
+    let mut info = LinkInfo::default();
+    for (attr, payload) in attributes(attrs) {
+        match attr {
+            rtnl::IFLA_LINK_NETNSID => info.link_in_other_netns = true,
+            rtnl::IFLA_LINKINFO => {
+                for (nested, value) in attributes(payload) {
+                    if nested == rtnl::IFLA_INFO_KIND {
+                        let text = value.split(|b| *b == 0).next().unwrap_or_default();
+                        info.kind = Some(String::from_utf8_lossy(text).into_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(info)
+}
+
 /// Turns off IPv6 on a port device, as os-vif does for VM taps: the host side of a port
 /// carries no addresses, so the host stack must not send router solicitations or MLD
 /// reports into the VM's network (the egress program would drop them anyway).
@@ -70,5 +189,77 @@ impl LinkEvents {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attribute(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(payload);
+        a.resize(a.len().next_multiple_of(4), 0);
+        a
+    }
+
+    fn message(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((rtnl::NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn newlink(attrs: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = vec![0u8; rtnl::IFINFOMSG_LEN];
+        for a in attrs {
+            body.extend_from_slice(a);
+        }
+        message(rtnl::RTM_NEWLINK, &body)
+    }
+
+    #[test]
+    fn a_veth_with_its_peer_elsewhere_delivers_to_the_peer() {
+        let kind = attribute(rtnl::IFLA_INFO_KIND, b"veth\0");
+        // The nested flag bit on IFLA_LINKINFO, as the kernel sends it.
+        let linkinfo = attribute(rtnl::IFLA_LINKINFO | 0x8000, &kind);
+        let ifname = attribute(3, b"port-a\0");
+        let netnsid = attribute(rtnl::IFLA_LINK_NETNSID, &0i32.to_ne_bytes());
+        let info =
+            parse_link_reply(&newlink(&[ifname.clone(), linkinfo.clone(), netnsid])).unwrap();
+        assert_eq!(info.kind.as_deref(), Some("veth"));
+        assert!(info.link_in_other_netns);
+        assert!(info.delivers_to_peer());
+
+        // Both ends in this namespace: no netnsid, no shortcut.
+        let same_ns = parse_link_reply(&newlink(&[ifname.clone(), linkinfo])).unwrap();
+        assert!(!same_ns.delivers_to_peer());
+
+        // A tap has its own kind and no peer.
+        let tun = attribute(
+            rtnl::IFLA_LINKINFO,
+            &attribute(rtnl::IFLA_INFO_KIND, b"tun\0"),
+        );
+        assert!(!parse_link_reply(&newlink(&[ifname, tun]))
+            .unwrap()
+            .delivers_to_peer());
+    }
+
+    #[test]
+    fn errors_and_garbage_are_errors() {
+        let enodev = message(rtnl::NLMSG_ERROR, &(-libc::ENODEV).to_ne_bytes());
+        let err = parse_link_reply(&enodev).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
+        assert!(parse_link_reply(&[1, 2, 3]).is_err());
+        assert!(parse_link_reply(&message(99, &[0; 16])).is_err());
+        // An attribute claiming more than there is ends the walk, not the process.
+        let mut truncated = newlink(&[attribute(3, b"port\0")]);
+        let at = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
+        truncated[at..at + 2].copy_from_slice(&200u16.to_ne_bytes());
+        assert_eq!(parse_link_reply(&truncated).unwrap(), LinkInfo::default());
     }
 }

@@ -7,3 +7,8 @@ pub mod links;
 /// The eBPF object built from `dataplane-ebpf/programs` by this crate's build script.
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
+
+/// The benchmark's traffic generator and sink (`dataplane_abi::traffic_programs`), built
+/// with the datapath by the same build script. The agent never loads it.
+pub static TRAFFIC_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/traffic.bpf.o"));

@@ -9,10 +9,12 @@
 mod conntrack;
 mod drop_reason;
 mod policy;
+mod traffic;
 
 pub use conntrack::*;
 pub use drop_reason::DropReason;
 pub use policy::*;
+pub use traffic::*;
 
 /// Version of the map layout below. Part of the bpffs pin path, so an agent never
 /// reads maps pinned by an agent with another layout.
@@ -89,6 +91,12 @@ pub mod port_flags {
     /// The port's groups are stateful: connections are tracked in `CT` (zone = port
     /// slot), replies and related ICMP errors pass without a rule.
     pub const STATEFUL: u32 = 1 << 5;
+    /// The port's device is a veth whose other end (the VM's or container's) is in
+    /// another network namespace: `port_ingress` applies this port's delivery checks
+    /// (what `port_egress` would) and hands unicast frames straight to that end with
+    /// `bpf_redirect_peer`, skipping the device's transmit path. Floods still go
+    /// through the device and `port_egress`.
+    pub const PEER_DELIVERY: u32 = 1 << 6;
 }
 
 /// `FloodEntry::flags`.

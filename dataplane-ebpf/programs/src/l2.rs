@@ -1,13 +1,13 @@
 //! Switching within the port's network: FDB for known unicast, the network's flood set
 //! for everything else. No learning: the agent programs the FDB.
-use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, programs::TcContext};
 use aya_log_ebpf::warn;
 use dataplane_abi::{
     flood_flags, DropReason, FdbKey, PortInfo, PortStats, MARK_FROM_DATAPATH, MAX_FLOOD_PORTS,
 };
 
 use crate::{
-    drop,
+    deliver, drop,
     eth::{is_multicast, Mac},
     maps::{FDB, FLOOD},
     trace,
@@ -33,11 +33,8 @@ pub fn forward(
         // SAFETY: the agent replaces FDB entries with one update, never in place.
         match unsafe { FDB.get(&key) } {
             Some(fdb) if fdb.ifindex != ingress => {
-                let target = fdb.ifindex;
                 stamp(ctx, port);
-                redirect(target);
-                trace::unicast(target);
-                return Ok(TC_ACT_REDIRECT as i32);
+                return Ok(deliver::unicast(ctx, fdb.ifindex));
             }
             // The destination is the sender's own: a hairpin the network never does.
             Some(_) => return Err(DropReason::UnknownDestination),
@@ -102,7 +99,7 @@ fn flood(
     if pending == 0 {
         return Err(none);
     }
-    redirect(pending);
+    deliver::redirect(pending);
     trace::flood_target(pending);
     Ok(TC_ACT_REDIRECT as i32)
 }
@@ -111,11 +108,4 @@ fn flood(
 #[inline(always)]
 fn stamp(ctx: &TcContext, port: &PortInfo) {
     ctx.set_mark(MARK_FROM_DATAPATH | (port.port_slot & 0xffff));
-}
-
-#[inline(always)]
-fn redirect(ifindex: u32) {
-    // With flags 0 the helper cannot fail: the redirect itself happens after return.
-    // SAFETY: helper call with plain integer arguments.
-    unsafe { bpf_redirect(ifindex, 0) };
 }

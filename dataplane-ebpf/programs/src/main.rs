@@ -1,13 +1,16 @@
 //! TC programs of a VM port's device. `port_ingress` (tcx ingress: frames the VM sends)
 //! validates, applies port security and the egress rules of the port's security groups,
 //! and switches; `port_egress` (tcx egress: frames delivered to the VM) only lets
-//! through what `port_ingress` switched, and applies the ingress rules. Only
+//! through what `port_ingress` switched, and applies the ingress rules. Unicast frames
+//! for a port with `PEER_DELIVERY` skip its device: `port_ingress` makes the same
+//! checks and hands them to the VM's end of the veth (see `deliver`). Only
 //! `port_ingress` traces verdicts (see `drop::Hook`).
 #![no_std]
 #![no_main]
 
 mod arp;
 mod conntrack;
+mod deliver;
 mod drop;
 mod eth;
 mod flow;
@@ -113,34 +116,9 @@ pub fn port_egress(ctx: TcContext) -> i32 {
     }
     // The mark stays: crossing into the VM (veth to another namespace, tap to the VMM)
     // scrubs or drops it, so clearing it would be work for nothing.
-    if port.flags & port_flags::ADMIN_UP == 0 {
-        return drop::shot(Hook::Egress, Some(stats), DropReason::PortAdminDown);
-    }
-    if port.flags & port_flags::POLICY != 0 {
-        if let Err(reason) = egress_policy(&ctx, port) {
-            return drop::shot(Hook::Egress, Some(stats), reason);
-        }
-    }
-    stats.tx_packets += 1;
-    stats.tx_bytes += u64::from(ctx.len());
-    TC_ACT_OK
-}
-
-/// The ingress rules of the port's security groups, for an IP frame towards the VM.
-#[inline(always)]
-fn egress_policy(ctx: &TcContext, port: &PortInfo) -> Result<(), DropReason> {
-    let mut pkt = Packet::new(ctx);
-    let eth = eth::parse(&mut pkt)?;
-    match eth.proto {
-        ETH_P_IP => {
-            let ip = ipv4::parse(&mut pkt)?;
-            policy::check(ctx, port, Some(&ip), None, sg_direction::INGRESS)
-        }
-        ETH_P_IPV6 => {
-            let ip = ipv6::parse(&mut pkt)?;
-            policy::check(ctx, port, None, Some(&ip), sg_direction::INGRESS)
-        }
-        _ => Ok(()),
+    match deliver::accept(&ctx, port, stats) {
+        Ok(()) => TC_ACT_OK,
+        Err(reason) => drop::shot(Hook::Egress, Some(stats), reason),
     }
 }
 

@@ -27,6 +27,7 @@ fn run(state: &State, devices: &BTreeMap<String, u32>, slots: &mut Slots) -> Com
         &NodeView {
             node_name: NODE,
             interfaces: devices,
+            peer_devices: &BTreeSet::new(),
         },
         slots,
     )
@@ -663,4 +664,25 @@ fn slot_pool_hands_out_the_lowest_free_slot() {
     assert_eq!(pool.capacity(), 3);
     assert_eq!(SlotPool::<String>::new(0).capacity(), 0);
     assert_eq!(SlotPool::<String>::new(0).assign("x"), None);
+}
+
+#[test]
+fn ports_on_peer_devices_get_peer_delivery() {
+    let state = state_with(vec![
+        local_port("p1", "n1", "fa:16:3e:00:00:01", "veth1"),
+        local_port("p2", "n1", "fa:16:3e:00:00:02", "tap2"),
+    ]);
+    let devices = interfaces(&[("veth1", 11), ("tap2", 12)]);
+    let compiled = compile(
+        &state,
+        &NodeView {
+            node_name: NODE,
+            interfaces: &devices,
+            peer_devices: &BTreeSet::from([11]),
+        },
+        &mut new_slots(16, 16),
+    );
+    let flags = |ifindex| compiled.tables.ports[&ifindex].flags & port_flags::PEER_DELIVERY;
+    assert_eq!(flags(11), port_flags::PEER_DELIVERY);
+    assert_eq!(flags(12), 0);
 }

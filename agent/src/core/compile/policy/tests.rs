@@ -42,6 +42,7 @@ fn run(state: &State, slots: &mut Slots) -> Compiled {
         &NodeView {
             node_name: NODE,
             interfaces: &devices,
+            peer_devices: &BTreeSet::new(),
         },
         slots,
     );
@@ -1134,6 +1135,7 @@ fn only_the_policies_of_programmed_ports_are_compiled() {
         &NodeView {
             node_name: NODE,
             interfaces: &devices,
+            peer_devices: &BTreeSet::new(),
         },
         &mut slots,
     );

@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: cost of the port programs under BPF_PROG_TEST_RUN, measured beside
-//! the no-op classifier in the same run and reported as ratios.
+//! `cargo xtask bench`: the packet path's cost, always beside a reference measured in the
+//! same run, reported as ratios.
 //!
+//! Part one, the port programs under BPF_PROG_TEST_RUN beside the no-op classifier.
 //! The datapath is the agent's own: its compiler builds the tables, its kernel layer
 //! writes them. Cases:
 //! - L2: a unicast IPv4 frame between two ports without security groups' cost (port
@@ -12,13 +13,23 @@
 //! Established and L2 cases run `--repeat` times per call; a new flow must be new every
 //! time, so it runs once per call with a fresh source port, and is compared with the
 //! no-op run the same way. Rounds alternate between cases; medians are reported.
+//!
+//! Part two (`traffic`), security groups on real traffic between namespaces, ours
+//! against iptables (as Neutron writes it) and nftables sets: see `traffic`.
 
-use std::{collections::BTreeMap, time::Duration};
+mod peers;
+mod traffic;
 
-use anyhow::{ensure, Result};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _, Result};
 use clap::Parser;
 use dataplane_abi::{program_names, MARK_FROM_DATAPATH};
 use dataplane_agent::{
+    config::DEFAULT_CONNTRACK_ENTRIES,
     core::{
         compile::{compile, NodeView, SlotLimits, Slots},
         model::{Resource, State},
@@ -50,6 +61,29 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN), `traffic` (real traffic
+    /// against iptables and nftables).
+    #[arg(long, value_delimiter = ',', default_value = "testrun,traffic")]
+    parts: Vec<String>,
+    /// Systems of the real-traffic comparison.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ours,iptables-legacy,iptables-nft,nftables-sets"
+    )]
+    systems: Vec<String>,
+    /// Rule counts of the real-traffic comparison.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    traffic_rules: Vec<usize>,
+    /// Measurements per real-traffic case; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    traffic_rounds: usize,
+    /// UDP flows of the real traffic (source ports in turn).
+    #[arg(long, default_value_t = 1024)]
+    flows: u32,
+    /// Seconds of traffic per real-traffic measurement.
+    #[arg(long, default_value_t = 0.4)]
+    seconds: f64,
 }
 
 const NODE: &str = "bench-node";
@@ -204,17 +238,24 @@ struct Lab {
 }
 
 impl Lab {
-    fn program(&mut self, state: &State, devices: &BTreeMap<String, u32>) -> Result<()> {
+    /// Programs `state` on `devices`, of which `peers` deliver to their peer.
+    fn program(
+        &mut self,
+        state: &State,
+        devices: &BTreeMap<String, u32>,
+        peers: &BTreeSet<u32>,
+    ) -> Result<()> {
         let compiled = compile(
             state,
             &NodeView {
                 node_name: NODE,
                 interfaces: devices,
+                peer_devices: peers,
             },
             &mut Slots::new(SlotLimits {
                 max_ports: 64,
                 max_networks: 64,
-                max_rules: MapLimits::for_node(64, 1 << 20).max_rules,
+                max_rules: MapLimits::for_node(64, DEFAULT_CONNTRACK_ENTRIES).max_rules,
             }),
         );
         self.datapath.sync(&compiled)?;
@@ -225,6 +266,11 @@ impl Lab {
             .map(|p| p.slot)
             .unwrap_or_default();
         Ok(())
+    }
+
+    /// Frames port `a` has received, summed over CPUs.
+    fn rx_a(&self) -> Result<u64> {
+        Ok(self.datapath.port_counters(self.slot_a)?.rx_packets)
     }
 
     /// ns per run of `program` on `frame`, checking its return code.
@@ -301,33 +347,117 @@ impl Lab {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (ns, devices) = device_lab("bench", &["bench-a".to_owned(), "bench-b".to_owned()])?;
-
-    let rows = ns.run(|| -> Result<Vec<Row>> {
-        let largest = args.rules.iter().copied().max().unwrap_or(10) as u32;
-        let mut limits = MapLimits::for_node(64, 1 << 20);
-        limits.max_rules = limits.max_rules.max(largest + 16);
-        limits.max_remote_prefixes = limits.max_remote_prefixes.max(largest + 16);
-        limits.max_rule_entries = limits.max_rule_entries.max(largest * 2 + 64);
-        let mut lab = Lab {
-            datapath: Datapath::load(limits, &LoadOptions::default())?,
-            a: devices["bench-a"],
-            b: devices["bench-b"],
-            slot_a: 0,
+    let largest = args.rules.iter().copied().max().unwrap_or(10) as u32;
+    // Conntrack sized as the agent sizes it by default.
+    let mut limits = MapLimits::for_node(64, DEFAULT_CONNTRACK_ENTRIES);
+    limits.max_rules = limits.max_rules.max(largest + 16);
+    limits.max_remote_prefixes = limits.max_remote_prefixes.max(largest + 16);
+    limits.max_rule_entries = limits.max_rule_entries.max(largest * 2 + 64);
+    let mut lab = Lab {
+        datapath: Datapath::load(limits, &LoadOptions::default())?,
+        a: 0,
+        b: 0,
+        slot_a: 0,
+    };
+    let mut json = Vec::new();
+    if args.parts.iter().any(|p| p == "testrun") {
+        let (ns, devices) = device_lab("bench", &["bench-a".to_owned(), "bench-b".to_owned()])?;
+        (lab.a, lab.b) = (devices["bench-a"], devices["bench-b"]);
+        let rows = ns.run(|| test_run_cases(&mut lab, &devices, &args))??;
+        // Off these devices before they go (see `traffic::measure`).
+        ns.run(|| lab.program(&State::default(), &devices, &BTreeSet::new()))??;
+        report_test_run(&args, &rows, &mut json);
+    }
+    if args.parts.iter().any(|p| p == "traffic") {
+        let systems = args
+            .systems
+            .iter()
+            .map(|name| {
+                traffic::System::from_name(name)
+                    .with_context(|| format!("no system {name} to compare"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let settings = traffic::Settings {
+            systems,
+            rules: args.traffic_rules.clone(),
+            rounds: args.traffic_rounds,
+            flows: args.flows,
+            duration: Duration::from_secs_f64(args.seconds),
         };
-        let frame = tcp_frame(true, 40000, SERVER_PORT, Flags::Ack)?;
-        let mut rows: Vec<Row> = Vec::new();
-        let mut measure =
-            |name: String, samples: Vec<f64>, floor: Vec<f64>| rows.push((name, samples, floor));
+        let ceiling = traffic::source_ceiling(&settings)?;
+        let results = traffic::run(&mut lab, &settings, |line| eprintln!("{line}"))?;
+        report_traffic(&settings, ceiling, &results, &mut json);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("[{}]\n", json.join(",\n")))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
 
-        let (mut noop, mut l2_open, mut l2_stateless, mut egress) =
+fn test_run_cases(lab: &mut Lab, devices: &BTreeMap<String, u32>, args: &Args) -> Result<Vec<Row>> {
+    let frame = tcp_frame(true, 40000, SERVER_PORT, Flags::Ack)?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut measure =
+        |name: String, samples: Vec<f64>, floor: Vec<f64>| rows.push((name, samples, floor));
+    let (mut noop, mut l2_open, mut l2_stateless, mut egress) = (vec![], vec![], vec![], vec![]);
+    let open = state(vec![], &[], &[])?;
+    let stateless = state(vec![allow_all_stateless()], &["open"], &["open"])?;
+    for _ in 0..args.rounds {
+        lab.program(&open, devices, &BTreeSet::new())?;
+        noop.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, args.repeat, 0)?);
+        l2_open.push(lab.time(
+            program_names::PORT_INGRESS,
+            lab.a,
+            0,
+            &frame,
+            args.repeat,
+            7,
+        )?);
+        egress.push(lab.time(
+            program_names::PORT_EGRESS,
+            lab.b,
+            MARK_FROM_DATAPATH | lab.slot_a,
+            &frame,
+            args.repeat,
+            0,
+        )?);
+        lab.program(&stateless, devices, &BTreeSet::new())?;
+        l2_stateless.push(lab.time(
+            program_names::PORT_INGRESS,
+            lab.a,
+            0,
+            &frame,
+            args.repeat,
+            7,
+        )?);
+    }
+    measure("noop_tc (floor)".into(), noop.clone(), noop.clone());
+    measure(
+        "L2: port_ingress, no port security".into(),
+        l2_open,
+        noop.clone(),
+    );
+    measure(
+        "L2: port_ingress, port security + allow-all stateless SG".into(),
+        l2_stateless,
+        noop.clone(),
+    );
+    measure("L2: port_egress, delivery".into(), egress, noop.clone());
+
+    for &count in &args.rules {
+        let sg = state(
+            vec![sender_group(count), receiver_group()],
+            &["sender"],
+            &["receiver"],
+        )?;
+        lab.program(&sg, devices, &BTreeSet::new())?;
+        lab.establish()?;
+        let (mut established, mut new, mut floor_single, mut floor) =
             (vec![], vec![], vec![], vec![]);
-        let open = state(vec![], &[], &[])?;
-        let stateless = state(vec![allow_all_stateless()], &["open"], &["open"])?;
-        for _ in 0..args.rounds {
-            lab.program(&open, &devices)?;
-            noop.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, args.repeat, 0)?);
-            l2_open.push(lab.time(
+        for round in 0..args.rounds {
+            floor.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, args.repeat, 0)?);
+            established.push(lab.time(
                 program_names::PORT_INGRESS,
                 lab.a,
                 0,
@@ -335,86 +465,35 @@ fn main() -> Result<()> {
                 args.repeat,
                 7,
             )?);
-            egress.push(lab.time(
-                program_names::PORT_EGRESS,
-                lab.b,
-                MARK_FROM_DATAPATH | lab.slot_a,
-                &frame,
-                args.repeat,
-                0,
-            )?);
-            lab.program(&stateless, &devices)?;
-            l2_stateless.push(lab.time(
-                program_names::PORT_INGRESS,
-                lab.a,
-                0,
-                &frame,
-                args.repeat,
-                7,
-            )?);
+            floor_single.push(lab.noop_single(args.new_flows)?);
+            new.push(lab.new_flows(args.new_flows, round)?);
         }
-        measure("noop_tc (floor)".into(), noop.clone(), noop.clone());
         measure(
-            "L2: port_ingress, no port security".into(),
-            l2_open,
-            noop.clone(),
+            format!("SG {count} rules: established TCP (conntrack hit)"),
+            established,
+            floor,
         );
         measure(
-            "L2: port_ingress, port security + allow-all stateless SG".into(),
-            l2_stateless,
-            noop.clone(),
+            format!("SG {count} rules: new connection (SYN, one run per call)"),
+            new,
+            floor_single.clone(),
         );
-        measure("L2: port_egress, delivery".into(), egress, noop.clone());
+        measure(
+            format!("SG {count} rules: noop, one run per call (floor)"),
+            floor_single.clone(),
+            floor_single,
+        );
+    }
+    Ok(rows)
+}
 
-        for &count in &args.rules {
-            let sg = state(
-                vec![sender_group(count), receiver_group()],
-                &["sender"],
-                &["receiver"],
-            )?;
-            lab.program(&sg, &devices)?;
-            lab.establish()?;
-            let (mut established, mut new, mut floor_single, mut floor) =
-                (vec![], vec![], vec![], vec![]);
-            for round in 0..args.rounds {
-                floor.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, args.repeat, 0)?);
-                established.push(lab.time(
-                    program_names::PORT_INGRESS,
-                    lab.a,
-                    0,
-                    &frame,
-                    args.repeat,
-                    7,
-                )?);
-                floor_single.push(lab.noop_single(args.new_flows)?);
-                new.push(lab.new_flows(args.new_flows, round)?);
-            }
-            measure(
-                format!("SG {count} rules: established TCP (conntrack hit)"),
-                established,
-                floor,
-            );
-            measure(
-                format!("SG {count} rules: new connection (SYN, one run per call)"),
-                new,
-                floor_single.clone(),
-            );
-            measure(
-                format!("SG {count} rules: noop, one run per call (floor)"),
-                floor_single.clone(),
-                floor_single,
-            );
-        }
-        Ok(rows)
-    })??;
-
+fn report_test_run(args: &Args, rows: &[Row], json: &mut Vec<String>) {
     println!("Port programs under BPF_PROG_TEST_RUN, 60-byte TCP/IPv4 frames, {} rounds (median, min-max)\n", args.rounds);
     println!(
         "{:<62} {:>9} {:>17} {:>9}",
         "case", "ns/pkt", "spread", "x no-op"
     );
-    let mut json = Vec::new();
-    for (name, samples, floor) in &rows {
+    for (name, samples, floor) in rows {
         let (mid, min, max) = median(samples);
         let (floor_mid, _, _) = median(floor);
         let ratio = mid / floor_mid;
@@ -448,9 +527,84 @@ fn main() -> Result<()> {
             );
         }
     }
-    if let Some(path) = args.json {
-        std::fs::write(&path, format!("[{}]\n", json.join(",\n")))?;
-        println!("wrote {}", path.display());
+}
+
+/// Delivered pps per system, and ours over each peer: the ratio is taken round by round
+/// (the same round's measurements, made one after the other) and its median reported.
+fn report_traffic(
+    settings: &traffic::Settings,
+    ceiling: f64,
+    results: &traffic::Results,
+    json: &mut Vec<String>,
+) {
+    use traffic::{Mix, System};
+    println!(
+        "\nSecurity groups on real traffic: UDP/IPv4 60-byte frames over {} flows, XDP live-frames source -> veth -> \
+         filter -> veth -> tc sink; delivered packets per second, median of {} rounds",
+        settings.flows, settings.rounds
+    );
+    println!(
+        "source ceiling (generator straight into a sink): {:.0} pps\n",
+        ceiling
+    );
+    let peers: Vec<System> = settings
+        .systems
+        .iter()
+        .copied()
+        .filter(|s| *s != System::Ours)
+        .collect();
+    let mut header = format!("{:>7} {:<12} {:>10}", "rules", "traffic", "ours");
+    for peer in &peers {
+        header += &format!(" {:>16}", peer.name());
     }
-    Ok(())
+    for peer in &peers {
+        header += &format!(" {:>22}", format!("ours/{}", peer.name()));
+    }
+    println!("{header}");
+    for mix in [Mix::Unreplied, Mix::Established] {
+        for &count in &settings.rules {
+            let Some(ours) = results.get(&(count, mix, System::Ours)) else {
+                continue;
+            };
+            let pps = |system| -> Vec<f64> {
+                results
+                    .get(&(count, mix, system))
+                    .map(|rates| rates.iter().map(|r| r.pps).collect())
+                    .unwrap_or_default()
+            };
+            let mut line = format!(
+                "{count:>7} {:<12} {:>10.0}",
+                mix.name(),
+                median(&pps(System::Ours)).0
+            );
+            for &peer in &peers {
+                line += &format!(" {:>16.0}", median(&pps(peer)).0);
+            }
+            for &peer in &peers {
+                let ratios: Vec<f64> = ours.iter().zip(pps(peer)).map(|(o, p)| o.pps / p).collect();
+                let (mid, min, max) = median(&ratios);
+                line += &format!(" {:>22}", format!("{mid:.2}x ({min:.2}-{max:.2})"));
+                json.push(format!(
+                    "{{\"case\":\"traffic {count} rules {}: ours / {}\",\"ratio\":{mid:.3},\"min\":{min:.3},\"max\":{max:.3}}}",
+                    mix.name(),
+                    peer.name()
+                ));
+            }
+            for &system in &settings.systems {
+                let rates = &results[&(count, mix, system)];
+                let (mid, min, max) = median(&rates.iter().map(|r| r.pps).collect::<Vec<_>>());
+                let (delivered, _, _) =
+                    median(&rates.iter().map(|r| r.delivered).collect::<Vec<_>>());
+                json.push(format!(
+                    "{{\"case\":\"traffic {count} rules {}: {}\",\"pps\":{mid:.0},\"min\":{min:.0},\"max\":{max:.0},\"delivered_share\":{delivered:.3}}}",
+                    mix.name(),
+                    system.name()
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    json.push(format!(
+        "{{\"case\":\"traffic source ceiling\",\"pps\":{ceiling:.0}}}"
+    ));
 }
