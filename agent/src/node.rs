@@ -97,7 +97,7 @@ struct Inner {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Devices {
     interfaces: BTreeMap<String, u32>,
-    /// Those whose VM end the datapath can hand frames to directly (`PEER_DELIVERY`).
+    /// Those whose VM end the datapath can hand frames to directly (`fdb_flags::PEER_DELIVERY`).
     peers: BTreeSet<u32>,
 }
 
@@ -443,7 +443,7 @@ fn programmed_slot(inner: &Inner, port_id: &str) -> Result<u32, NodeError> {
         })
 }
 
-/// The clock of `bpf_ktime_get_ns`.
+/// The clock of `bpf_ktime_get_coarse_ns` (at full resolution).
 fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");

@@ -11,7 +11,8 @@
 //! Both must act from inside the right namespace: the generator's target device is
 //! looked up in the namespace of the thread that calls [`Generator::send`], the sink is
 //! attached by name in the namespace [`Sink::attach`] enters. A veth passes XDP frames
-//! on to its peer only when the peer has NAPI on (GRO on, or an XDP program).
+//! on to its peer only when the peer has NAPI on: GRO on, or an XDP program, which
+//! [`Receiver::attach`] provides without GRO's per-packet cost.
 use std::{
     net::IpAddr,
     time::{Duration, Instant},
@@ -22,6 +23,7 @@ use aya::{
     maps::PerCpuArray,
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
+        xdp::{XdpLinkId, XdpMode},
         LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp,
     },
     Ebpf, EbpfLoader,
@@ -87,14 +89,14 @@ impl Generator {
             .override_global(traffic_globals::GEN_FIRST_PORT, &first, true)
             .load(TRAFFIC_OBJECT)
             .context("loading the traffic object")?;
-        generator_program(&mut ebpf)?.load()?;
+        xdp_program(&mut ebpf, traffic_programs::GEN)?.load()?;
         Ok(Self { ebpf })
     }
 
     /// Sends `packets` copies of `frame` (each with its flow's source port), in one
     /// test run. Call from a thread inside the target device's namespace.
     pub fn send(&mut self, frame: &[u8], packets: u32) -> Result<Duration> {
-        let prog = generator_program(&mut self.ebpf)?;
+        let prog = xdp_program(&mut self.ebpf, traffic_programs::GEN)?;
         let start = Instant::now();
         prog.test_run(TestRunOptions {
             data_in: Some(frame),
@@ -176,9 +178,33 @@ impl Sink {
     }
 }
 
-fn generator_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+/// `traffic_pass` on the device the generator's frames arrive at; detached when
+/// dropped.
+pub struct Receiver {
+    _ebpf: Ebpf,
+    _link: XdpLinkId,
+}
+
+impl Receiver {
+    /// Makes `dev` in `ns` take XDP frames from its peer.
+    pub fn attach(ns: &NetNs, dev: &str) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(TRAFFIC_OBJECT)
+            .context("loading the traffic object")?;
+        let prog = xdp_program(&mut ebpf, traffic_programs::PASS)?;
+        prog.load()?;
+        let dev_name = dev.to_owned();
+        let link = ns.run(move || prog.attach(&dev_name, XdpMode::Driver))??;
+        Ok(Self {
+            _ebpf: ebpf,
+            _link: link,
+        })
+    }
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(ebpf
-        .program_mut(traffic_programs::GEN)
-        .context("no generator program in the traffic object")?
+        .program_mut(name)
+        .with_context(|| format!("no program {name} in the traffic object"))?
         .try_into()?)
 }

@@ -237,7 +237,7 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
     Ok(())
 }
 
-/// Devices whose ports get `PEER_DELIVERY`: about half of them.
+/// Devices whose ports' FDB entries get `PEER_DELIVERY`: about half of them.
 fn random_peers(rng: &mut StdRng, devices: &BTreeMap<String, u32>) -> BTreeSet<u32> {
     devices
         .values()

@@ -162,6 +162,7 @@ impl Node {
             let entry = FdbEntry {
                 ifindex,
                 port_slot: p.slot,
+                flags: 0,
             };
             self.h.add_fdb(p.network, p.mac, entry)?;
             if let Some(flags) = p.flood {

@@ -14,8 +14,8 @@ use std::{
 };
 
 use dataplane_abi::{
-    flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4, PortAddr6,
-    PortInfo, PortMacKey, RemoteKey4, RemoteKey6, RuleKey, MAX_FLOOD_PORTS, NO_SLOT,
+    fdb_flags, flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4,
+    PortAddr6, PortInfo, PortMacKey, RemoteKey4, RemoteKey6, RuleKey, MAX_FLOOD_PORTS, NO_SLOT,
     PORT_ADDR_FIXED_BITS,
 };
 use ipnet::{IpNet, Ipv6Net};
@@ -32,7 +32,7 @@ pub struct NodeView<'a> {
     /// Device name → ifindex of the devices present on this node.
     pub interfaces: &'a BTreeMap<String, u32>,
     /// Ifindexes of the devices among them whose frames can go straight to the VM's end
-    /// (veths with that end in another namespace): their ports get `PEER_DELIVERY`.
+    /// (veths with that end in another namespace): their ports' FDB entries get `PEER_DELIVERY`.
     pub peer_devices: &'a BTreeSet<u32>,
 }
 
@@ -330,6 +330,11 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
             let fdb_entry = FdbEntry {
                 ifindex: candidate.ifindex,
                 port_slot,
+                flags: if node.peer_devices.contains(&candidate.ifindex) {
+                    fdb_flags::PEER_DELIVERY
+                } else {
+                    0
+                },
             };
             tables.fdb.insert(fdb_key(network_slot, own_mac), fdb_entry);
             for mac in &other_macs {
@@ -364,9 +369,6 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
                 flags |= port_flags::ADMIN_UP;
                 (StatusKind::Active, String::new())
             };
-            if node.peer_devices.contains(&candidate.ifindex) {
-                flags |= port_flags::PEER_DELIVERY;
-            }
             let (mut policy_id, mut policy_revision) = (0, 0);
             if port_security {
                 flags |=

@@ -646,7 +646,7 @@ impl Datapath {
     }
 
     /// Removes connections idle past their timeout (`now_ns` on the clock of
-    /// `bpf_ktime_get_ns`, CLOCK_MONOTONIC); returns how many.
+    /// `bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC); returns how many.
     pub fn expire_connections(&mut self, now_ns: u64) -> Result<u32, DatapathError> {
         self.remove_connections(|key, entry, confirmed| {
             let timeout = timeout_secs(key.protocol, entry.state, confirmed) * 1_000_000_000;

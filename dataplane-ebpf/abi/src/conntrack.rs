@@ -57,7 +57,7 @@ pub mod ct_state {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` of the last packet.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the last packet.
     pub last_seen_ns: u64,
     /// `PortInfo::policy_revision` the connection was last admitted under.
     pub policy_revision: u32,

@@ -19,7 +19,8 @@ pub use traffic::*;
 /// Version of the map layout below. Part of the bpffs pin path, so an agent never
 /// reads maps pinned by an agent with another layout.
 /// v2: `PortInfo` gained the port's security-group policy; policy and conntrack maps.
-pub const ABI_VERSION: u32 = 2;
+/// v3: `FdbEntry` gained `flags` (peer delivery).
+pub const ABI_VERSION: u32 = 3;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -91,12 +92,17 @@ pub mod port_flags {
     /// The port's groups are stateful: connections are tracked in `CT` (zone = port
     /// slot), replies and related ICMP errors pass without a rule.
     pub const STATEFUL: u32 = 1 << 5;
+}
+
+/// `FdbEntry::flags`.
+pub mod fdb_flags {
     /// The port's device is a veth whose other end (the VM's or container's) is in
-    /// another network namespace: `port_ingress` applies this port's delivery checks
+    /// another network namespace: `port_ingress` applies the port's delivery checks
     /// (what `port_egress` would) and hands unicast frames straight to that end with
     /// `bpf_redirect_peer`, skipping the device's transmit path. Floods still go
-    /// through the device and `port_egress`.
-    pub const PEER_DELIVERY: u32 = 1 << 6;
+    /// through the device and `port_egress`. In the FDB entry, not in `PortInfo`, so
+    /// that the other ports' unicast path needs no lookup of the receiver's port.
+    pub const PEER_DELIVERY: u32 = 1 << 0;
 }
 
 /// `FloodEntry::flags`.
@@ -176,6 +182,8 @@ pub struct FdbKey {
 pub struct FdbEntry {
     pub ifindex: u32,
     pub port_slot: u32,
+    /// `fdb_flags`.
+    pub flags: u32,
 }
 
 /// One port of a network's flood set.
@@ -296,7 +304,7 @@ const _: () = assert!(core::mem::size_of::<PortMacKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PortAddr4>() == 16);
 const _: () = assert!(core::mem::size_of::<PortAddr6>() == 28);
 const _: () = assert!(core::mem::size_of::<FdbKey>() == 12);
-const _: () = assert!(core::mem::size_of::<FdbEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<FdbEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<FloodEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<FloodSet>() == 8 + 8 * MAX_FLOOD_PORTS);
 const _: () = assert!(core::mem::size_of::<PortStats>() == 32 + 8 * DropReason::COUNT);

@@ -11,6 +11,9 @@ pub mod traffic_programs {
     /// tc ingress of the receiving device: counts UDP frames into `SINK_STATS`, drops
     /// them; passes everything else (ARP, ICMP) to the stack.
     pub const SINK: &str = "traffic_sink";
+    /// XDP that passes everything: on the veth the generator's frames arrive at, it
+    /// turns on the NAPI that takes XDP frames from the peer, without GRO's cost.
+    pub const PASS: &str = "traffic_pass";
 }
 
 /// Read-only globals of `traffic_gen`, set at load.

@@ -3,7 +3,7 @@
 //! its reply moves the entry to `CT`; every later packet of the connection, either way,
 //! passes on the entry. Zone = the port's slot; the canonical key (endpoints sorted)
 //! serves both directions with one lookup.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use dataplane_abi::{
     ct_flags, ct_stat, ct_state, sg_direction, timeout_secs, CtEntry, CtKey, DropReason, PortInfo,
     RULE_LOOKUP_BITS,
@@ -30,8 +30,10 @@ pub fn track(
     direction: u8,
     bytes: u64,
 ) -> Result<(), DropReason> {
+    // CLOCK_MONOTONIC at tick resolution: timeouts are seconds, and the fine clock
+    // costs a clock-source read per packet.
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     match flow.kind {
         Kind::IcmpError => {
             // About a tracked connection (path MTU discovery needs these), or else

@@ -1,13 +1,15 @@
 //! Delivery to a port: the checks a frame must pass to reach the VM (the port is up,
 //! the ingress rules of its security groups allow it), made by `port_egress` on the
-//! port's device, or by `port_ingress` itself for a port with `PEER_DELIVERY`, whose
-//! unicast frames skip the device's transmit path.
+//! port's device, or by `port_ingress` itself for a port whose FDB entry has
+//! `PEER_DELIVERY`, whose unicast frames skip the device's transmit path.
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
     helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
-use dataplane_abi::{port_flags, sg_direction, DropReason, PortInfo, PortStats};
+use dataplane_abi::{
+    fdb_flags, port_flags, sg_direction, DropReason, FdbEntry, PortInfo, PortStats,
+};
 
 use crate::{
     drop::{self, Hook},
@@ -49,22 +51,34 @@ fn ingress_rules(ctx: &TcContext, port: &PortInfo) -> Result<(), DropReason> {
     }
 }
 
-/// Sends a switched frame to the port on device `target`: straight into its peer when
-/// it has `PEER_DELIVERY` (after its checks, whose drops are the target's), else out of
-/// the device, where `port_egress` checks it.
+/// Sends a switched frame to the port of `fdb`: straight into its peer with
+/// `PEER_DELIVERY` (after its checks, whose drops are the receiver's), else out of the
+/// device, where `port_egress` checks it.
 #[inline(always)]
-pub fn unicast(ctx: &TcContext, target: u32) -> i32 {
-    match maps::port(target) {
-        Some((port, stats)) if port.flags & port_flags::PEER_DELIVERY != 0 => {
-            if let Err(reason) = accept(ctx, port, stats) {
-                return drop::shot(Hook::Ingress, Some(stats), reason);
-            }
-            // SAFETY: helper call with plain integer arguments; with flags 0 it
-            // cannot fail, the redirect itself happens after return.
-            unsafe { bpf_redirect_peer(target, 0) };
-        }
-        _ => redirect(target),
+pub fn unicast(ctx: &TcContext, fdb: &FdbEntry) -> i32 {
+    let target = fdb.ifindex;
+    if fdb.flags & fdb_flags::PEER_DELIVERY != 0 {
+        return to_peer(ctx, target);
     }
+    redirect(target);
+    trace::unicast(target);
+    TC_ACT_REDIRECT as i32
+}
+
+/// The receiver's checks, then into its peer. Inlined: as a BPF function of its own
+/// its frame would push the deepest call chain (through `policy::check`) past the
+/// 512 bytes of stack a program has.
+#[inline(always)]
+fn to_peer(ctx: &TcContext, target: u32) -> i32 {
+    let Some((port, stats)) = maps::port(target) else {
+        return drop::shot(Hook::Ingress, None, DropReason::UnknownPort);
+    };
+    if let Err(reason) = accept(ctx, port, stats) {
+        return drop::shot(Hook::Ingress, Some(stats), reason);
+    }
+    // SAFETY: helper call with plain integer arguments; with flags 0 it cannot fail,
+    // the redirect itself happens after return.
+    unsafe { bpf_redirect_peer(target, 0) };
     trace::unicast(target);
     TC_ACT_REDIRECT as i32
 }

@@ -34,7 +34,7 @@ pub fn forward(
         match unsafe { FDB.get(&key) } {
             Some(fdb) if fdb.ifindex != ingress => {
                 stamp(ctx, port);
-                return Ok(deliver::unicast(ctx, fdb.ifindex));
+                return Ok(deliver::unicast(ctx, fdb));
             }
             // The destination is the sender's own: a hairpin the network never does.
             Some(_) => return Err(DropReason::UnknownDestination),

@@ -2,7 +2,7 @@
 //! validates, applies port security and the egress rules of the port's security groups,
 //! and switches; `port_egress` (tcx egress: frames delivered to the VM) only lets
 //! through what `port_ingress` switched, and applies the ingress rules. Unicast frames
-//! for a port with `PEER_DELIVERY` skip its device: `port_ingress` makes the same
+//! for a port whose FDB entry has `PEER_DELIVERY` skip its device: `port_ingress` makes the same
 //! checks and hands them to the VM's end of the veth (see `deliver`). Only
 //! `port_ingress` traces verdicts (see `drop::Hook`).
 #![no_std]

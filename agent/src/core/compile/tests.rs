@@ -151,7 +151,8 @@ fn a_port_gets_its_info_addresses_fdb_and_flood_entries() {
             fdb_key(1, mac("fa:16:3e:12:34:56")),
             FdbEntry {
                 ifindex: 11,
-                port_slot: 1
+                port_slot: 1,
+                flags: 0
             }
         )])
     );
@@ -242,7 +243,8 @@ fn allowed_address_pairs_exact_and_prefixes() {
         tables.fdb[&fdb_key(1, mac(other))],
         FdbEntry {
             ifindex: 11,
-            port_slot: 1
+            port_slot: 1,
+            flags: 0
         }
     );
     assert_eq!(
@@ -682,7 +684,8 @@ fn ports_on_peer_devices_get_peer_delivery() {
         },
         &mut new_slots(16, 16),
     );
-    let flags = |ifindex| compiled.tables.ports[&ifindex].flags & port_flags::PEER_DELIVERY;
-    assert_eq!(flags(11), port_flags::PEER_DELIVERY);
-    assert_eq!(flags(12), 0);
+    let network_slot = compiled.tables.ports[&11].network_slot;
+    let flags = |mac_address| compiled.tables.fdb[&fdb_key(network_slot, mac(mac_address))].flags;
+    assert_eq!(flags("fa:16:3e:00:00:01"), fdb_flags::PEER_DELIVERY);
+    assert_eq!(flags("fa:16:3e:00:00:02"), 0);
 }

@@ -128,6 +128,12 @@ pub fn traffic_gen(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Passes every frame on (see `traffic_programs::PASS`).
+#[xdp]
+pub fn traffic_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// Counts and drops the UDP frames reaching the device (tc ingress: what a VM behind it
 /// would receive, without the cost of turning each into an XDP frame); the rest goes
 /// on.

@@ -268,6 +268,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Empties the conntrack tables of every zone.
+    fn forget_connections(&mut self) -> Result<()> {
+        for zone in 0..64 {
+            self.datapath.flush_connections(zone)?;
+        }
+        Ok(())
+    }
+
     /// Frames port `a` has received, summed over CPUs.
     fn rx_a(&self) -> Result<u64> {
         Ok(self.datapath.port_counters(self.slot_a)?.rx_packets)

@@ -10,7 +10,7 @@
 //! - ours: `port_ingress`/`port_egress` on the ports' devices, tables from the agent's
 //!   own compiler and kernel layer; the devices are veths with the VMs' ends in other
 //!   namespaces, so unicast frames go straight into the receiver's end
-//!   (`PEER_DELIVERY`), as the agent programs such ports;
+//!   (`fdb_flags::PEER_DELIVERY`), as the agent programs such ports;
 //! - iptables as Neutron's firewall driver writes it, legacy and nft backends, and
 //!   nftables with sets: a Linux bridge with `br_netfilter` (see `peers`).
 //!
@@ -36,7 +36,7 @@ use dataplane_agent::{core::model::State, kernel::links};
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     api::{rule, security_group},
-    generator::{udp_frame, Generator, Sink},
+    generator::{udp_frame, Generator, Receiver, Sink},
     netns::NetNs,
     topology::{Vm, VM_DEV},
 };
@@ -226,6 +226,7 @@ struct Topology {
     a: Vm,
     b: Vm,
     devices: BTreeMap<String, u32>,
+    _receiver: Receiver,
 }
 
 impl Topology {
@@ -259,10 +260,11 @@ impl Topology {
                 "permanent",
             ])?;
         }
-        // A veth takes XDP frames from its peer only with NAPI on: GRO turns it on.
+        // A veth takes XDP frames from its peer only with NAPI on: an XDP program that
+        // passes everything turns it on (GRO would too, at a cost per packet).
         // Threaded NAPI moves the receive side, and so the filter under test, off the
         // generator's CPU: on a 2-core machine that is the other core.
-        node.exec_ok(&["ethtool", "-K", &pa.device, "gro", "on"])?;
+        let receiver = Receiver::attach(&node, &pa.device)?;
         node.exec_ok(&[
             "sh",
             "-c",
@@ -278,6 +280,7 @@ impl Topology {
             a,
             b,
             devices,
+            _receiver: receiver,
         })
     }
 
@@ -396,6 +399,9 @@ fn measure(
     let topo = Topology::build(ports)?;
     match system {
         System::Ours => {
+            // Like the peers' fresh namespaces: no connection of an earlier
+            // measurement (same zones, same flows) is still tracked.
+            lab.forget_connections()?;
             let state = our_state(ports)?;
             let devices = topo.devices.clone();
             topo.node.run(|| -> Result<()> {
