@@ -144,6 +144,37 @@ pub fn port(
     }
 }
 
+/// A router's interface port on `network_id` (no binding: a distributed router lives
+/// on every node), with `(subnet_id, address)` fixed IPs.
+pub fn router_port(id: &str, network_id: &str, mac: &str, fixed_ips: &[(&str, &str)]) -> pb::Port {
+    pb::Port {
+        security_group_ids: Vec::new(),
+        port_security_enabled: Some(false),
+        device_owner: "network:router_interface".to_owned(),
+        binding: None,
+        ..port(id, network_id, mac, fixed_ips, "", "")
+    }
+}
+
+/// An admin-up router with an interface on each `(subnet_id, port_id)`.
+pub fn router(id: &str, interfaces: &[(&str, &str)]) -> pb::Router {
+    pb::Router {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        project_id: "tenant".to_owned(),
+        admin_state_up: true,
+        interfaces: interfaces
+            .iter()
+            .map(|(subnet_id, port_id)| pb::RouterInterface {
+                subnet_id: (*subnet_id).to_owned(),
+                port_id: (*port_id).to_owned(),
+            })
+            .collect(),
+        revision_number: 1,
+        ..Default::default()
+    }
+}
+
 /// Any resource message, wrapped as `Resource`.
 pub trait IntoResource {
     fn into_resource(self) -> pb::Resource;

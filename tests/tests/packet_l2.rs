@@ -1692,9 +1692,15 @@ fn every_drop_reason_is_reachable() -> Result<()> {
                 seen.insert(r);
             }
         }
+        // Routing's own reasons are reached in packet_router.rs, whose node has routers.
+        let routing = [
+            DropReason::NoRoute,
+            DropReason::NoNeighbor,
+            DropReason::TtlExceeded,
+        ];
         let missing: Vec<_> = DropReason::ALL
             .iter()
-            .filter(|r| !seen.contains(*r))
+            .filter(|r| !seen.contains(*r) && !routing.contains(r))
             .collect();
         ensure!(missing.is_empty(), "no frame reached {missing:?}");
         Ok(())

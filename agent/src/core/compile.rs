@@ -14,15 +14,16 @@ use std::{
 };
 
 use dataplane_abi::{
-    fdb_flags, flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4,
-    PortAddr6, PortInfo, PortMacKey, RemoteKey4, RemoteKey6, RuleKey, MAX_FLOOD_PORTS, NO_SLOT,
-    PORT_ADDR_FIXED_BITS,
+    fdb_flags, flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, NeighKey4,
+    NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, RemoteKey4, RemoteKey6, Route,
+    RouteKey4, RouteKey6, RouterIf, RuleKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
 };
 use ipnet::{IpNet, Ipv6Net};
 
 use super::model::{MacAddr, Network, Port, ResourceKind, ResourceRef, State};
 
 mod policy;
+mod router;
 
 /// What the compiler needs to know about the node.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +61,8 @@ pub struct Slots {
     policies: SlotPool<Vec<String>>,
     /// Address class ids, by the sorted slots of the class's rules.
     classes: SlotPool<Vec<u32>>,
+    /// Routers programmed on this node (route keys, not array indexes).
+    routers: SlotPool<String>,
 }
 
 impl Slots {
@@ -71,6 +74,7 @@ impl Slots {
             // Map keys, not array indexes: only `u32` bounds them.
             policies: SlotPool::new(u32::MAX),
             classes: SlotPool::new(u32::MAX),
+            routers: SlotPool::new(u32::MAX),
         }
     }
 
@@ -80,6 +84,10 @@ impl Slots {
 
     pub fn network_slot(&self, network_id: &str) -> Option<u32> {
         self.networks.get(network_id)
+    }
+
+    pub fn router_slot(&self, router_id: &str) -> Option<u32> {
+        self.routers.get(router_id)
     }
 
     pub fn rule_slot(&self, rule_id: &str) -> Option<u32> {
@@ -203,6 +211,13 @@ pub struct DatapathTables {
     /// `SG_RULES`: (trie prefix length, key with the port masked to the prefix) → rule
     /// slot.
     pub sg_rules: BTreeMap<(u32, RuleKey), u32>,
+    /// `ROUTER_IFS`: (network slot, interface MAC) → router interface.
+    pub router_ifs: BTreeMap<FdbKey, RouterIf>,
+    /// `ROUTES4`/`ROUTES6`: (trie prefix length, key with the address masked) → route.
+    pub routes4: BTreeMap<(u32, RouteKey4), Route>,
+    pub routes6: BTreeMap<(u32, RouteKey6), Route>,
+    pub neigh4: BTreeMap<NeighKey4, Neighbor>,
+    pub neigh6: BTreeMap<NeighKey6, Neighbor>,
 }
 
 /// A port the datapath serves on this node.
@@ -242,7 +257,10 @@ pub struct Compiled {
     pub rules: BTreeMap<String, u32>,
 }
 
-pub const ROUTING_NOT_IMPLEMENTED: &str = "routing/NAT is not implemented by this datapath yet";
+pub const NAT_NOT_IMPLEMENTED: &str = "floating IPs (NAT) are not implemented by this datapath yet";
+pub const ROUTER_NOT_HERE: &str = "no interface on a network with ports on this node";
+/// `device_owner` of a router's interface ports.
+pub const ROUTER_INTERFACE_OWNER: &str = "network:router_interface";
 
 /// A local port whose device is present, before slots are settled.
 struct Candidate<'s> {
@@ -282,22 +300,13 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
     for policy in state.qos_policies.values() {
         statuses.active(ResourceKind::QosPolicy, &policy.id, policy.revision_number);
     }
-    for router in state.routers.values() {
-        statuses.set(
-            ResourceKind::Router,
-            &router.id,
-            router.revision_number,
-            StatusKind::Down,
-            ROUTING_NOT_IMPLEMENTED,
-        );
-    }
     for floating_ip in state.floating_ips.values() {
         statuses.set(
             ResourceKind::FloatingIp,
             &floating_ip.id,
             floating_ip.revision_number,
             StatusKind::Down,
-            ROUTING_NOT_IMPLEMENTED,
+            NAT_NOT_IMPLEMENTED,
         );
     }
 
@@ -413,6 +422,29 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
         tables.flood.insert(network_slot, flood);
     }
     programmed.sort_by(|a, b| a.port_id.cmp(&b.port_id));
+    let routers = router::compile_routers(state, slots, &mut tables);
+    for router in state.routers.values() {
+        let (status, reason) = if !router.admin_state_up {
+            (StatusKind::Down, "admin_state_up is false")
+        } else if routers.contains(&router.id) {
+            (StatusKind::Active, "")
+        } else {
+            (StatusKind::Down, ROUTER_NOT_HERE)
+        };
+        statuses.set(
+            ResourceKind::Router,
+            &router.id,
+            router.revision_number,
+            status,
+            reason,
+        );
+        // Its interface ports live wherever it does: in every node's datapath.
+        for port_id in router.interfaces.iter().filter_map(|i| i.port_id.as_ref()) {
+            if let Some(port) = state.ports.get(port_id) {
+                statuses.port(port, status, reason);
+            }
+        }
+    }
 
     Compiled {
         tables,

@@ -23,8 +23,9 @@ use aya::{
 };
 use dataplane_abi::{
     ct_stat, global_names, map_names, program_names, timeout_secs, CtEntry, CtKey, DropReason,
-    FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4,
-    RemoteKey6, RuleKey, RuleStats, Verdict, ABI_VERSION,
+    FdbEntry, FdbKey, FloodSet, NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo,
+    PortMacKey, PortStats, RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterIf, RuleKey,
+    RuleStats, Verdict, ABI_VERSION,
 };
 use tracing::{debug, info, warn};
 
@@ -129,13 +130,15 @@ const SKB_MARK: usize = 8;
 const SKB_IFINDEX: usize = 40;
 
 /// What one BPF_PROG_TEST_RUN did.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TestRunOutcome {
     /// The program's return code (`TC_ACT_*`).
     pub return_code: i32,
     /// Average time of one run, as the kernel measured it.
     pub per_run: std::time::Duration,
     pub verdict: Verdict,
+    /// The frame as the (last) run left it.
+    pub frame: Vec<u8>,
 }
 
 /// Per-port and unattributed counters, summed over CPUs.
@@ -174,6 +177,11 @@ struct Maps {
     ct_new: HashMap<MapData, CtKey, CtEntry>,
     ct_stats: PerCpuArray<MapData, u64>,
     verdict: PerCpuArray<MapData, Verdict>,
+    router_ifs: HashMap<MapData, FdbKey, RouterIf>,
+    routes4: LpmTrie<MapData, RouteKey4, Route>,
+    routes6: LpmTrie<MapData, RouteKey6, Route>,
+    neigh4: HashMap<MapData, NeighKey4, Neighbor>,
+    neigh6: HashMap<MapData, NeighKey6, Neighbor>,
 }
 
 pub struct Datapath {
@@ -259,6 +267,11 @@ impl Datapath {
             ct_new: take(&mut ebpf, map_names::CT_NEW, pins)?,
             ct_stats: take(&mut ebpf, map_names::CT_STATS, pins)?,
             verdict: take(&mut ebpf, map_names::VERDICT, pins)?,
+            router_ifs: take(&mut ebpf, map_names::ROUTER_IFS, pins)?,
+            routes4: take(&mut ebpf, map_names::ROUTES4, pins)?,
+            routes6: take(&mut ebpf, map_names::ROUTES6, pins)?,
+            neigh4: take(&mut ebpf, map_names::NEIGH4, pins)?,
+            neigh6: take(&mut ebpf, map_names::NEIGH6, pins)?,
         };
         info!(pins = ?pins, trace = options.trace_verdicts, "datapath loaded");
         Ok(Self {
@@ -381,12 +394,53 @@ impl Datapath {
         )?;
         upsert_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
         upsert_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
+        // Routes and neighbours before the interfaces that lead to them.
+        upsert_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
+        upsert_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
+        upsert_trie_map(
+            &mut m.routes4,
+            &old.routes4,
+            &new.routes4,
+            map_names::ROUTES4,
+        )?;
+        upsert_trie_map(
+            &mut m.routes6,
+            &old.routes6,
+            &new.routes6,
+            map_names::ROUTES6,
+        )?;
+        upsert_map(
+            &mut m.router_ifs,
+            &old.router_ifs,
+            &new.router_ifs,
+            map_names::ROUTER_IFS,
+        )?;
         upsert_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
 
         self.attach_new(ports)?;
 
         let m = &mut self.maps;
         remove_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
+        remove_map(
+            &mut m.router_ifs,
+            &old.router_ifs,
+            &new.router_ifs,
+            map_names::ROUTER_IFS,
+        )?;
+        remove_trie_map(
+            &mut m.routes6,
+            &old.routes6,
+            &new.routes6,
+            map_names::ROUTES6,
+        )?;
+        remove_trie_map(
+            &mut m.routes4,
+            &old.routes4,
+            &new.routes4,
+            map_names::ROUTES4,
+        )?;
+        remove_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
+        remove_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
         remove_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
         remove_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
         remove_trie(
@@ -556,9 +610,12 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { program, source })?;
         }
+        // Room for a frame the program grows.
+        let mut out = vec![0u8; frame.len() + 256];
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
+                data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
                 repeat,
                 ..TestRunOptions::default()
@@ -574,10 +631,12 @@ impl Datapath {
             .copied()
             .find(|verdict| verdict.action != 0)
             .unwrap_or_default();
+        out.truncate(result.data_size_out as usize);
         Ok(TestRunOutcome {
             return_code: result.return_value as i32,
             per_run: result.duration,
             verdict,
+            frame: out,
         })
     }
 
@@ -893,10 +952,10 @@ fn remove_trie<K: aya::Pod + Ord>(
     Ok(())
 }
 
-fn upsert_trie_map<K: aya::Pod + Ord>(
-    trie: &mut LpmTrie<MapData, K, u32>,
-    old: &BTreeMap<(u32, K), u32>,
-    new: &BTreeMap<(u32, K), u32>,
+fn upsert_trie_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    old: &BTreeMap<(u32, K), V>,
+    new: &BTreeMap<(u32, K), V>,
     name: &'static str,
 ) -> MapResult {
     for ((prefix_len, data), value) in new {
@@ -908,10 +967,10 @@ fn upsert_trie_map<K: aya::Pod + Ord>(
     Ok(())
 }
 
-fn remove_trie_map<K: aya::Pod + Ord>(
-    trie: &mut LpmTrie<MapData, K, u32>,
-    old: &BTreeMap<(u32, K), u32>,
-    new: &BTreeMap<(u32, K), u32>,
+fn remove_trie_map<K: aya::Pod + Ord, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    old: &BTreeMap<(u32, K), V>,
+    new: &BTreeMap<(u32, K), V>,
     name: &'static str,
 ) -> MapResult {
     for (prefix_len, data) in old.keys().filter(|key| !new.contains_key(key)) {

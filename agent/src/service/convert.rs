@@ -80,6 +80,9 @@ pub fn drop_reason_to_proto(reason: DropReason) -> pb::DropReason {
         DropReason::ConnectionRevoked => pb::DropReason::ConnectionRevoked,
         DropReason::CtInvalid => pb::DropReason::CtInvalid,
         DropReason::CtTableFull => pb::DropReason::CtTableFull,
+        DropReason::NoRoute => pb::DropReason::NoRoute,
+        DropReason::NoNeighbor => pb::DropReason::NoNeighbor,
+        DropReason::TtlExceeded => pb::DropReason::TtlExceeded,
     }
 }
 

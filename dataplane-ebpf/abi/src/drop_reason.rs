@@ -50,6 +50,12 @@ pub enum DropReason {
     CtInvalid = 21,
     /// A new connection while the conntrack table is full.
     CtTableFull = 22,
+    /// Routed, but the router has no route to the destination.
+    NoRoute = 23,
+    /// Routed, but the next hop's MAC is not known (no port has that address).
+    NoNeighbor = 24,
+    /// Routed with a TTL (hop limit) of 1 or less.
+    TtlExceeded = 25,
 }
 
 impl DropReason {
@@ -57,7 +63,7 @@ impl DropReason {
     pub const COUNT: usize = 32;
 
     /// Every reason, in value order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedArp,
         DropReason::MalformedIpv4,
@@ -80,6 +86,9 @@ impl DropReason {
         DropReason::ConnectionRevoked,
         DropReason::CtInvalid,
         DropReason::CtTableFull,
+        DropReason::NoRoute,
+        DropReason::NoNeighbor,
+        DropReason::TtlExceeded,
     ];
 
     pub const fn from_u32(value: u32) -> Option<DropReason> {
@@ -114,6 +123,9 @@ impl DropReason {
             DropReason::ConnectionRevoked => "connection_revoked",
             DropReason::CtInvalid => "ct_invalid",
             DropReason::CtTableFull => "ct_table_full",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoNeighbor => "no_neighbor",
+            DropReason::TtlExceeded => "ttl_exceeded",
         }
     }
 }

@@ -9,17 +9,19 @@
 mod conntrack;
 mod drop_reason;
 mod policy;
+mod router;
 mod traffic;
 
 pub use conntrack::*;
 pub use drop_reason::DropReason;
 pub use policy::*;
+pub use router::*;
 pub use traffic::*;
 
 /// Version of the map layout below. Part of the bpffs pin path, so an agent never
 /// reads maps pinned by an agent with another layout.
 /// v2: `PortInfo` gained the port's security-group policy; policy and conntrack maps.
-/// v3: `FdbEntry` gained `flags` (peer delivery).
+/// v3: `FdbEntry` gained `flags` (peer delivery); routing maps.
 pub const ABI_VERSION: u32 = 3;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
@@ -48,6 +50,11 @@ pub mod map_names {
     pub const CT_STATS: &str = "CT_STATS";
     pub const NOPORT_DROPS: &str = "NOPORT_DROPS";
     pub const VERDICT: &str = "VERDICT";
+    pub const ROUTER_IFS: &str = "ROUTER_IFS";
+    pub const ROUTES4: &str = "ROUTES4";
+    pub const ROUTES6: &str = "ROUTES6";
+    pub const NEIGH4: &str = "NEIGH4";
+    pub const NEIGH6: &str = "NEIGH6";
 }
 
 /// Program names as they appear in the object file.
@@ -296,6 +303,13 @@ mod pod {
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for RouterIf {}
+    unsafe impl aya::Pod for RouteKey4 {}
+    unsafe impl aya::Pod for RouteKey6 {}
+    unsafe impl aya::Pod for Route {}
+    unsafe impl aya::Pod for NeighKey4 {}
+    unsafe impl aya::Pod for NeighKey6 {}
+    unsafe impl aya::Pod for Neighbor {}
 }
 
 // No implicit padding: each size is the sum of its fields.

@@ -4,11 +4,24 @@ use dataplane_abi::{DropReason, PortStats};
 
 use crate::{maps::NOPORT_DROPS, trace};
 
+/// `reason` as an index the verifier can see is in bounds: a reason a BPF function
+/// returned through memory reaches the caller as an unknown number, and the compiler,
+/// knowing the enum's range, would drop a plain bounds check or mask. The volatile
+/// read keeps the mask.
+#[inline(always)]
+fn index(reason: DropReason) -> usize {
+    const { assert!(DropReason::COUNT.is_power_of_two()) };
+    let value = reason as u32;
+    // SAFETY: a read of a local.
+    let value = unsafe { core::ptr::read_volatile(&value) };
+    value as usize & (DropReason::COUNT - 1)
+}
+
 /// Counts a drop against the port. Also used for a failed flood copy, which does not
 /// end the frame's journey.
 #[inline(always)]
 pub fn count(stats: &mut PortStats, reason: DropReason) {
-    if let Some(c) = stats.drops.get_mut(reason as usize) {
+    if let Some(c) = stats.drops.get_mut(index(reason)) {
         *c += 1;
     }
 }
@@ -30,7 +43,7 @@ pub fn shot(hook: Hook, stats: Option<&mut PortStats>, reason: DropReason) -> i3
     match stats {
         Some(stats) => count(stats, reason),
         None => {
-            if let Some(c) = NOPORT_DROPS.get_ptr_mut(reason as u32) {
+            if let Some(c) = NOPORT_DROPS.get_ptr_mut(index(reason) as u32) {
                 // SAFETY: per-CPU value, only touched by the program running on this CPU.
                 unsafe { *c += 1 };
             }

@@ -3,22 +3,25 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, programs::TcContext};
 use aya_log_ebpf::warn;
 use dataplane_abi::{
-    flood_flags, DropReason, FdbKey, PortInfo, PortStats, MARK_FROM_DATAPATH, MAX_FLOOD_PORTS,
+    flood_flags, DropReason, FdbEntry, FdbKey, PortInfo, PortStats, MARK_FROM_DATAPATH,
+    MAX_FLOOD_PORTS,
 };
 
 use crate::{
     deliver, drop,
     eth::{is_multicast, Mac},
     maps::{FDB, FLOOD},
-    trace,
+    router, trace,
 };
 
 #[inline(always)]
+/// `proto`: the frame's ethertype, for the router when `dst` is a router's interface.
 pub fn forward(
     ctx: &TcContext,
     port: &PortInfo,
     ingress: u32,
     dst: &Mac,
+    proto: u16,
     stats: &mut PortStats,
 ) -> Result<i32, DropReason> {
     // One flood call site below: the loop is the longest code of the program.
@@ -32,13 +35,17 @@ pub fn forward(
         };
         // SAFETY: the agent replaces FDB entries with one update, never in place.
         match unsafe { FDB.get(&key) } {
-            Some(fdb) if fdb.ifindex != ingress => {
-                stamp(ctx, port);
-                return Ok(deliver::unicast(ctx, fdb));
-            }
+            Some(fdb) if fdb.ifindex != ingress => return Ok(to_port(ctx, port, fdb)),
             // The destination is the sender's own: a hairpin the network never does.
             Some(_) => return Err(DropReason::UnknownDestination),
-            None => (flood_flags::ACCEPTS_UNKNOWN, DropReason::UnknownDestination),
+            // A router's interface: routed (its MAC is in no FDB entry).
+            None => match router::interface(port, dst) {
+                Some(rif) => {
+                    let target = router::route(ctx, port, rif, proto)?;
+                    return Ok(to_port(ctx, port, &target));
+                }
+                None => (flood_flags::ACCEPTS_UNKNOWN, DropReason::UnknownDestination),
+            },
         }
     };
     flood(ctx, port, ingress, need, none, stats)
@@ -102,6 +109,13 @@ fn flood(
     deliver::redirect(pending);
     trace::flood_target(pending);
     Ok(TC_ACT_REDIRECT as i32)
+}
+
+/// Sends the frame, switched or answered by a router, to the port of `fdb`.
+#[inline(always)]
+pub fn to_port(ctx: &TcContext, port: &PortInfo, fdb: &FdbEntry) -> i32 {
+    stamp(ctx, port);
+    deliver::unicast(ctx, fdb)
 }
 
 /// Marks the frame as switched by the datapath, for `port_egress` of the target.

@@ -23,6 +23,7 @@ mod maps;
 mod packet;
 mod policy;
 mod port_security;
+mod router;
 mod trace;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
@@ -90,17 +91,23 @@ fn ingress(
             if policy {
                 policy::check(ctx, port, None, Some(&ip), sg_direction::EGRESS)?;
             }
+            if let Some(sender) = router::nd_reply(ctx, port, &ip)? {
+                return Ok(l2::to_port(ctx, port, &sender));
+            }
         }
         ETH_P_ARP => {
             let arp = arp::parse(&mut pkt)?;
             if secure {
                 port_security::arp(port, &eth, &arp)?;
             }
+            if let Some(sender) = router::arp_reply(ctx, port)? {
+                return Ok(l2::to_port(ctx, port, &sender));
+            }
         }
         _ if secure => port_security::other(port, &eth)?,
         _ => {}
     }
-    l2::forward(ctx, port, ifindex, &eth.dst, stats)
+    l2::forward(ctx, port, ifindex, &eth.dst, eth.proto, stats)
 }
 
 #[classifier]

@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_abi::{
-    ct_stat, CtEntry, CtKey, DropReason, FdbEntry, FdbKey, FloodSet, PortAddr4, PortAddr6,
-    PortInfo, PortMacKey, PortStats, RemoteKey4, RemoteKey6, RuleKey, RuleStats, RuleValue,
-    Verdict,
+    ct_stat, CtEntry, CtKey, DropReason, FdbEntry, FdbKey, FloodSet, NeighKey4, NeighKey6,
+    Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4, RemoteKey6, Route,
+    RouteKey4, RouteKey6, RouterIf, RuleKey, RuleStats, RuleValue, Verdict,
 };
 
 use crate::flow::Flow;
@@ -79,6 +79,22 @@ pub static NOPORT_DROPS: PerCpuArray<u64> =
 
 #[map]
 pub static VERDICT: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);
+
+/// Routing (see `dataplane_abi::router`).
+#[map]
+pub static ROUTER_IFS: HashMap<FdbKey, RouterIf> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+pub static ROUTES4: LpmTrie<RouteKey4, Route> = LpmTrie::with_max_entries(16384, 0);
+
+#[map]
+pub static ROUTES6: LpmTrie<RouteKey6, Route> = LpmTrie::with_max_entries(16384, 0);
+
+#[map]
+pub static NEIGH4: HashMap<NeighKey4, Neighbor> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static NEIGH6: HashMap<NeighKey6, Neighbor> = HashMap::with_max_entries(65536, 0);
 
 /// The port on device `ifindex` and its counters. A port whose slot has no counters
 /// (a slot beyond `PORT_STATS`' size) is treated as no port: nothing it does could be

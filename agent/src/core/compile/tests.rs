@@ -470,15 +470,15 @@ fn statuses_of_ports_not_programmed_and_of_other_resources() {
     );
     assert_eq!(compiled.ports.len(), 1);
 
-    for (kind, id) in [
-        (ResourceKind::Router, "r1"),
-        (ResourceKind::FloatingIp, "f1"),
-    ] {
-        assert_eq!(
-            status_of(&compiled, kind, id),
-            (StatusKind::Down, ROUTING_NOT_IMPLEMENTED.to_owned())
-        );
-    }
+    // A router without interfaces has nothing to route here; NAT is still to come.
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1"),
+        (StatusKind::Down, ROUTER_NOT_HERE.to_owned())
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::FloatingIp, "f1"),
+        (StatusKind::Down, NAT_NOT_IMPLEMENTED.to_owned())
+    );
     for (kind, id) in [
         (ResourceKind::Subnet, "s1"),
         (ResourceKind::SecurityGroup, "sg"),
