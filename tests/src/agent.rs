@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use dataplane_proto::v1::dataplane_client::DataplaneClient;
+use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
@@ -176,4 +176,56 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// Polls the port's status until it is `want` (at most 10 s).
+pub async fn wait_status(
+    client: &mut DataplaneClient<Channel>,
+    port_id: &str,
+    want: pb::Status,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = client
+            .get_port(pb::GetRequest {
+                id: port_id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .status
+            .unwrap_or_default();
+        if got.status == want as i32 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "port {port_id} is {:?} ({}), not {want:?}",
+                got.status,
+                got.reason
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn counters(
+    client: &mut DataplaneClient<Channel>,
+    port_id: &str,
+) -> Result<pb::PortCounters> {
+    let mut response = client
+        .get_port_counters(pb::GetPortCountersRequest {
+            port_id: port_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(response.ports.remove(0))
+}
+
+pub fn drops(counters: &pb::PortCounters, reason: pb::DropReason) -> u64 {
+    counters
+        .drops
+        .iter()
+        .filter(|d| d.reason == reason as i32)
+        .map(|d| d.packets)
+        .sum()
 }

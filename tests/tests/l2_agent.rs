@@ -3,10 +3,10 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use anyhow::{bail, Result};
-use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
+use anyhow::Result;
+use dataplane_proto::v1 as pb;
 use dataplane_tests::{
-    agent::Agent,
+    agent::{counters, drops, wait_status, Agent},
     api::{
         apply, default_security_group, delete, network, port, rule, security_group, subnet, upsert,
     },
@@ -14,7 +14,7 @@ use dataplane_tests::{
     netns::NetNs,
     topology::Vm,
 };
-use tonic::{transport::Channel, Code};
+use tonic::Code;
 
 const NODE: &str = "compute-1";
 const MAC_A: [u8; 6] = [0xfa, 0x16, 0x3e, 0x00, 0x00, 0x0a];
@@ -120,58 +120,6 @@ fn port_b() -> pb::Port {
         NODE,
         "tap-b",
     )
-}
-
-/// Polls the port's status until it is `want` (at most 10 s).
-async fn wait_status(
-    client: &mut DataplaneClient<Channel>,
-    port_id: &str,
-    want: pb::Status,
-) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = client
-            .get_port(pb::GetRequest {
-                id: port_id.to_owned(),
-            })
-            .await?
-            .into_inner()
-            .status
-            .unwrap_or_default();
-        if got.status == want as i32 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "port {port_id} is {:?} ({}), not {want:?}",
-                got.status,
-                got.reason
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn counters(
-    client: &mut DataplaneClient<Channel>,
-    port_id: &str,
-) -> Result<pb::PortCounters> {
-    let mut response = client
-        .get_port_counters(pb::GetPortCountersRequest {
-            port_id: port_id.to_owned(),
-        })
-        .await?
-        .into_inner();
-    Ok(response.ports.remove(0))
-}
-
-fn drops(counters: &pb::PortCounters, reason: pb::DropReason) -> u64 {
-    counters
-        .drops
-        .iter()
-        .filter(|d| d.reason == reason as i32)
-        .map(|d| d.packets)
-        .sum()
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::*;
-use crate::core::{fixtures::*, model::*};
+use dataplane_abi::{neigh_flags, route_flags, ROUTE_FIXED_BITS};
+
+use crate::core::{fixtures::*, model, model::*};
 
 const NODE: &str = "node-a";
 
@@ -688,4 +690,132 @@ fn ports_on_peer_devices_get_peer_delivery() {
     let flags = |mac_address| compiled.tables.fdb[&fdb_key(network_slot, mac(mac_address))].flags;
     assert_eq!(flags("fa:16:3e:00:00:01"), fdb_flags::PEER_DELIVERY);
     assert_eq!(flags("fa:16:3e:00:00:02"), 0);
+}
+
+/// r1 between n1 (local port p1) and n2 (local port p2), with a static route; r2 on n3,
+/// which has no local port.
+fn routed_state(r1_up: bool) -> State {
+    let mut p1 = local_port("p1", "n1", "fa:16:3e:00:00:01", "tap1");
+    p1.fixed_ips = vec![fixed_ip("s1", "10.0.0.5")];
+    let mut p2 = local_port("p2", "n2", "fa:16:3e:00:00:02", "tap2");
+    p2.fixed_ips = vec![fixed_ip("s2b", "10.2.0.5")];
+    let mut gw1 = port("gw1", "n1", "fa:16:3e:00:01:01");
+    gw1.fixed_ips = vec![fixed_ip("s1", "10.0.0.1")];
+    let mut gw2 = port("gw2", "n2", "fa:16:3e:00:01:02");
+    gw2.fixed_ips = vec![fixed_ip("s2b", "10.2.0.1")];
+    let mut gw3 = port("gw3", "n3", "fa:16:3e:00:01:03");
+    gw3.fixed_ips = vec![fixed_ip("s3", "10.3.0.1")];
+    let mut r1 = router("r1");
+    r1.admin_state_up = r1_up;
+    r1.interfaces = vec![interface("s1", Some("gw1")), interface("s2b", Some("gw2"))];
+    r1.routes = vec![
+        model::Route {
+            destination: net("192.168.0.0/16"),
+            nexthop: ip("10.2.0.5"),
+        },
+        // No interface reaches this next hop: left out.
+        model::Route {
+            destination: net("172.16.0.0/12"),
+            nexthop: ip("10.9.0.9"),
+        },
+    ];
+    let mut r2 = router("r2");
+    r2.interfaces = vec![interface("s3", Some("gw3"))];
+    let resources: Vec<Resource> = vec![
+        network("n1").into(),
+        subnet("s1", "n1", "10.0.0.0/24").into(),
+        network("n2").into(),
+        subnet("s2b", "n2", "10.2.0.0/24").into(),
+        network("n3").into(),
+        subnet("s3", "n3", "10.3.0.0/24").into(),
+        p1.into(),
+        p2.into(),
+        gw1.into(),
+        gw2.into(),
+        gw3.into(),
+        r1.into(),
+        r2.into(),
+    ];
+    State::replace(&resources).expect("valid test state")
+}
+
+#[test]
+fn routers_compile_to_interfaces_routes_and_neighbours() {
+    let devices = interfaces(&[("tap1", 11), ("tap2", 12)]);
+    let mut slots = new_slots(16, 16);
+    let compiled = run(&routed_state(true), &devices, &mut slots);
+    let t = &compiled.tables;
+    let (n1, n2) = (
+        slots.network_slot("n1").unwrap(),
+        slots.network_slot("n2").unwrap(),
+    );
+    assert_eq!(slots.network_slot("n3"), None, "n3 has no local port");
+    let r1 = slots.router_slot("r1").unwrap();
+
+    assert_eq!(
+        t.router_ifs[&fdb_key(n1, mac("fa:16:3e:00:01:01"))],
+        RouterIf {
+            router_slot: r1,
+            ip4: [10, 0, 0, 1],
+            ip6: [0; 16],
+        }
+    );
+    assert_eq!(t.router_ifs.len(), 2, "r2 has nothing here");
+    let route = |prefix: u32, addr: [u8; 4]| {
+        t.routes4
+            .get(&(
+                ROUTE_FIXED_BITS + prefix,
+                RouteKey4 {
+                    router_slot: r1,
+                    addr,
+                },
+            ))
+            .copied()
+    };
+    let on_link = route(24, [10, 2, 0, 0]).unwrap();
+    assert_eq!(
+        (on_link.network_slot, on_link.flags, on_link.mac),
+        (n2, 0, mac("fa:16:3e:00:01:02").0)
+    );
+    assert_eq!(route(32, [10, 0, 0, 1]).unwrap().flags, route_flags::LOCAL);
+    let via = route(16, [192, 168, 0, 0]).unwrap();
+    assert_eq!(
+        (via.network_slot, via.flags, &via.nexthop[..4]),
+        (n2, route_flags::VIA, &[10, 2, 0, 5][..])
+    );
+    assert_eq!(route(12, [172, 16, 0, 0]), None);
+    assert_eq!(t.routes4.len(), 5);
+
+    let neighbor = |network_slot, addr| t.neigh4[&NeighKey4 { network_slot, addr }];
+    assert_eq!(
+        neighbor(n2, [10, 2, 0, 5]),
+        Neighbor {
+            mac: mac("fa:16:3e:00:00:02").0,
+            _pad: [0; 2],
+            flags: 0,
+        }
+    );
+    assert_eq!(neighbor(n1, [10, 0, 0, 1]).flags, neigh_flags::ROUTER);
+
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1").0,
+        StatusKind::Active
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Port, "gw1").0,
+        StatusKind::Active
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r2"),
+        (StatusKind::Down, ROUTER_NOT_HERE.to_owned())
+    );
+
+    // Admin down: nothing of it is programmed, and its slot is freed.
+    let down = run(&routed_state(false), &devices, &mut slots);
+    assert!(down.tables.router_ifs.is_empty() && down.tables.routes4.is_empty());
+    assert_eq!(slots.router_slot("r1"), None);
+    assert_eq!(
+        status_of(&down, ResourceKind::Router, "r1"),
+        (StatusKind::Down, "admin_state_up is false".to_owned())
+    );
 }
