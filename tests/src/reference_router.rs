@@ -47,6 +47,11 @@ pub enum Routed {
     Answer {
         from: MacAddr,
     },
+    /// Expired in the router: an ICMP time-exceeded error back to the sender from the
+    /// interface `from`, and the expiry counted.
+    TimeExceeded {
+        from: MacAddr,
+    },
     /// Not the router's business: switched on the network as usual.
     Switched,
 }
@@ -199,7 +204,17 @@ impl RouterReference<'_> {
             _ => 64,
         };
         if ttl <= 1 {
-            return Routed::Drop(DropReason::TtlExceeded);
+            // From the interface's address of the packet's family (else only counted).
+            let has_address = interfaces.iter().any(|i| {
+                i.port.mac_address == dst_mac
+                    && i.port.network_id == sender.network_id
+                    && i.address.is_ipv4() == dst.is_ipv4()
+            });
+            return if has_address {
+                Routed::TimeExceeded { from: dst_mac }
+            } else {
+                Routed::Drop(DropReason::TtlExceeded)
+            };
         }
         // The next hop's MAC: a port of that network with that address (a router's own
         // address answers with its interface's MAC).

@@ -353,6 +353,14 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
                             && out.frame[0..6] == sender.mac_address.0
                             && out.frame[6..12] == from.0
                     }
+                    Routed::TimeExceeded { from } => {
+                        let v6 = frame[12..14] == [0x86, 0xdd];
+                        let (kind_at, kind) = if v6 { (ETH_HLEN + 40, 3) } else { (ETH_HLEN + 20, 11) };
+                        unicast_to.as_ref() == Some(&sender.binding.interface_name)
+                            && out.frame[0..6] == sender.mac_address.0
+                            && out.frame[6..12] == from.0
+                            && out.frame.get(kind_at) == Some(&kind)
+                    }
                     Routed::Switched => {
                         unicast_to.as_ref() != Some(&sender.binding.interface_name)
                             && (out.verdict.action == verdict_action::FLOOD
@@ -368,6 +376,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
                     Routed::Drop(reason) => reason.name().to_owned(),
                     Routed::Forward { .. } => "forward".to_owned(),
                     Routed::Answer { .. } => "answer".to_owned(),
+                    Routed::TimeExceeded { .. } => "time_exceeded".to_owned(),
                     Routed::Switched => "switched".to_owned(),
                 };
                 *outcomes.entry(name).or_insert(0) += 1;
@@ -382,7 +391,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
         "switched",
         "no_route",
         "no_neighbor",
-        "ttl_exceeded",
+        "time_exceeded",
     ] {
         ensure!(
             outcomes.contains_key(needed),

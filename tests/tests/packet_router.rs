@@ -171,6 +171,23 @@ impl Lab {
         Ok(out.frame)
     }
 
+    /// `TtlExceeded` drops counted against port `id`.
+    fn ttl_drops(&self, id: &str) -> Result<u64> {
+        let slot = self
+            .compiled
+            .ports
+            .iter()
+            .find(|p| p.port_id == id)
+            .context("port not programmed")?
+            .slot;
+        let counters = self.datapath.port_counters(slot)?;
+        Ok(counters
+            .drops
+            .iter()
+            .find(|(r, _)| *r == DropReason::TtlExceeded)
+            .map_or(0, |(_, n)| *n))
+    }
+
     fn expect_drop(
         &mut self,
         from: &str,
@@ -284,12 +301,33 @@ fn ipv4_between_subnets_of_one_router() -> Result<()> {
             &via[..6]
         );
 
-        lab.expect_drop(
-            "ra",
-            &udp4(MAC_A, R1_N1, "10.0.1.5", "10.0.2.5", 1),
-            DropReason::TtlExceeded,
-            "ttl 1",
-        )?;
+        // TTL 1: an ICMP time-exceeded error from the gateway goes back, quoting the
+        // expired header and 8 bytes; the expiry is counted against the sender.
+        let expired = udp4(MAC_A, R1_N1, "10.0.1.5", "10.0.2.5", 1);
+        let before = lab.ttl_drops("a")?;
+        let error = lab.expect_to("ra", &expired, "ra", "ttl 1")?;
+        ensure!(lab.ttl_drops("a")? == before + 1, "expiry not counted");
+        ensure!(error[0..6] == MAC_A && error[6..12] == R1_N1, "error MACs");
+        let ip = &error[ETH_HLEN..];
+        ensure!(
+            ip.len() == 56 && ip[9] == proto::ICMP && ip[8] == 64 && header4_valid(&error),
+            "error header {:02x?}",
+            ip
+        );
+        ensure!(
+            ip[12..16] == [10, 0, 1, 1] && ip[16..20] == [10, 0, 1, 5],
+            "error addresses"
+        );
+        ensure!(
+            ip[20] == 11 && ip[21] == 0 && frames::checksum(&[&ip[20..]]) == 0,
+            "icmp {:02x?}",
+            &ip[20..28]
+        );
+        ensure!(
+            ip[28..] == expired[ETH_HLEN..ETH_HLEN + 28],
+            "quote {:02x?}",
+            &ip[28..]
+        );
         lab.expect_drop(
             "ra",
             &udp4(MAC_A, R1_N1, "10.0.1.5", "10.9.9.9", 64),
@@ -445,12 +483,27 @@ fn ipv6_routing_neighbour_discovery_and_ping() -> Result<()> {
             "routed v6 {:02x?}",
             &out[..22]
         );
-        lab.expect_drop(
-            "ra",
-            &udp6(MAC_A, R1_N1, "fd00:1::5", "fd00:2::5", 1),
-            DropReason::TtlExceeded,
-            "hop limit 1",
-        )?;
+        let expired = udp6(MAC_A, R1_N1, "fd00:1::5", "fd00:2::5", 1);
+        let error = lab.expect_to("ra", &expired, "ra", "hop limit 1")?;
+        let ip = &error[ETH_HLEN..];
+        ensure!(error[0..6] == MAC_A && error[6..12] == R1_N1, "error MACs");
+        ensure!(
+            ip.len() == 96 && ip[6] == proto::ICMPV6 && ip[7] == 64,
+            "error header {:02x?}",
+            &ip[..40]
+        );
+        ensure!(ip[8..24] == ip6("fd00:1::1").octets() && ip[24..40] == ip6("fd00:1::5").octets());
+        let pseudo = [
+            &ip[8..40],
+            &[0, 0, 0, 56, 0, 0, 0, proto::ICMPV6][..],
+            &ip[40..],
+        ];
+        ensure!(
+            ip[40] == 3 && ip[41] == 0 && frames::checksum(&pseudo) == 0,
+            "icmpv6 {:02x?}",
+            &ip[40..48]
+        );
+        ensure!(ip[48..] == expired[ETH_HLEN..ETH_HLEN + 48], "quote");
         lab.expect_drop(
             "ra",
             &udp6(MAC_A, R1_N1, "fd00:1::5", "fd00:9::5", 64),

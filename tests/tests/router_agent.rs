@@ -210,11 +210,17 @@ async fn routers_stay_apart_and_a_ttl_of_one_stops_at_the_router() -> Result<()>
     let mut client = t.agent.client().await?;
     let before = counters(&mut client, "port-a").await?;
     let out = t.a.ns.exec(&[
-        "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", "10.0.2.5",
+        "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", "10.0.2.5",
     ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(" 0 received"),
-        "a ping with TTL 1 was answered"
+        text.contains(" 0 received"),
+        "a ping with TTL 1 was answered: {text}"
+    );
+    // The router says why, from its address on a's subnet.
+    assert!(
+        text.contains("From 10.0.1.1") && text.contains("Time to live exceeded"),
+        "no time-exceeded error from the gateway: {text}"
     );
     let after = counters(&mut client, "port-a").await?;
     let ttl = |c: &pb::PortCounters| drops(c, pb::DropReason::TtlExceeded);

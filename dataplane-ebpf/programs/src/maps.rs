@@ -10,7 +10,7 @@ use dataplane_abi::{
     RouteKey4, RouteKey6, RouterIf, RuleKey, RuleStats, RuleValue, Verdict,
 };
 
-use crate::flow::Flow;
+use crate::{flow::Flow, router::ErrorScratch};
 
 #[map]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::with_max_entries(4096, 0);
@@ -95,6 +95,10 @@ pub static NEIGH4: HashMap<NeighKey4, Neighbor> = HashMap::with_max_entries(6553
 
 #[map]
 pub static NEIGH6: HashMap<NeighKey6, Neighbor> = HashMap::with_max_entries(65536, 0);
+
+/// Scratch space of the router's ICMP errors (see `router::ErrorScratch`).
+#[map]
+pub static ERROR_SCRATCH: PerCpuArray<ErrorScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The port on device `ifindex` and its counters. A port whose slot has no counters
 /// (a slot beyond `PORT_STATS`' size) is treated as no port: nothing it does could be

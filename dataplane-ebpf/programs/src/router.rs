@@ -6,17 +6,23 @@
 //! goes to (the receiver, or the sender itself for an answer); the caller stamps and
 //! delivers it like a switched frame. Writes go through `bpf_skb_store_bytes` and the
 //! checksum helpers, which keep the packet consistent for the kernel.
-use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::{bpf_csum_diff, bpf_skb_change_tail, bpf_skb_load_bytes},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
 use dataplane_abi::{
     neigh_flags, route_flags, DropReason, FdbEntry, FdbKey, NeighKey4, NeighKey6, Neighbor,
     PortInfo, Route, RouteKey4, RouteKey6, RouterIf, ROUTE_FIXED_BITS,
 };
 
 use crate::{
+    drop,
     eth::{self, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::{self, Ipv4},
     ipv6::{self, Ipv6},
-    maps::{FDB, NEIGH4, NEIGH6, ROUTER_IFS, ROUTES4, ROUTES6},
+    maps::{ERROR_SCRATCH, FDB, NEIGH4, NEIGH6, PORT_STATS, ROUTER_IFS, ROUTES4, ROUTES6},
     packet::Packet,
 };
 
@@ -113,7 +119,18 @@ pub fn route(
         ETH_P_ARP => arp_reply_hop(ctx, port),
         _ => return Err(DropReason::NoRoute),
     };
-    Hop(hop).decode()?.ok_or(DropReason::NoRoute)
+    match Hop(hop).decode() {
+        // Expired: a time-exceeded error goes back, built by a function of its own
+        // (beside `route4`/`route6` on the stack, not below them).
+        Err(DropReason::TtlExceeded) => {
+            let error = match proto {
+                ETH_P_IP => time_exceeded4_hop(ctx, port, rif),
+                _ => time_exceeded6_hop(ctx, port, rif),
+            };
+            Hop(error).decode()?.ok_or(DropReason::TtlExceeded)
+        }
+        other => other?.ok_or(DropReason::NoRoute),
+    }
 }
 
 /// An ARP request for a router's address on the port's network becomes the reply,
@@ -195,6 +212,7 @@ fn routed4(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
     }
     let ttl: u8 = load(ctx, IP4_TTL)?;
     if ttl <= 1 {
+        // Answered by `route` with a time-exceeded error.
         return Err(DropReason::TtlExceeded);
     }
     let nexthop = if route.flags & route_flags::VIA != 0 {
@@ -294,6 +312,7 @@ fn routed6(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
     }
     let hop_limit: u8 = load(ctx, IP6_HOP_LIMIT)?;
     if hop_limit <= 1 {
+        // Answered by `route` with a time-exceeded error.
         return Err(DropReason::TtlExceeded);
     }
     let nexthop = if route.flags & route_flags::VIA != 0 {
@@ -344,6 +363,212 @@ fn echo6(
     )
     .map_err(|_| DropReason::MalformedL4)?;
     store(ctx, ip.l4_off, &ICMP6_ECHO_REPLY)?;
+    set_macs(ctx, eth_src, eth_dst)?;
+    Ok(sender)
+}
+
+/// What an ICMP time-exceeded error quotes: the expired packet's header (IPv4 without
+/// options) and the first 8 bytes of its payload (RFC 792, RFC 4443).
+const QUOTE4: usize = 20 + 8;
+const QUOTE6: usize = 40 + 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP6_TIME_EXCEEDED: u8 = 3;
+/// Room the error's own IP and ICMP headers take before the quote.
+const ERROR4_HEADERS: usize = 20 + 8;
+const ERROR6_HEADERS: usize = 40 + 8;
+
+/// Counts the expiry against the sender, whether or not an error goes back.
+#[inline(always)]
+fn count_expired(port: &PortInfo) {
+    if let Some(stats) = PORT_STATS.get_ptr_mut(port.port_slot) {
+        // SAFETY: per-CPU value, only touched by the program running on this CPU.
+        drop::count(unsafe { &mut *stats }, DropReason::TtlExceeded);
+    }
+}
+
+/// One's complement sum of `len` bytes (a multiple of 4) from `at`, plus `seed`, by the
+/// kernel: an unrolled loop here would spill past the stack the call chain has left.
+/// Sums in memory order; `fold` of it is stored as is.
+#[inline(always)]
+fn csum(at: *const u8, len: usize, seed: u32) -> u32 {
+    // SAFETY: `at..at + len` is inside the caller's map value; the helper only reads.
+    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, at as *mut u32, len as u32, seed) as u32 }
+}
+
+/// One's complement addition.
+#[inline(always)]
+fn add(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum + u32::from(carry)
+}
+
+#[inline(always)]
+fn fold(sum: u32) -> [u8; 2] {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_ne_bytes()
+}
+
+/// Where an ICMP error is put together: kept off the stack, of which the call chain
+/// below `port_ingress` has little. One per CPU: a program runs to its end on its CPU.
+/// Not part of the ABI.
+#[repr(C)]
+pub struct ErrorScratch {
+    // Each ICMP header right before its quote: one checksum run covers both.
+    header4: [u8; 20],
+    icmp4: [u8; 8],
+    quote4: [u8; QUOTE4],
+    header6: [u8; 40],
+    icmp6: [u8; 8],
+    quote6: [u8; QUOTE6],
+}
+
+/// Turns the frame into `headers` bytes of new headers and `N` bytes of what it was from
+/// its network header on, and reads those into `quote`.
+#[inline(always)]
+fn make_room<const N: usize>(
+    ctx: &TcContext,
+    headers: usize,
+    quote: &mut [u8; N],
+) -> Result<(), DropReason> {
+    ctx.adjust_room(headers as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| DropReason::TtlExceeded)?;
+    let len = (ETH_HLEN + headers + N) as u32;
+    // SAFETY: helpers on the context the kernel passed in; `quote` has room for the
+    // constant `N` bytes read.
+    let read = unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, len, 0) != 0 {
+            return Err(DropReason::TtlExceeded);
+        }
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            (ETH_HLEN + headers) as u32,
+            quote.as_mut_ptr().cast(),
+            N as u32,
+        )
+    };
+    if read != 0 {
+        return Err(DropReason::TtlExceeded);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn scratch() -> Result<&'static mut ErrorScratch, DropReason> {
+    let scratch = ERROR_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(DropReason::TtlExceeded)?;
+    // SAFETY: per-CPU value, only touched by the program running on this CPU, and only
+    // while one error is built.
+    Ok(unsafe { &mut *scratch })
+}
+
+#[inline(never)]
+fn time_exceeded4_hop(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> u64 {
+    Hop::of(macs(ctx).and_then(|(src, dst)| {
+        let ip = ipv4::parse(&mut Packet::new(ctx))?;
+        time_exceeded4(ctx, port, rif, &ip, &src, &dst).map(Some)
+    }))
+}
+
+#[inline(never)]
+fn time_exceeded6_hop(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> u64 {
+    Hop::of(macs(ctx).and_then(|(src, dst)| {
+        let ip = ipv6::parse(&mut Packet::new(ctx))?;
+        time_exceeded6(ctx, port, rif, &ip, &src, &dst).map(Some)
+    }))
+}
+
+/// An expired IPv4 packet becomes a time-exceeded error from the router's address on
+/// the sender's network, back to the sender. None for packets with IP options, ICMP
+/// errors (errors are not answered with errors), or when the interface has no IPv4
+/// address: those are only counted.
+#[inline(always)]
+fn time_exceeded4(
+    ctx: &TcContext,
+    port: &PortInfo,
+    rif: &RouterIf,
+    ip: &Ipv4,
+    eth_src: &Mac,
+    eth_dst: &Mac,
+) -> Result<FdbEntry, DropReason> {
+    count_expired(port);
+    if rif.ip4 == [0; 4] || ip.l4_off != ETH_HLEN + 20 || ip.l4_off + 8 > ip.end {
+        return Err(DropReason::TtlExceeded);
+    }
+    if ip.proto == IPPROTO_ICMP {
+        let kind: u8 = load(ctx, ip.l4_off)?;
+        if kind != ICMP_ECHO_REQUEST && kind != ICMP_ECHO_REPLY {
+            return Err(DropReason::TtlExceeded);
+        }
+    }
+    let sender = port_of(port.network_slot, eth_src)?;
+    let src = ip.src;
+    let s = scratch()?;
+    make_room(ctx, ERROR4_HEADERS, &mut s.quote4)?;
+    let header = &mut s.header4;
+    header.fill(0);
+    header[0] = 0x45;
+    header[2..4].copy_from_slice(&((ERROR4_HEADERS + QUOTE4) as u16).to_be_bytes());
+    header[8] = ROUTER_TTL;
+    header[9] = IPPROTO_ICMP;
+    header[12..16].copy_from_slice(&rif.ip4);
+    header[16..20].copy_from_slice(&src);
+    let check = fold(csum(header.as_ptr(), 20, 0));
+    header[10..12].copy_from_slice(&check);
+    s.icmp4 = [ICMP_TIME_EXCEEDED, 0, 0, 0, 0, 0, 0, 0];
+    let check = fold(csum(s.icmp4.as_ptr(), 8 + QUOTE4, 0));
+    s.icmp4[2..4].copy_from_slice(&check);
+    store(ctx, ETH_HLEN, &s.header4)?;
+    store(ctx, ETH_HLEN + 20, &s.icmp4)?;
+    set_macs(ctx, eth_src, eth_dst)?;
+    Ok(sender)
+}
+
+/// As [`time_exceeded4`] for IPv6 (ICMPv6 errors, type below 128, are not answered).
+#[inline(always)]
+fn time_exceeded6(
+    ctx: &TcContext,
+    port: &PortInfo,
+    rif: &RouterIf,
+    ip: &Ipv6,
+    eth_src: &Mac,
+    eth_dst: &Mac,
+) -> Result<FdbEntry, DropReason> {
+    count_expired(port);
+    if rif.ip6 == [0; 16] || ETH_HLEN + QUOTE6 > ip.end {
+        return Err(DropReason::TtlExceeded);
+    }
+    if ip.next == IPPROTO_ICMPV6 && ip.has_l4 {
+        let kind: u8 = load(ctx, ip.l4_off)?;
+        if kind < ICMP6_ECHO_REQUEST {
+            return Err(DropReason::TtlExceeded);
+        }
+    }
+    let sender = port_of(port.network_slot, eth_src)?;
+    let src = ip.src;
+    let s = scratch()?;
+    make_room(ctx, ERROR6_HEADERS, &mut s.quote6)?;
+    let length = (8 + QUOTE6) as u16;
+    let header = &mut s.header6;
+    header.fill(0);
+    header[0] = 0x60;
+    header[4..6].copy_from_slice(&length.to_be_bytes());
+    header[6] = IPPROTO_ICMPV6;
+    header[7] = ROUTER_TTL;
+    header[8..24].copy_from_slice(&rif.ip6);
+    header[24..40].copy_from_slice(&src);
+    s.icmp6 = [ICMP6_TIME_EXCEEDED, 0, 0, 0, 0, 0, 0, 0];
+    // Pseudo-header: the addresses, then length and next header as 32-bit words.
+    let pseudo = csum(s.header6[8..].as_ptr(), 32, 0);
+    let pseudo = add(
+        add(pseudo, u32::from_ne_bytes(u32::from(length).to_be_bytes())),
+        u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]),
+    );
+    let check = fold(csum(s.icmp6.as_ptr(), 8 + QUOTE6, pseudo));
+    s.icmp6[2..4].copy_from_slice(&check);
+    store(ctx, ETH_HLEN, &s.header6)?;
+    store(ctx, ETH_HLEN + 40, &s.icmp6)?;
     set_macs(ctx, eth_src, eth_dst)?;
     Ok(sender)
 }
