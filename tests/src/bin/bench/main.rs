@@ -39,7 +39,7 @@ use dataplane_agent::{
 };
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
-    api::{network, port, rule, security_group, subnet, IntoResource},
+    api::{network, port, router, router_port, rule, security_group, subnet, IntoResource},
     netns::device_lab,
 };
 use etherparse::PacketBuilder;
@@ -110,6 +110,43 @@ fn state(groups: Vec<pb::SecurityGroup>, a_groups: &[&str], b_groups: &[&str]) -
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
     Ok(State::replace(&resources)?)
+}
+
+/// Port `a` (10.0.1.1 on n1, device bench-a) and `b` (10.0.2.2 on n2, bench-b), no port
+/// security, router r between their subnets.
+fn routed() -> Result<State> {
+    let mut resources = vec![
+        network("n1").into_resource(),
+        network("n2").into_resource(),
+        subnet("s1", "n1", "10.0.1.0/24").into_resource(),
+        subnet("s2", "n2", "10.0.2.0/24").into_resource(),
+        router_port("r-n1", "n1", "fa:16:3e:00:01:01", &[("s1", "10.0.1.254")]).into_resource(),
+        router_port("r-n2", "n2", "fa:16:3e:00:01:02", &[("s2", "10.0.2.254")]).into_resource(),
+        router("r", &[("s1", "r-n1"), ("s2", "r-n2")]).into_resource(),
+    ];
+    for (id, net, sub, mac, ip) in [
+        ("a", "n1", "s1", "fa:16:3e:00:00:0a", "10.0.1.1"),
+        ("b", "n2", "s2", "fa:16:3e:00:00:0b", "10.0.2.2"),
+    ] {
+        let mut p = port(id, net, mac, &[(sub, ip)], NODE, &format!("bench-{id}"));
+        p.security_group_ids.clear();
+        p.port_security_enabled = Some(false);
+        resources.push(p.into_resource());
+    }
+    let resources: Vec<Resource> = resources_from_proto(resources)?;
+    Ok(State::replace(&resources)?)
+}
+
+/// A 60-byte TCP/IPv4 frame from a (10.0.1.1) to b (10.0.2.2) through the router.
+fn routed_frame() -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(MAC_A, [0xfa, 0x16, 0x3e, 0, 1, 1])
+        .ipv4([10, 0, 1, 1], [10, 0, 2, 2], 64)
+        .tcp(40000, SERVER_PORT, 1, 65535)
+        .ack(2);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &[])?;
+    frame.resize(frame.len().max(60), 0);
+    Ok(frame)
 }
 
 /// A stateful group of `count` rules: one lets a reach b's server, the others (single
@@ -452,6 +489,31 @@ fn test_run_cases(lab: &mut Lab, devices: &BTreeMap<String, u32>, args: &Args) -
         noop.clone(),
     );
     measure("L2: port_egress, delivery".into(), egress, noop.clone());
+
+    // Routing rewrites the frame (TTL, MACs), and a test run keeps one frame across its
+    // repeats: one run per call, against the no-op run the same way.
+    let routed_state = routed()?;
+    let routed_frame = routed_frame()?;
+    let (mut routed_runs, mut floor) = (vec![], vec![]);
+    for _ in 0..args.rounds {
+        lab.program(&routed_state, devices, &BTreeSet::new())?;
+        floor.push(lab.noop_single(args.new_flows)?);
+        let mut total = 0.0;
+        for _ in 0..args.new_flows {
+            total += lab.time(program_names::PORT_INGRESS, lab.a, 0, &routed_frame, 1, 7)?;
+        }
+        routed_runs.push(total / f64::from(args.new_flows));
+    }
+    measure(
+        "L3: port_ingress, routed between subnets (one run per call)".into(),
+        routed_runs,
+        floor.clone(),
+    );
+    measure(
+        "L3: noop, one run per call (floor)".into(),
+        floor.clone(),
+        floor,
+    );
 
     for &count in &args.rules {
         let sg = state(
