@@ -675,3 +675,19 @@ impl Harness {
         Ok(verdict)
     }
 }
+
+/// The agent's datapath (`Datapath`, tables written by its kernel layer), loaded for
+/// tests that run frames through it: verdicts traced, room for 64 ports and
+/// `conntrack_entries` connections.
+pub fn traced_datapath(
+    conntrack_entries: u32,
+) -> Result<dataplane_agent::kernel::datapath::Datapath> {
+    use dataplane_agent::kernel::datapath::{Datapath, LoadOptions, MapLimits};
+    Ok(Datapath::load(
+        MapLimits::for_node(64, conntrack_entries),
+        &LoadOptions {
+            pin_root: None,
+            trace_verdicts: true,
+        },
+    )?)
+}

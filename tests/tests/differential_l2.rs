@@ -21,12 +21,13 @@ use dataplane_agent::{
             PortBinding, Protocol, Resource, SecurityGroup, SecurityGroupRule, State, Subnet,
         },
     },
-    kernel::datapath::{Datapath, LoadOptions, MapLimits},
+    kernel::datapath::MapLimits,
 };
 use dataplane_tests::{
     frames::{self, ethertype, Mac, BROADCAST},
     netns::{device_lab, env_number},
     reference::{Expected, Reference},
+    testrun::traced_datapath,
 };
 use ipnet::IpNet;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -45,13 +46,7 @@ fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
     let (ns, devices) = device_lab("diff", &names)?;
 
     let checked = ns.run(move || -> Result<(u64, u64, BTreeMap<&'static str, u64>)> {
-        let mut datapath = Datapath::load(
-            MapLimits::for_node(64, 4096),
-            &LoadOptions {
-                pin_root: None,
-                trace_verdicts: true,
-            },
-        )?;
+        let mut datapath = traced_datapath(4096)?;
         let mut slots = Slots::new(SlotLimits {
             max_ports: 64,
             max_networks: 64,

@@ -19,7 +19,6 @@ use dataplane_agent::{
         compile::{compile, NodeView, SlotLimits, Slots},
         model::{MacAddr, Port, Resource, State},
     },
-    kernel::datapath::{Datapath, LoadOptions, MapLimits},
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
@@ -28,6 +27,7 @@ use dataplane_tests::{
     frames::{self, ethertype, proto, BROADCAST, ETH_HLEN},
     netns::{device_lab, env_number},
     reference_router::{Routed, RouterReference, Sent},
+    testrun::traced_datapath,
 };
 use rand::{rngs::StdRng, seq::IndexedRandom, Rng, SeedableRng};
 
@@ -234,13 +234,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
     let (ns, devices) = device_lab("routediff", &names)?;
 
     let outcomes = ns.run(move || -> Result<BTreeMap<String, u64>> {
-        let mut datapath = Datapath::load(
-            MapLimits::for_node(64, 4096),
-            &LoadOptions {
-                pin_root: None,
-                trace_verdicts: true,
-            },
-        )?;
+        let mut datapath = traced_datapath(4096)?;
         let mut slots = Slots::new(SlotLimits {
             max_ports: 64,
             max_networks: 64,

@@ -23,7 +23,6 @@ use dataplane_agent::{
         compile::{compile, NodeView, SlotLimits, Slots},
         model::{Direction, Resource, State},
     },
-    kernel::datapath::{Datapath, LoadOptions, MapLimits},
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
@@ -35,6 +34,7 @@ use dataplane_tests::{
     },
     netns::{device_lab, env_number},
     reference_sg::{Flow, SgReference, SgVerdict},
+    testrun::traced_datapath,
 };
 use etherparse::{IpNumber, PacketBuilder};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -64,13 +64,7 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
     let (ns, devices) = device_lab("sgdiff", &names)?;
 
     let (checked, outcomes) = ns.run(move || -> Result<(u64, BTreeMap<String, u64>)> {
-        let mut datapath = Datapath::load(
-            MapLimits::for_node(64, 65536),
-            &LoadOptions {
-                pin_root: None,
-                trace_verdicts: true,
-            },
-        )?;
+        let mut datapath = traced_datapath(65536)?;
         let mut slots = Slots::new(SlotLimits {
             max_ports: 64,
             max_networks: 64,

@@ -19,7 +19,7 @@ use dataplane_agent::{
         compile::{compile, Compiled, NodeView, SlotLimits, Slots},
         model::{Resource, State},
     },
-    kernel::datapath::{Datapath, LoadOptions, MapLimits, TestRunOutcome},
+    kernel::datapath::{Datapath, TestRunOutcome},
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
@@ -27,6 +27,7 @@ use dataplane_tests::{
     api::{network, port, router, router_port, subnet, IntoResource},
     frames::{self, ethertype, offsets, proto, Mac, BROADCAST, ETH_HLEN, IPV4_HLEN},
     netns::device_lab,
+    testrun::traced_datapath,
 };
 
 const NODE: &str = "router-node";
@@ -211,13 +212,7 @@ fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
     let names: Vec<String> = ["ra", "rb", "rc"].map(str::to_owned).to_vec();
     let (ns, devices) = device_lab("router", &names)?;
     ns.run(move || {
-        let mut datapath = Datapath::load(
-            MapLimits::for_node(64, 4096),
-            &LoadOptions {
-                pin_root: None,
-                trace_verdicts: true,
-            },
-        )?;
+        let mut datapath = traced_datapath(4096)?;
         let state = state()?;
         let compiled = compile(
             &state,
@@ -239,6 +234,22 @@ fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
             compiled,
         })
     })?
+}
+
+/// A's broadcast ARP request for `target`.
+fn arp_request(target: &str) -> Vec<u8> {
+    frames::ethernet(
+        BROADCAST,
+        MAC_A,
+        ethertype::ARP,
+        &frames::arp(
+            frames::arp_op::REQUEST,
+            MAC_A,
+            ip4("10.0.1.5"),
+            [0; 6],
+            ip4(target),
+        ),
+    )
 }
 
 fn ttl4(frame: &[u8]) -> u8 {
@@ -366,18 +377,7 @@ fn ipv4_between_subnets_of_one_router() -> Result<()> {
 #[test]
 fn the_router_answers_arp_and_ping_for_its_addresses() -> Result<()> {
     with_lab(|lab| {
-        let request = frames::ethernet(
-            BROADCAST,
-            MAC_A,
-            ethertype::ARP,
-            &frames::arp(
-                frames::arp_op::REQUEST,
-                MAC_A,
-                ip4("10.0.1.5"),
-                [0; 6],
-                ip4("10.0.1.1"),
-            ),
-        );
+        let request = arp_request("10.0.1.1");
         let reply = lab.expect_to("ra", &request, "ra", "arp for the gateway")?;
         let expected = frames::ethernet(
             MAC_A,
@@ -398,18 +398,7 @@ fn the_router_answers_arp_and_ping_for_its_addresses() -> Result<()> {
         );
         // Not the router's address on this network: floods as usual (a has no
         // neighbour on n1 to flood to).
-        let other = frames::ethernet(
-            BROADCAST,
-            MAC_A,
-            ethertype::ARP,
-            &frames::arp(
-                frames::arp_op::REQUEST,
-                MAC_A,
-                ip4("10.0.1.5"),
-                [0; 6],
-                ip4("10.0.2.1"),
-            ),
-        );
+        let other = arp_request("10.0.2.1");
         lab.expect_drop(
             "ra",
             &other,
