@@ -9,7 +9,10 @@ use anyhow::{ensure, Context, Result};
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     agent::{agent_binary, Agent},
-    api::{apply, default_security_group, network, port, rule, security_group, subnet, upsert},
+    api::{
+        apply, default_security_group, network, port, router, router_port, rule, security_group,
+        subnet, upsert,
+    },
     netns::NetNs,
     topology::Vm,
 };
@@ -55,7 +58,7 @@ async fn main() -> Result<()> {
         agent.socket().display()
     );
 
-    step("creating three VMs: web and db on network 'blue', intruder on network 'red'");
+    step("creating four VMs: web and db on network 'blue', app on 'green', intruder on 'red'");
     let web = Vm::create(
         &node,
         "demo-web",
@@ -77,8 +80,21 @@ async fn main() -> Result<()> {
         [0xfa, 0x16, 0x3e, 0, 2, 1],
         &["10.1.0.13/24".parse()?],
     )?;
+    let app = Vm::create(
+        &node,
+        "demo-green",
+        "tap-app",
+        [0xfa, 0x16, 0x3e, 0, 3, 1],
+        &["10.2.0.21/24".parse()?],
+    )?;
+    // Each VM's default route is its subnet's gateway: router r1's interface.
+    web.ns.ip(&["route", "add", "default", "via", "10.1.0.1"])?;
+    app.ns.ip(&["route", "add", "default", "via", "10.2.0.1"])?;
+    intruder
+        .ns
+        .ip(&["route", "add", "default", "via", "10.1.0.1"])?;
 
-    step("Apply over gRPC: a security group, 2 networks, 3 subnets, 3 ports (one all-or-nothing batch)");
+    step("Apply over gRPC: a security group, 3 networks, 4 subnets, 4 ports, router r1 joining blue and green (one all-or-nothing batch)");
     let mut client = agent.client().await?;
     let response = client
         .apply(apply(vec![
@@ -104,6 +120,32 @@ async fn main() -> Result<()> {
                 &[("red-v4", "10.1.0.13")],
                 NODE,
                 "tap-red",
+            )),
+            upsert(network("green")),
+            upsert(subnet("green-v4", "green", "10.2.0.0/24")),
+            upsert(port(
+                "app",
+                "green",
+                "fa:16:3e:00:03:01",
+                &[("green-v4", "10.2.0.21")],
+                NODE,
+                "tap-app",
+            )),
+            upsert(router_port(
+                "r1-blue",
+                "blue",
+                "fa:16:3e:00:0f:01",
+                &[("blue-v4", "10.1.0.1")],
+            )),
+            upsert(router_port(
+                "r1-green",
+                "green",
+                "fa:16:3e:00:0f:02",
+                &[("green-v4", "10.2.0.1")],
+            )),
+            upsert(router(
+                "r1",
+                &[("blue-v4", "r1-blue"), ("green-v4", "r1-green")],
             )),
         ]))
         .await?
@@ -137,7 +179,28 @@ async fn main() -> Result<()> {
         db.ping(ip("fd00:b1::11"), 3)?.all_replied(),
     );
 
+    step("traffic that is routed: web (blue) <-> app (green) through router r1, on this node");
+    expect(
+        "web pings its gateway 10.1.0.1 (the datapath answers ARP and ping)",
+        web.ping(ip("10.1.0.1"), 2)?.all_replied(),
+    );
+    expect(
+        "web pings app across r1",
+        web.ping(ip("10.2.0.21"), 3)?.all_replied(),
+    );
+    let expired = web
+        .ns
+        .exec(&["ping", "-n", "-c", "1", "-W", "1", "-t", "1", "10.2.0.21"])?;
+    expect(
+        "a ping with TTL 1 is answered by r1: time to live exceeded",
+        String::from_utf8_lossy(&expired.stdout).contains("Time to live exceeded"),
+    );
+
     step("traffic that is blocked");
+    expect(
+        "intruder on 'red' cannot reach app: 'red' is on no router",
+        intruder.ping(ip("10.2.0.21"), 2)?.none_replied(),
+    );
     expect(
         "intruder on 'red' cannot reach web, though its subnet has the same range",
         intruder.ping(ip("10.1.0.11"), 3)?.none_replied(),
@@ -225,6 +288,10 @@ async fn main() -> Result<()> {
     expect(
         "intruder's ARP found nobody on 'red' (no_flood_target)",
         count("intruder", pb::DropReason::NoFloodTarget) > 0,
+    );
+    expect(
+        "web's expired ping is counted (ttl_exceeded)",
+        count("web", pb::DropReason::TtlExceeded) > 0,
     );
 
     step("cleaning up: agent stopped (SIGTERM), namespaces deleted");
