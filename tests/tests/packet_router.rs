@@ -339,6 +339,21 @@ fn ipv4_between_subnets_of_one_router() -> Result<()> {
             "quote {:02x?}",
             &ip[28..]
         );
+        // An expired ICMP error is not answered with another: dropped, counted once.
+        let mut unreachable = frames::ipv4(
+            ip4("10.0.1.5"),
+            ip4("10.0.2.5"),
+            proto::ICMP,
+            &frames::icmp4_error(3, 3, 0, &expired[ETH_HLEN..]),
+        );
+        unreachable[8] = 1;
+        unreachable[10..12].copy_from_slice(&[0, 0]);
+        let check = frames::checksum(&[&unreachable[..IPV4_HLEN]]);
+        unreachable[10..12].copy_from_slice(&check.to_be_bytes());
+        let frame = frames::ethernet(R1_N1, MAC_A, ethertype::IPV4, &unreachable);
+        let before = lab.ttl_drops("a")?;
+        lab.expect_drop("ra", &frame, DropReason::TtlExceeded, "expired icmp error")?;
+        ensure!(lab.ttl_drops("a")? == before + 1, "counted other than once");
         lab.expect_drop(
             "ra",
             &udp4(MAC_A, R1_N1, "10.0.1.5", "10.9.9.9", 64),

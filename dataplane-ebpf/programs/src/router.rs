@@ -377,7 +377,8 @@ const ICMP6_TIME_EXCEEDED: u8 = 3;
 const ERROR4_HEADERS: usize = 20 + 8;
 const ERROR6_HEADERS: usize = 40 + 8;
 
-/// Counts the expiry against the sender, whether or not an error goes back.
+/// Counts the expiry of a packet answered with an error against the sender (one that
+/// is not answered is counted where it is dropped).
 #[inline(always)]
 fn count_expired(port: &PortInfo) {
     if let Some(stats) = PORT_STATS.get_ptr_mut(port.port_slot) {
@@ -492,7 +493,6 @@ fn time_exceeded4(
     eth_src: &Mac,
     eth_dst: &Mac,
 ) -> Result<FdbEntry, DropReason> {
-    count_expired(port);
     if rif.ip4 == [0; 4] || ip.l4_off != ETH_HLEN + 20 || ip.l4_off + 8 > ip.end {
         return Err(DropReason::TtlExceeded);
     }
@@ -522,6 +522,7 @@ fn time_exceeded4(
     store(ctx, ETH_HLEN, &s.header4)?;
     store(ctx, ETH_HLEN + 20, &s.icmp4)?;
     set_macs(ctx, eth_src, eth_dst)?;
+    count_expired(port);
     Ok(sender)
 }
 
@@ -535,7 +536,6 @@ fn time_exceeded6(
     eth_src: &Mac,
     eth_dst: &Mac,
 ) -> Result<FdbEntry, DropReason> {
-    count_expired(port);
     if rif.ip6 == [0; 16] || ETH_HLEN + QUOTE6 > ip.end {
         return Err(DropReason::TtlExceeded);
     }
@@ -570,6 +570,7 @@ fn time_exceeded6(
     store(ctx, ETH_HLEN, &s.header6)?;
     store(ctx, ETH_HLEN + 40, &s.icmp6)?;
     set_macs(ctx, eth_src, eth_dst)?;
+    count_expired(port);
     Ok(sender)
 }
 
