@@ -313,19 +313,19 @@ impl Node {
                 .map(|port| port.binding.interface_name.as_str())
                 .filter(|name| !name.is_empty()),
         );
-        let peers = interfaces
-            .iter()
-            .filter(|(name, &ifindex)| match links::link_info(ifindex) {
-                Ok(info) => info.delivers_to_peer(),
-                // Gone since it was resolved, or rtnetlink would not say: the device's
-                // own transmit path works for any device.
-                Err(e) => {
-                    debug!(interface = %name, error = %e, "no link info");
-                    false
-                }
-            })
-            .map(|(_, &ifindex)| ifindex)
-            .collect();
+        // Without an answer from rtnetlink every device still works through its own
+        // transmit path.
+        let peers = match links::peer_devices() {
+            Ok(all) => interfaces
+                .values()
+                .copied()
+                .filter(|ifindex| all.contains(ifindex))
+                .collect(),
+            Err(e) => {
+                debug!(error = %e, "no link dump; no peer delivery");
+                BTreeSet::new()
+            }
+        };
         Devices { interfaces, peers }
     }
 

@@ -152,6 +152,14 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
     ipv4_fragment(src, dst, protocol, 0, false, l4)
 }
 
+/// Sets the TTL of the IPv4 `packet` (from its IP header on) and its header checksum.
+pub fn set_ttl4(packet: &mut [u8], ttl: u8) {
+    packet[8] = ttl;
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let check = checksum(&[&packet[..IPV4_HLEN]]);
+    packet[10..12].copy_from_slice(&check.to_be_bytes());
+}
+
 /// As [`ipv4`], as the fragment at `offset` (bytes, a multiple of 8). The transport
 /// checksum is filled in only in a first fragment.
 pub fn ipv4_fragment(

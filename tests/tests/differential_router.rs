@@ -195,10 +195,7 @@ fn frame_of(sender: &Port, sent: &Sent) -> Vec<u8> {
             IpAddr::V4(dst) => {
                 let mut p =
                     frames::ipv4(src4.unwrap(), dst, proto::UDP, &frames::udp(5000, 53, b"x"));
-                p[8] = ttl;
-                p[10..12].copy_from_slice(&[0, 0]);
-                let check = frames::checksum(&[&p[..20]]);
-                p[10..12].copy_from_slice(&check.to_be_bytes());
+                frames::set_ttl4(&mut p, ttl);
                 frames::ethernet(dst_mac.0, src_mac, ethertype::IPV4, &p)
             }
             IpAddr::V6(dst) => {

@@ -127,11 +127,7 @@ fn udp4(src_mac: Mac, dst_mac: Mac, src: &str, dst: &str, ttl: u8) -> Vec<u8> {
         proto::UDP,
         &frames::udp(4000, 53, b"hi"),
     );
-    packet[8] = ttl;
-    // The header checksum covers the TTL.
-    packet[10..12].copy_from_slice(&[0, 0]);
-    let check = frames::checksum(&[&packet[..IPV4_HLEN]]);
-    packet[10..12].copy_from_slice(&check.to_be_bytes());
+    frames::set_ttl4(&mut packet, ttl);
     frames::ethernet(dst_mac, src_mac, ethertype::IPV4, &packet)
 }
 
@@ -346,10 +342,7 @@ fn ipv4_between_subnets_of_one_router() -> Result<()> {
             proto::ICMP,
             &frames::icmp4_error(3, 3, 0, &expired[ETH_HLEN..]),
         );
-        unreachable[8] = 1;
-        unreachable[10..12].copy_from_slice(&[0, 0]);
-        let check = frames::checksum(&[&unreachable[..IPV4_HLEN]]);
-        unreachable[10..12].copy_from_slice(&check.to_be_bytes());
+        frames::set_ttl4(&mut unreachable, 1);
         let frame = frames::ethernet(R1_N1, MAC_A, ethertype::IPV4, &unreachable);
         let before = lab.ttl_drops("a")?;
         lab.expect_drop("ra", &frame, DropReason::TtlExceeded, "expired icmp error")?;

@@ -1,6 +1,9 @@
 //! Port devices: finding them by name, preparing them, and hearing when they come and go.
 
-use std::{collections::BTreeMap, io};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+};
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::io::unix::AsyncFd;
@@ -24,9 +27,12 @@ pub fn resolve_interfaces<'a>(names: impl IntoIterator<Item = &'a str>) -> BTree
 /// rtnetlink message and attribute numbers (linux/rtnetlink.h, linux/if_link.h).
 mod rtnl {
     pub const NLMSG_ERROR: u16 = 2;
+    pub const NLMSG_DONE: u16 = 3;
     pub const RTM_NEWLINK: u16 = 16;
     pub const RTM_GETLINK: u16 = 18;
     pub const NLM_F_REQUEST: u16 = 1;
+    /// `NLM_F_ROOT | NLM_F_MATCH`: every object.
+    pub const NLM_F_DUMP: u16 = 0x300;
     pub const NLMSG_HDRLEN: usize = 16;
     pub const IFINFOMSG_LEN: usize = 16;
     pub const IFLA_LINKINFO: u16 = 18;
@@ -54,23 +60,43 @@ impl LinkInfo {
     }
 }
 
-/// Asks rtnetlink about device `ifindex` of this agent's network namespace.
-pub fn link_info(ifindex: u32) -> io::Result<LinkInfo> {
+/// The ifindexes of this namespace's devices that deliver to their peer
+/// ([`LinkInfo::delivers_to_peer`]): one rtnetlink dump of every link, so the cost of a
+/// refresh does not grow with a request per port.
+pub fn peer_devices() -> io::Result<BTreeSet<u32>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     let len = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
     let mut request = vec![0u8; len];
     request[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
     request[4..6].copy_from_slice(&rtnl::RTM_GETLINK.to_ne_bytes());
-    request[6..8].copy_from_slice(&rtnl::NLM_F_REQUEST.to_ne_bytes());
+    request[6..8].copy_from_slice(&(rtnl::NLM_F_REQUEST | rtnl::NLM_F_DUMP).to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // ifinfomsg: family AF_UNSPEC, then the index at offset 4.
-    let index = rtnl::NLMSG_HDRLEN + 4;
-    request[index..index + 4].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     socket.send_to(&request, &SocketAddr::new(0, 0), 0)?;
+    let mut peers = BTreeSet::new();
     let mut reply = vec![0u8; 64 * 1024];
-    let n = socket.recv(&mut &mut reply[..], 0)?;
-    parse_link_reply(&reply[..n])
+    loop {
+        let n = socket.recv(&mut &mut reply[..], 0)?;
+        for message in messages(&reply[..n]) {
+            match parse_link(message)? {
+                Some((ifindex, info)) if info.delivers_to_peer() => {
+                    peers.insert(ifindex);
+                }
+                Some(_) => {}
+                None => return Ok(peers),
+            }
+        }
+    }
+}
+
+/// The netlink messages in one datagram, each padded to 4 bytes.
+fn messages(mut buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = u32::from_ne_bytes(buf.get(0..4)?.try_into().ok()?) as usize;
+        let message = buf.get(..len).filter(|_| len >= rtnl::NLMSG_HDRLEN)?;
+        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some(message)
+    })
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -95,30 +121,32 @@ fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// The `LinkInfo` in the reply to an `RTM_GETLINK` request for one device.
-fn parse_link_reply(msg: &[u8]) -> io::Result<LinkInfo> {
-    let len = u32::from_ne_bytes(
-        msg.get(0..4)
-            .ok_or_else(|| invalid("short header"))?
-            .try_into()
-            .map_err(|_| invalid("short header"))?,
-    ) as usize;
+/// One message of a link dump: a device's ifindex and `LinkInfo`, or `None` at the
+/// dump's end.
+fn parse_link(msg: &[u8]) -> io::Result<Option<(u32, LinkInfo)>> {
     let kind = u16_at(msg, 4).ok_or_else(|| invalid("short header"))?;
     let body = msg
-        .get(rtnl::NLMSG_HDRLEN..len)
+        .get(rtnl::NLMSG_HDRLEN..)
         .ok_or_else(|| invalid("truncated message"))?;
-    if kind == rtnl::NLMSG_ERROR {
-        let errno = i32::from_ne_bytes(
-            body.get(0..4)
-                .ok_or_else(|| invalid("short error"))?
-                .try_into()
-                .map_err(|_| invalid("short error"))?,
-        );
-        return Err(io::Error::from_raw_os_error(-errno));
+    match kind {
+        rtnl::NLMSG_DONE => return Ok(None),
+        rtnl::NLMSG_ERROR => {
+            let errno = i32::from_ne_bytes(
+                body.get(0..4)
+                    .ok_or_else(|| invalid("short error"))?
+                    .try_into()
+                    .map_err(|_| invalid("short error"))?,
+            );
+            return Err(io::Error::from_raw_os_error(-errno));
+        }
+        rtnl::RTM_NEWLINK => {}
+        _ => return Err(invalid(&format!("message type {kind}"))),
     }
-    if kind != rtnl::RTM_NEWLINK {
-        return Err(invalid(&format!("message type {kind}")));
-    }
+    let ifindex = body
+        .get(4..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_ne_bytes)
+        .ok_or_else(|| invalid("short ifinfomsg"))?;
     let attrs = body
         .get(rtnl::IFINFOMSG_LEN..)
         .ok_or_else(|| invalid("short ifinfomsg"))?;
@@ -137,7 +165,7 @@ fn parse_link_reply(msg: &[u8]) -> io::Result<LinkInfo> {
             _ => {}
         }
     }
-    Ok(info)
+    Ok(Some((ifindex, info)))
 }
 
 /// Turns off IPv6 on a port device, as os-vif does for VM taps: the host side of a port
@@ -214,12 +242,17 @@ mod tests {
         m
     }
 
-    fn newlink(attrs: &[Vec<u8>]) -> Vec<u8> {
+    fn newlink(ifindex: u32, attrs: &[Vec<u8>]) -> Vec<u8> {
         let mut body = vec![0u8; rtnl::IFINFOMSG_LEN];
+        body[4..8].copy_from_slice(&ifindex.to_ne_bytes());
         for a in attrs {
             body.extend_from_slice(a);
         }
         message(rtnl::RTM_NEWLINK, &body)
+    }
+
+    fn info(msg: &[u8]) -> LinkInfo {
+        parse_link(msg).unwrap().unwrap().1
     }
 
     #[test]
@@ -229,37 +262,49 @@ mod tests {
         let linkinfo = attribute(rtnl::IFLA_LINKINFO | 0x8000, &kind);
         let ifname = attribute(3, b"port-a\0");
         let netnsid = attribute(rtnl::IFLA_LINK_NETNSID, &0i32.to_ne_bytes());
-        let info =
-            parse_link_reply(&newlink(&[ifname.clone(), linkinfo.clone(), netnsid])).unwrap();
-        assert_eq!(info.kind.as_deref(), Some("veth"));
-        assert!(info.link_in_other_netns);
-        assert!(info.delivers_to_peer());
+        let peer = newlink(7, &[ifname.clone(), linkinfo.clone(), netnsid]);
+        assert_eq!(parse_link(&peer).unwrap().unwrap().0, 7);
+        let peer = info(&peer);
+        assert_eq!(peer.kind.as_deref(), Some("veth"));
+        assert!(peer.link_in_other_netns && peer.delivers_to_peer());
 
         // Both ends in this namespace: no netnsid, no shortcut.
-        let same_ns = parse_link_reply(&newlink(&[ifname.clone(), linkinfo])).unwrap();
-        assert!(!same_ns.delivers_to_peer());
+        assert!(!info(&newlink(8, &[ifname.clone(), linkinfo])).delivers_to_peer());
 
         // A tap has its own kind and no peer.
         let tun = attribute(
             rtnl::IFLA_LINKINFO,
             &attribute(rtnl::IFLA_INFO_KIND, b"tun\0"),
         );
-        assert!(!parse_link_reply(&newlink(&[ifname, tun]))
-            .unwrap()
-            .delivers_to_peer());
+        assert!(!info(&newlink(9, &[ifname, tun])).delivers_to_peer());
+    }
+
+    #[test]
+    fn a_dump_splits_into_messages_and_ends_at_done() {
+        let mut datagram = newlink(1, &[attribute(3, b"lo\0")]);
+        datagram.extend(newlink(2, &[attribute(3, b"eth0\0")]));
+        datagram.extend(message(rtnl::NLMSG_DONE, &[0; 4]));
+        let parsed: Vec<_> = messages(&datagram)
+            .map(|m| parse_link(m).unwrap().map(|(ifindex, _)| ifindex))
+            .collect();
+        assert_eq!(parsed, [Some(1), Some(2), None]);
     }
 
     #[test]
     fn errors_and_garbage_are_errors() {
         let enodev = message(rtnl::NLMSG_ERROR, &(-libc::ENODEV).to_ne_bytes());
-        let err = parse_link_reply(&enodev).unwrap_err();
+        let err = parse_link(&enodev).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENODEV));
-        assert!(parse_link_reply(&[1, 2, 3]).is_err());
-        assert!(parse_link_reply(&message(99, &[0; 16])).is_err());
-        // An attribute claiming more than there is ends the walk, not the process.
-        let mut truncated = newlink(&[attribute(3, b"port\0")]);
+        assert!(parse_link(&[1, 2, 3]).is_err());
+        assert!(parse_link(&message(99, &[0; 16])).is_err());
+        assert!(parse_link(&message(rtnl::RTM_NEWLINK, &[0; 2])).is_err());
+        // A message shorter than a header, or claiming more than there is, ends the walk.
+        assert_eq!(messages(&[4, 0, 0, 0, 0, 0]).count(), 0);
+        assert_eq!(messages(&[200, 0, 0, 0, 0, 0, 0, 0]).count(), 0);
+        // An attribute claiming more than there is ends the attribute walk.
+        let mut truncated = newlink(3, &[attribute(3, b"port\0")]);
         let at = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
         truncated[at..at + 2].copy_from_slice(&200u16.to_ne_bytes());
-        assert_eq!(parse_link_reply(&truncated).unwrap(), LinkInfo::default());
+        assert_eq!(info(&truncated), LinkInfo::default());
     }
 }

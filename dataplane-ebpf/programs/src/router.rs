@@ -627,6 +627,8 @@ fn nd_reply_hop(ctx: &TcContext, port: &PortInfo, ip: &Ipv6) -> u64 {
 #[inline(always)]
 fn answer_nd(ctx: &TcContext, port: &PortInfo, ip: &Ipv6) -> Result<Option<FdbEntry>, DropReason> {
     let off = ip.l4_off;
+    // Checked inside the call, not before it: before it, the checks would grow
+    // `port_ingress`'s frame past what the deepest call chain leaves it.
     if ip.next != IPPROTO_ICMPV6 || !ip.has_l4 || off + NS_LEN != ip.end {
         return Ok(None);
     }

@@ -407,13 +407,11 @@ fn measure(
             topo.node.run(|| -> Result<()> {
                 // As the agent does: veths whose other end is in another namespace
                 // deliver to it directly.
-                let mut peers = BTreeSet::new();
-                for &ifindex in devices.values() {
-                    if links::link_info(ifindex)?.delivers_to_peer() {
-                        peers.insert(ifindex);
-                    }
-                }
-                ensure!(peers.len() == devices.len(), "ports without peer delivery");
+                let peers = links::peer_devices()?;
+                ensure!(
+                    devices.values().all(|ifindex| peers.contains(ifindex)),
+                    "ports without peer delivery"
+                );
                 lab.program(&state, &devices, &peers)
             })??;
         }
