@@ -24,6 +24,10 @@ pub struct FileConfig {
     pub max_ports: Option<u32>,
     /// Confirmed connections the conntrack table holds; new ones beyond are dropped.
     pub conntrack_entries: Option<u32>,
+    /// The NIC to the external networks (routers' gateways, floating IPs).
+    pub uplink: Option<String>,
+    /// SNAT's source ports, `first-last` (default 1024-65535).
+    pub snat_ports: Option<String>,
 }
 
 impl FileConfig {
@@ -44,6 +48,9 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     pub max_ports: u32,
     pub conntrack_entries: u32,
+    pub uplink: Option<String>,
+    /// First SNAT port and how many.
+    pub snat_ports: (u16, u16),
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dataplane";
@@ -51,6 +58,22 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const DEFAULT_MAX_PORTS: u32 = 4096;
 /// Confirmed connections the agent tracks unless configured otherwise.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// 1024-65535: the ports below are the well-known ones.
+const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 64512);
+
+/// `first-last` as (first, count).
+fn parse_port_range(text: &str) -> anyhow::Result<(u16, u16)> {
+    let parsed = text
+        .split_once('-')
+        .and_then(|(first, last)| Some((first.trim().parse::<u16>().ok()?, last.trim().parse::<u16>().ok()?)));
+    match parsed {
+        Some((first, last)) if first >= 1 && first <= last => {
+            // At most 65,535 ports: fits the count.
+            Ok((first, last - first + 1))
+        }
+        _ => anyhow::bail!("snat_ports must be `first-last` with 1 <= first <= last <= 65535, got {text:?}"),
+    }
+}
 
 impl Config {
     /// `overrides` are the command-line flags; `file` the config file, if any.
@@ -92,7 +115,13 @@ impl Config {
             conntrack_entries >= 16,
             "conntrack_entries must be at least 16, got {conntrack_entries}"
         );
+        let snat_ports = match overrides.snat_ports.or(file.snat_ports) {
+            Some(text) => parse_port_range(&text)?,
+            None => DEFAULT_SNAT_PORTS,
+        };
         Ok(Self {
+            uplink: overrides.uplink.or(file.uplink),
+            snat_ports,
             node_name,
             conntrack_entries,
             state_dir,
@@ -125,6 +154,15 @@ mod tests {
             config.bpffs_dir,
             PathBuf::from("/sys/fs/bpf/dataplane/flag-node")
         );
+    }
+
+    #[test]
+    fn snat_port_ranges() {
+        assert_eq!(parse_port_range("1024-65535").unwrap(), (1024, 64512));
+        assert_eq!(parse_port_range("5000-5003").unwrap(), (5000, 4));
+        for bad in ["", "5", "0-10", "10-5", "1-65536", "a-b"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

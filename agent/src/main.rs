@@ -19,7 +19,7 @@ use dataplane_agent::{
         datapath::{Datapath, LoadOptions, MapLimits},
         links::LinkEvents,
     },
-    node::Node,
+    node::{Node, UplinkConfig},
     service::server,
 };
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
@@ -63,6 +63,12 @@ struct RunArgs {
     max_ports: Option<u32>,
     #[arg(long)]
     conntrack_entries: Option<u32>,
+    /// The NIC to the external networks (routers' gateways, floating IPs).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// SNAT's source ports, `first-last`.
+    #[arg(long)]
+    snat_ports: Option<String>,
     /// tracing filter, e.g. `info` or `dataplane_agent=debug` (RUST_LOG wins).
     #[arg(long, default_value = "info")]
     log: String,
@@ -147,6 +153,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             bpffs_dir: args.bpffs_dir,
             max_ports: args.max_ports,
             conntrack_entries: args.conntrack_entries,
+            uplink: args.uplink,
+            snat_ports: args.snat_ports,
         },
         file,
     )?;
@@ -171,6 +179,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("loading the datapath")?;
     let node = Arc::new(Node::new(
         config.node_name.clone(),
+        config.uplink.clone().map(|interface| UplinkConfig {
+            interface,
+            snat_ports: config.snat_ports,
+        }),
         datapath,
         Slots::new(SlotLimits {
             max_ports: config.max_ports,

@@ -5,7 +5,11 @@
 //! current. A datapath error rolls the maps back to the previous compiled tables, so a
 //! request either takes effect whole or not at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,11 +19,15 @@ use tracing::{debug, info, warn};
 
 use crate::{
     core::{
-        compile::{compile, Compiled, NodeView, ResourceStatus, Slots, StatusKind},
-        model::{Change, Resource, ResourceRef, State},
+        compile::{
+            compile, nat::gateway_neighbors, Compiled, NodeView, ResourceStatus, Slots,
+            StatusKind, Uplink,
+        },
+        model::{Change, MacAddr, Resource, ResourceRef, State},
         validate::ValidationError,
     },
     kernel::{
+        arp,
         datapath::{Counters, Datapath, DatapathError},
         links,
     },
@@ -76,8 +84,20 @@ pub struct Committed {
     pub deleted: u32,
 }
 
+/// The uplink NIC, as configured.
+#[derive(Clone, Debug)]
+pub struct UplinkConfig {
+    pub interface: String,
+    /// First SNAT port and how many.
+    pub snat_ports: (u16, u16),
+}
+
+/// How long one ARP request for an external gateway waits: the node lock is held.
+const GATEWAY_ARP_TIMEOUT: Duration = Duration::from_millis(200);
+
 pub struct Node {
     node_name: String,
+    uplink: Option<UplinkConfig>,
     /// Connections the expiry sweep removed since start.
     expired_connections: AtomicU64,
     inner: Mutex<Inner>,
@@ -91,6 +111,8 @@ struct Inner {
     devices: Devices,
     datapath: Datapath,
     generation: u64,
+    /// External gateways' MACs resolved on the uplink so far.
+    gateway_macs: BTreeMap<Ipv4Addr, MacAddr>,
 }
 
 /// The port devices present on this node, as the compiler sees them.
@@ -99,16 +121,24 @@ struct Devices {
     interfaces: BTreeMap<String, u32>,
     /// Those whose VM end the datapath can hand frames to directly (`fdb_flags::PEER_DELIVERY`).
     peers: BTreeSet<u32>,
+    /// The uplink, if configured and present.
+    uplink: Option<Uplink>,
 }
 
 /// Watchers that fall this far behind miss events (and are told so by the channel).
 const EVENT_BACKLOG: usize = 4096;
 
 impl Node {
-    pub fn new(node_name: String, datapath: Datapath, slots: Slots) -> Self {
+    pub fn new(
+        node_name: String,
+        uplink: Option<UplinkConfig>,
+        datapath: Datapath,
+        slots: Slots,
+    ) -> Self {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Self {
             node_name,
+            uplink,
             expired_connections: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::default(),
@@ -117,6 +147,7 @@ impl Node {
                 devices: Devices::default(),
                 datapath,
                 generation: 0,
+                gateway_macs: BTreeMap::new(),
             }),
             events,
         }
@@ -151,11 +182,12 @@ impl Node {
     /// Re-resolves port devices after link events; recompiles if any came or went.
     pub async fn refresh_devices(&self) -> Result<(), NodeError> {
         let mut inner = self.inner.lock().await;
-        if self.local_devices(&inner.state) == inner.devices {
+        let inner = &mut *inner;
+        if self.local_devices(&inner.state, &mut inner.gateway_macs) == inner.devices {
             return Ok(());
         }
         let state = inner.state.clone();
-        self.commit(&mut inner, state, Operation::Devices, 0, &[])
+        self.commit(inner, state, Operation::Devices, 0, &[])
             .map(|_| ())
     }
 
@@ -304,7 +336,11 @@ impl Node {
         self.inner.lock().await.datapath.log_fd()
     }
 
-    fn local_devices(&self, state: &State) -> Devices {
+    fn local_devices(
+        &self,
+        state: &State,
+        gateway_macs: &mut BTreeMap<Ipv4Addr, MacAddr>,
+    ) -> Devices {
         let interfaces = links::resolve_interfaces(
             state
                 .ports
@@ -326,7 +362,57 @@ impl Node {
                 BTreeSet::new()
             }
         };
-        Devices { interfaces, peers }
+        let uplink = self
+            .uplink
+            .as_ref()
+            .and_then(|config| self.uplink_view(config, state, gateway_macs));
+        Devices {
+            interfaces,
+            peers,
+            uplink,
+        }
+    }
+
+    /// The uplink's ifindex and the MACs of the external gateways `state` needs,
+    /// resolving those not known yet (one ARP request each, `GATEWAY_ARP_TIMEOUT`).
+    fn uplink_view(
+        &self,
+        config: &UplinkConfig,
+        state: &State,
+        gateway_macs: &mut BTreeMap<Ipv4Addr, MacAddr>,
+    ) -> Option<Uplink> {
+        let ifindex = *links::resolve_interfaces([config.interface.as_str()])
+            .get(&config.interface)?;
+        let mut macs = BTreeMap::new();
+        for neighbor in gateway_neighbors(state) {
+            if let Some(mac) = gateway_macs.get(&neighbor.nexthop) {
+                macs.insert(neighbor.nexthop, *mac);
+                continue;
+            }
+            match arp::resolve4(
+                ifindex,
+                neighbor.source_mac.0,
+                neighbor.source,
+                neighbor.nexthop,
+                GATEWAY_ARP_TIMEOUT,
+            ) {
+                Ok(Some(mac)) => {
+                    info!(gateway = %neighbor.nexthop, mac = %MacAddr(mac), "external gateway resolved");
+                    gateway_macs.insert(neighbor.nexthop, MacAddr(mac));
+                    macs.insert(neighbor.nexthop, MacAddr(mac));
+                }
+                Ok(None) => {
+                    debug!(gateway = %neighbor.nexthop, "external gateway did not answer ARP yet")
+                }
+                Err(e) => warn!(gateway = %neighbor.nexthop, error = %e, "ARP on the uplink failed"),
+            }
+        }
+        Some(Uplink {
+            ifindex,
+            snat_port_min: config.snat_ports.0,
+            snat_port_count: config.snat_ports.1,
+            gateway_macs: macs,
+        })
     }
 
     fn commit(
@@ -337,7 +423,7 @@ impl Node {
         changes: usize,
         named: &[ResourceRef],
     ) -> Result<Committed, NodeError> {
-        let devices = self.local_devices(&next);
+        let devices = self.local_devices(&next, &mut inner.gateway_macs);
         let mut slots = inner.slots.clone();
         let compiled = compile(
             &next,
@@ -345,9 +431,15 @@ impl Node {
                 node_name: &self.node_name,
                 interfaces: &devices.interfaces,
                 peer_devices: &devices.peers,
+                uplink: devices.uplink.as_ref(),
             },
             &mut slots,
         );
+        if let (Some(config), Some(uplink)) = (&self.uplink, &devices.uplink) {
+            inner
+                .datapath
+                .attach_uplink(&config.interface, uplink.ifindex)?;
+        }
         for port in &compiled.ports {
             if !inner.devices.interfaces.contains_key(&port.interface_name) {
                 if let Err(e) = links::disable_host_ipv6(&port.interface_name) {

@@ -94,6 +94,7 @@ fn security_groups_agree_with_the_reference_model() -> Result<()> {
                         node_name: NODE,
                         interfaces: &devices,
                         peer_devices: &peers,
+                        uplink: None,
                     },
                     &mut slots,
                 );

@@ -216,6 +216,7 @@ fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
                 node_name: NODE,
                 interfaces: &devices,
                 peer_devices: &Default::default(),
+                uplink: None,
             },
             &mut Slots::new(SlotLimits {
                 max_ports: 64,

@@ -11,17 +11,20 @@ use std::{
     borrow::Borrow,
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet},
     hash::Hash,
+    net::Ipv4Addr,
 };
 
 use dataplane_abi::{
-    fdb_flags, flood_flags, port_flags, FdbEntry, FdbKey, FloodEntry, FloodSet, NeighKey4,
-    NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, RemoteKey4, RemoteKey6, Route,
-    RouteKey4, RouteKey6, RouterIf, RuleKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
+    fdb_flags, flood_flags, port_flags, ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4,
+    FloatingIp4, FloodEntry, FloodSet, NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6,
+    PortInfo, PortMacKey, RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway,
+    RouterIf, RuleKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
 };
 use ipnet::{IpNet, Ipv6Net};
 
 use super::model::{MacAddr, Network, Port, ResourceKind, ResourceRef, State};
 
+pub mod nat;
 mod policy;
 mod router;
 
@@ -35,6 +38,20 @@ pub struct NodeView<'a> {
     /// Ifindexes of the devices among them whose frames can go straight to the VM's end
     /// (veths with that end in another namespace): their ports' FDB entries get `PEER_DELIVERY`.
     pub peer_devices: &'a BTreeSet<u32>,
+    /// The NIC to external networks; `None`: this node has none, routers' external
+    /// gateways are not programmed.
+    pub uplink: Option<&'a Uplink>,
+}
+
+/// The uplink NIC as the compiler needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Uplink {
+    pub ifindex: u32,
+    /// SNAT's source ports: `snat_port_count` of them from `snat_port_min`.
+    pub snat_port_min: u16,
+    pub snat_port_count: u16,
+    /// External subnet gateways' MACs, as resolved on the uplink.
+    pub gateway_macs: BTreeMap<Ipv4Addr, MacAddr>,
 }
 
 /// How many slots there are of each kind: the sizes of the arrays indexed by slot, whose
@@ -218,6 +235,12 @@ pub struct DatapathTables {
     pub routes6: BTreeMap<(u32, RouteKey6), Route>,
     pub neigh4: BTreeMap<NeighKey4, Neighbor>,
     pub neigh6: BTreeMap<NeighKey6, Neighbor>,
+    /// `ROUTER_GW`, by router slot.
+    pub router_gw: BTreeMap<u32, RouterGateway>,
+    /// `EXT_ADDRS4`, `FIPS4`: by external address (network order).
+    pub ext_addrs4: BTreeMap<[u8; 4], ExternalAddr>,
+    pub fips4: BTreeMap<[u8; 4], FloatingIp4>,
+    pub fip_of4: BTreeMap<FixedAddr4, FixedNat4>,
 }
 
 /// A port the datapath serves on this node.
@@ -257,7 +280,6 @@ pub struct Compiled {
     pub rules: BTreeMap<String, u32>,
 }
 
-pub const NAT_NOT_IMPLEMENTED: &str = "floating IPs (NAT) are not implemented by this datapath yet";
 pub const ROUTER_NOT_HERE: &str = "no interface on a network with ports on this node";
 /// `device_owner` of a router's interface ports.
 pub const ROUTER_INTERFACE_OWNER: &str = "network:router_interface";
@@ -300,16 +322,6 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
     for policy in state.qos_policies.values() {
         statuses.active(ResourceKind::QosPolicy, &policy.id, policy.revision_number);
     }
-    for floating_ip in state.floating_ips.values() {
-        statuses.set(
-            ResourceKind::FloatingIp,
-            &floating_ip.id,
-            floating_ip.revision_number,
-            StatusKind::Down,
-            NAT_NOT_IMPLEMENTED,
-        );
-    }
-
     let mut candidates = local_candidates(state, node, &mut statuses);
     settle_slots(&mut candidates, slots, &mut statuses);
 
@@ -423,10 +435,17 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
     }
     programmed.sort_by(|a, b| a.port_id.cmp(&b.port_id));
     let routers = router::compile_routers(state, slots, &mut tables);
+    let nat = nat::compile_gateways(state, slots, node.uplink, &routers, &mut tables);
+    for (id, revision_number, kind, reason) in nat.floating_ips {
+        statuses.set(ResourceKind::FloatingIp, &id, revision_number, kind, reason);
+    }
     for router in state.routers.values() {
+        let gateway_problem = nat.routers.iter().find(|(id, ..)| *id == router.id);
         let (status, reason) = if !router.admin_state_up {
             (StatusKind::Down, "admin_state_up is false")
-        } else if routers.contains(&router.id) {
+        } else if let Some((_, kind, reason)) = gateway_problem {
+            (*kind, reason.as_str())
+        } else if routers.iter().any(|programmed| programmed.router.id == router.id) {
             (StatusKind::Active, "")
         } else {
             (StatusKind::Down, ROUTER_NOT_HERE)

@@ -181,6 +181,7 @@ fn compile_timed(
             node_name: "node-a",
             interfaces: devices,
             peer_devices: &BTreeSet::new(),
+            uplink: None,
         },
         slots,
     );

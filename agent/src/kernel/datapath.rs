@@ -16,16 +16,19 @@ use aya::{
     },
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        xdp::XdpLinkId,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode,
     },
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
 use dataplane_abi::{
     ct_stat, global_names, map_names, program_names, timeout_secs, CtEntry, CtKey, DropReason,
-    FdbEntry, FdbKey, FloodSet, NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo,
-    PortMacKey, PortStats, RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterIf, RuleKey,
-    RuleStats, Verdict, ABI_VERSION,
+    ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4, FloatingIp4, FloodSet, NeighKey4,
+    NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4,
+    RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterIf, RuleKey, RuleStats,
+    SnatKey4, SnatOrigin4, Verdict, ABI_VERSION,
 };
 use tracing::{debug, info, warn};
 
@@ -128,11 +131,14 @@ pub enum DatapathError {
 const SKB_CTX_LEN: usize = 192;
 const SKB_MARK: usize = 8;
 const SKB_IFINDEX: usize = 40;
+/// `sizeof(struct xdp_md)` and the offset of `ingress_ifindex`.
+const XDP_CTX_LEN: usize = 24;
+const XDP_INGRESS_IFINDEX: usize = 12;
 
 /// What one BPF_PROG_TEST_RUN did.
 #[derive(Clone, Debug)]
 pub struct TestRunOutcome {
-    /// The program's return code (`TC_ACT_*`).
+    /// The program's return code (`TC_ACT_*`, `XDP_*`).
     pub return_code: i32,
     /// Average time of one run, as the kernel measured it.
     pub per_run: std::time::Duration,
@@ -150,6 +156,14 @@ pub struct Counters {
     pub tx_bytes: u64,
     /// Non-zero drop counts by reason.
     pub drops: Vec<(DropReason, u64)>,
+}
+
+/// The uplink NIC's programs.
+struct UplinkAttachment {
+    interface: String,
+    ifindex: u32,
+    xdp: XdpLinkId,
+    ingress: SchedClassifierLinkId,
 }
 
 struct Attachment {
@@ -182,6 +196,12 @@ struct Maps {
     routes6: LpmTrie<MapData, RouteKey6, Route>,
     neigh4: HashMap<MapData, NeighKey4, Neighbor>,
     neigh6: HashMap<MapData, NeighKey6, Neighbor>,
+    router_gw: HashMap<MapData, u32, RouterGateway>,
+    ext_addrs4: HashMap<MapData, [u8; 4], ExternalAddr>,
+    fips4: HashMap<MapData, [u8; 4], FloatingIp4>,
+    fip_of4: HashMap<MapData, FixedAddr4, FixedNat4>,
+    snat4_in: HashMap<MapData, SnatKey4, SnatOrigin4>,
+    uplink_stats: PerCpuArray<MapData, PortStats>,
 }
 
 pub struct Datapath {
@@ -195,6 +215,7 @@ pub struct Datapath {
     rule_slots: BTreeMap<String, u32>,
     limits: MapLimits,
     attachments: StdHashMap<u32, Attachment>,
+    uplink: Option<UplinkAttachment>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -234,7 +255,11 @@ impl Datapath {
             }
         };
 
-        for name in [program_names::PORT_INGRESS, program_names::PORT_EGRESS] {
+        for name in [
+            program_names::PORT_INGRESS,
+            program_names::PORT_EGRESS,
+            program_names::UPLINK_INGRESS,
+        ] {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -242,6 +267,12 @@ impl Datapath {
                     source,
                 })?;
         }
+        xdp(&mut ebpf, program_names::UPLINK_XDP)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                program: program_names::UPLINK_XDP,
+                source,
+            })?;
 
         let pins = options.pin_root.as_deref().map(pin_dir);
         if let Some(pins) = &pins {
@@ -272,6 +303,12 @@ impl Datapath {
             routes6: take(&mut ebpf, map_names::ROUTES6, pins)?,
             neigh4: take(&mut ebpf, map_names::NEIGH4, pins)?,
             neigh6: take(&mut ebpf, map_names::NEIGH6, pins)?,
+            router_gw: take(&mut ebpf, map_names::ROUTER_GW, pins)?,
+            ext_addrs4: take(&mut ebpf, map_names::EXT_ADDRS4, pins)?,
+            fips4: take(&mut ebpf, map_names::FIPS4, pins)?,
+            fip_of4: take(&mut ebpf, map_names::FIP_OF4, pins)?,
+            snat4_in: take(&mut ebpf, map_names::SNAT4_IN, pins)?,
+            uplink_stats: take(&mut ebpf, map_names::UPLINK_STATS, pins)?,
         };
         info!(pins = ?pins, trace = options.trace_verdicts, "datapath loaded");
         Ok(Self {
@@ -282,6 +319,7 @@ impl Datapath {
             rule_slots: BTreeMap::new(),
             limits,
             attachments: StdHashMap::new(),
+            uplink: None,
             logger,
         })
     }
@@ -394,9 +432,24 @@ impl Datapath {
         )?;
         upsert_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
         upsert_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
-        // Routes and neighbours before the interfaces that lead to them.
+        // Routes and neighbours before the interfaces that lead to them; translations
+        // before the external routes and addresses that lead to them.
         upsert_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
         upsert_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
+        upsert_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
+        upsert_map(&mut m.fip_of4, &old.fip_of4, &new.fip_of4, map_names::FIP_OF4)?;
+        upsert_map(
+            &mut m.router_gw,
+            &old.router_gw,
+            &new.router_gw,
+            map_names::ROUTER_GW,
+        )?;
+        upsert_map(
+            &mut m.ext_addrs4,
+            &old.ext_addrs4,
+            &new.ext_addrs4,
+            map_names::EXT_ADDRS4,
+        )?;
         upsert_trie_map(
             &mut m.routes4,
             &old.routes4,
@@ -439,6 +492,20 @@ impl Datapath {
             &new.routes4,
             map_names::ROUTES4,
         )?;
+        remove_map(
+            &mut m.ext_addrs4,
+            &old.ext_addrs4,
+            &new.ext_addrs4,
+            map_names::EXT_ADDRS4,
+        )?;
+        remove_map(
+            &mut m.router_gw,
+            &old.router_gw,
+            &new.router_gw,
+            map_names::ROUTER_GW,
+        )?;
+        remove_map(&mut m.fip_of4, &old.fip_of4, &new.fip_of4, map_names::FIP_OF4)?;
+        remove_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
         remove_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
         remove_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
         remove_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
@@ -582,8 +649,95 @@ impl Datapath {
         }
     }
 
+    /// Attaches `uplink_xdp` and `uplink_ingress` to the uplink NIC `interface`
+    /// (replacing an attachment to another device, or to one that was recreated). XDP in the driver where it can, else
+    /// generic.
+    pub fn attach_uplink(&mut self, interface: &str, ifindex: u32) -> Result<(), DatapathError> {
+        if self.uplink.as_ref().is_some_and(|u| u.ifindex == ifindex) {
+            return Ok(());
+        }
+        self.detach_uplink();
+        let attach_err = |direction| {
+            move |source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                direction,
+                source,
+            }
+        };
+        let prog = xdp(&mut self.ebpf, program_names::UPLINK_XDP)?;
+        let xdp_link = match prog.attach(interface, XdpMode::Driver) {
+            Ok(link) => link,
+            Err(e) => {
+                debug!(interface, error = %e, "no driver XDP; generic");
+                prog.attach(interface, XdpMode::Skb).map_err(attach_err("xdp"))?
+            }
+        };
+        let ingress = classifier(&mut self.ebpf, program_names::UPLINK_INGRESS)?
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            );
+        let ingress = match ingress {
+            Ok(link) => link,
+            Err(source) => {
+                let _ = xdp(&mut self.ebpf, program_names::UPLINK_XDP)
+                    .map(|prog| prog.detach(xdp_link));
+                return Err(attach_err("ingress")(source));
+            }
+        };
+        info!(interface, "uplink attached");
+        self.uplink = Some(UplinkAttachment {
+            interface: interface.to_owned(),
+            ifindex,
+            xdp: xdp_link,
+            ingress,
+        });
+        Ok(())
+    }
+
+    fn detach_uplink(&mut self) {
+        let Some(uplink) = self.uplink.take() else {
+            return;
+        };
+        if let Ok(prog) = xdp(&mut self.ebpf, program_names::UPLINK_XDP) {
+            if let Err(e) = prog.detach(uplink.xdp) {
+                debug!(interface = %uplink.interface, error = %e, "xdp detach");
+            }
+        }
+        self.detach_one(
+            program_names::UPLINK_INGRESS,
+            uplink.ingress,
+            &uplink.interface,
+        );
+    }
+
+    /// Counters of the uplink: rx from outside, tx to it, drops by reason.
+    pub fn uplink_counters(&self) -> Result<Counters, DatapathError> {
+        summed(&self.maps.uplink_stats, 0)
+    }
+
+    /// SNAT bindings: (key as replies see it, where they go).
+    pub fn snat_bindings(&self) -> Result<Vec<(SnatKey4, SnatOrigin4)>, DatapathError> {
+        let mut all = Vec::new();
+        for item in self.maps.snat4_in.iter() {
+            match item {
+                Ok(binding) => all.push(binding),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DatapathError::Map {
+                        map: map_names::SNAT4_IN,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// Runs `frame` through a loaded program with BPF_PROG_TEST_RUN, as if it had
-    /// arrived on (ingress) or were leaving by (egress) device `ifindex`, `repeat` times.
+    /// arrived on (ingress, XDP) or were leaving by (egress) device `ifindex`, `repeat`
+    /// times (`mark`: the skb's, for tc programs).
     /// The device must exist in the calling thread's network namespace. For packet tests
     /// and benchmarks; the verdict is all zero unless loaded with `trace_verdicts`.
     pub fn test_run(
@@ -601,26 +755,46 @@ impl Datapath {
             .set(0, per_cpu(Verdict::default(), map_names::VERDICT)?, 0)
             .map_err(&verdict_err)?;
 
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
-        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-        let prog = classifier(&mut self.ebpf, program)?;
-        // Programs only benchmarks run (the no-op floor) are loaded on first use.
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| DatapathError::Program { program, source })?;
-        }
         // Room for a frame the program grows.
         let mut out = vec![0u8; frame.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DatapathError::Program { program, source })?;
+        let result = match self.ebpf.program(program) {
+            Some(aya::programs::Program::Xdp(_)) => {
+                let mut ctx = [0u8; XDP_CTX_LEN];
+                ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4]
+                    .copy_from_slice(&ifindex.to_ne_bytes());
+                let prog = xdp(&mut self.ebpf, program)?;
+                // Programs only benchmarks run (the no-op floors) are loaded on first use.
+                if prog.fd().is_err() {
+                    prog.load()
+                        .map_err(|source| DatapathError::Program { program, source })?;
+                }
+                prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat,
+                    ..TestRunOptions::default()
+                })
+            }
+            _ => {
+                let mut ctx = [0u8; SKB_CTX_LEN];
+                ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+                ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+                let prog = classifier(&mut self.ebpf, program)?;
+                if prog.fd().is_err() {
+                    prog.load()
+                        .map_err(|source| DatapathError::Program { program, source })?;
+                }
+                prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat,
+                    ..TestRunOptions::default()
+                })
+            }
+        }
+        .map_err(|source| DatapathError::Program { program, source })?;
 
         let verdict = self
             .maps
@@ -642,27 +816,7 @@ impl Datapath {
 
     /// Counters of the port in `slot`, summed over CPUs.
     pub fn port_counters(&self, slot: u32) -> Result<Counters, DatapathError> {
-        let per_cpu = self
-            .maps
-            .port_stats
-            .get(&slot, 0)
-            .map_err(|source| DatapathError::Map {
-                map: map_names::PORT_STATS,
-                source,
-            })?;
-        let mut drops = [0u64; DropReason::COUNT];
-        let mut counters = Counters::default();
-        for stats in per_cpu.iter() {
-            counters.rx_packets += stats.rx_packets;
-            counters.rx_bytes += stats.rx_bytes;
-            counters.tx_packets += stats.tx_packets;
-            counters.tx_bytes += stats.tx_bytes;
-            for (total, count) in drops.iter_mut().zip(stats.drops) {
-                *total += count;
-            }
-        }
-        counters.drops = nonzero_drops(|reason| drops[reason as usize]);
-        Ok(counters)
+        summed(&self.maps.port_stats, slot)
     }
 
     /// Packets and bytes the rule in `slot` allowed, summed over CPUs.
@@ -774,6 +928,39 @@ impl Datapath {
         }
         Ok(nonzero_drops(|reason| totals[reason as usize]))
     }
+}
+
+/// The per-CPU `PortStats` at `index` of `map` (`PORT_STATS` or `UPLINK_STATS`), summed.
+fn summed(map: &PerCpuArray<MapData, PortStats>, index: u32) -> Result<Counters, DatapathError> {
+    let per_cpu = map
+        .get(&index, 0)
+        .map_err(map_err(map_names::PORT_STATS))?;
+    let mut drops = [0u64; DropReason::COUNT];
+    let mut counters = Counters::default();
+    for stats in per_cpu.iter() {
+        counters.rx_packets += stats.rx_packets;
+        counters.rx_bytes += stats.rx_bytes;
+        counters.tx_packets += stats.tx_packets;
+        counters.tx_bytes += stats.tx_bytes;
+        for (total, count) in drops.iter_mut().zip(stats.drops) {
+            *total += count;
+        }
+    }
+    counters.drops = nonzero_drops(|reason| drops[reason as usize]);
+    Ok(counters)
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
 }
 
 fn nonzero_drops(count: impl Fn(DropReason) -> u64) -> Vec<(DropReason, u64)> {

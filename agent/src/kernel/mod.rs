@@ -1,5 +1,6 @@
 //! Everything that touches the kernel: the BPF object, its maps and links, netlink.
 
+pub mod arp;
 pub mod bpffs;
 pub mod datapath;
 pub mod links;

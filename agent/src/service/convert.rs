@@ -83,6 +83,9 @@ pub fn drop_reason_to_proto(reason: DropReason) -> pb::DropReason {
         DropReason::NoRoute => pb::DropReason::NoRoute,
         DropReason::NoNeighbor => pb::DropReason::NoNeighbor,
         DropReason::TtlExceeded => pb::DropReason::TtlExceeded,
+        DropReason::NatPortsExhausted => pb::DropReason::NatPortsExhausted,
+        DropReason::NoNatBinding => pb::DropReason::NoNatBinding,
+        DropReason::NatUnsupported => pb::DropReason::NatUnsupported,
     }
 }
 

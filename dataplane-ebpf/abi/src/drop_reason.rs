@@ -56,6 +56,14 @@ pub enum DropReason {
     NoNeighbor = 24,
     /// Routed with a TTL (hop limit) of 1 or less.
     TtlExceeded = 25,
+    /// SNAT found no free port of the gateway's range towards that remote endpoint.
+    NatPortsExhausted = 26,
+    /// Arrived on the uplink for an external address with no translation for it: an
+    /// unassociated floating IP, or no SNAT binding for that connection.
+    NoNatBinding = 27,
+    /// SNAT cannot translate it: a fragment after the first, or a protocol without
+    /// ports or echo identifiers.
+    NatUnsupported = 28,
 }
 
 impl DropReason {
@@ -63,7 +71,7 @@ impl DropReason {
     pub const COUNT: usize = 32;
 
     /// Every reason, in value order.
-    pub const ALL: [DropReason; 25] = [
+    pub const ALL: [DropReason; 28] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedArp,
         DropReason::MalformedIpv4,
@@ -89,6 +97,9 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoNeighbor,
         DropReason::TtlExceeded,
+        DropReason::NatPortsExhausted,
+        DropReason::NoNatBinding,
+        DropReason::NatUnsupported,
     ];
 
     pub const fn from_u32(value: u32) -> Option<DropReason> {
@@ -126,6 +137,9 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoNeighbor => "no_neighbor",
             DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::NatPortsExhausted => "nat_ports_exhausted",
+            DropReason::NoNatBinding => "no_nat_binding",
+            DropReason::NatUnsupported => "nat_unsupported",
         }
     }
 }

@@ -8,12 +8,14 @@
 
 mod conntrack;
 mod drop_reason;
+mod nat;
 mod policy;
 mod router;
 mod traffic;
 
 pub use conntrack::*;
 pub use drop_reason::DropReason;
+pub use nat::*;
 pub use policy::*;
 pub use router::*;
 pub use traffic::*;
@@ -22,7 +24,8 @@ pub use traffic::*;
 /// reads maps pinned by an agent with another layout.
 /// v2: `PortInfo` gained the port's security-group policy; policy and conntrack maps.
 /// v3: `FdbEntry` gained `flags` (peer delivery); routing maps.
-pub const ABI_VERSION: u32 = 3;
+/// v4: `route_flags::EXTERNAL`; the uplink's NAT maps and programs.
+pub const ABI_VERSION: u32 = 4;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -55,6 +58,13 @@ pub mod map_names {
     pub const ROUTES6: &str = "ROUTES6";
     pub const NEIGH4: &str = "NEIGH4";
     pub const NEIGH6: &str = "NEIGH6";
+    pub const ROUTER_GW: &str = "ROUTER_GW";
+    pub const EXT_ADDRS4: &str = "EXT_ADDRS4";
+    pub const FIPS4: &str = "FIPS4";
+    pub const FIP_OF4: &str = "FIP_OF4";
+    pub const SNAT4_IN: &str = "SNAT4_IN";
+    pub const SNAT4_OUT: &str = "SNAT4_OUT";
+    pub const UPLINK_STATS: &str = "UPLINK_STATS";
 }
 
 /// Program names as they appear in the object file.
@@ -65,6 +75,12 @@ pub mod program_names {
     pub const PORT_EGRESS: &str = "port_egress";
     /// A classifier that returns `TC_ACT_OK` at once: the benchmark floor.
     pub const NOOP_TC: &str = "noop_tc";
+    /// XDP on the uplink NIC: ARP for the external addresses, early drops.
+    pub const UPLINK_XDP: &str = "uplink_xdp";
+    /// tcx ingress of the uplink NIC: inbound translation and delivery.
+    pub const UPLINK_INGRESS: &str = "uplink_ingress";
+    /// An XDP program that passes every frame: the benchmark floor of `uplink_xdp`.
+    pub const NOOP_XDP: &str = "noop_xdp";
 }
 
 /// Names of read-only globals the loader may set (`.rodata`, frozen before load, so the
@@ -310,6 +326,15 @@ mod pod {
     unsafe impl aya::Pod for NeighKey4 {}
     unsafe impl aya::Pod for NeighKey6 {}
     unsafe impl aya::Pod for Neighbor {}
+    unsafe impl aya::Pod for RouterGateway {}
+    unsafe impl aya::Pod for ExternalAddr {}
+    unsafe impl aya::Pod for FloatingIp4 {}
+    unsafe impl aya::Pod for FixedAddr4 {}
+    unsafe impl aya::Pod for FixedNat4 {}
+    unsafe impl aya::Pod for SnatKey4 {}
+    unsafe impl aya::Pod for SnatOrigin4 {}
+    unsafe impl aya::Pod for SnatFlow4 {}
+    unsafe impl aya::Pod for SnatBinding4 {}
 }
 
 // No implicit padding: each size is the sum of its fields.

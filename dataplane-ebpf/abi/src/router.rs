@@ -53,6 +53,9 @@ pub mod route_flags {
     pub const LOCAL: u32 = 1 << 0;
     /// Through `nexthop` (a static route), not to the destination itself.
     pub const VIA: u32 = 1 << 1;
+    /// Out through the router's external gateway (see `crate::nat`): `network_slot`,
+    /// `mac` and `nexthop` are unused, `ROUTER_GW` has the way out.
+    pub const EXTERNAL: u32 = 1 << 2;
 }
 
 /// Where a route leads: out of the router's interface on `network_slot`, whose MAC is

@@ -4,7 +4,11 @@
 //! through what `port_ingress` switched, and applies the ingress rules. Unicast frames
 //! for a port whose FDB entry has `PEER_DELIVERY` skip its device: `port_ingress` makes the same
 //! checks and hands them to the VM's end of the veth (see `deliver`). Only
-//! `port_ingress` traces verdicts (see `drop::Hook`).
+//! `port_ingress` and `uplink_ingress` trace verdicts (see `drop::Hook`).
+//!
+//! The uplink NIC has `uplink_xdp` (see `uplink`) and `uplink_ingress` (tcx ingress),
+//! which translates what arrives for the external addresses and delivers it to the
+//! ports (see `nat`).
 #![no_std]
 #![no_main]
 
@@ -20,19 +24,27 @@ mod ipv6;
 mod l2;
 mod l4;
 mod maps;
+mod nat;
 mod packet;
 mod policy;
 mod port_security;
 mod router;
 mod trace;
+mod uplink;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{xdp_action::XDP_PASS, TC_ACT_OK},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use dataplane_abi::{
     port_flags, sg_direction, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH, MARK_MAGIC_MASK,
 };
 
 use crate::{
     drop::Hook,
+    maps::UPLINK_STATS,
+    router::Hop,
     eth::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     packet::Packet,
 };
@@ -41,6 +53,37 @@ use crate::{
 #[classifier]
 pub fn noop_tc(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// Passes every frame: the benchmark floor of `uplink_xdp`.
+#[xdp]
+pub fn noop_xdp(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[xdp]
+pub fn uplink_xdp(ctx: XdpContext) -> u32 {
+    uplink::run(&ctx)
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    match Hop(nat::inbound(&ctx)).decode() {
+        Ok(Some(target)) => {
+            // From no port: slot 0.
+            ctx.set_mark(MARK_FROM_DATAPATH);
+            deliver::unicast(&ctx, &target)
+        }
+        // Not for an address this node translates: the host's.
+        Ok(None) => TC_ACT_OK,
+        Err(reason) => {
+            let stats = UPLINK_STATS.get_ptr_mut(0).map(|stats| {
+                // SAFETY: per-CPU value, only touched by the program running on this CPU.
+                unsafe { &mut *stats }
+            });
+            drop::shot(Hook::Ingress, stats, reason)
+        }
+    }
 }
 
 #[classifier]

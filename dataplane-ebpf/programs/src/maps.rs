@@ -5,12 +5,14 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_abi::{
-    ct_stat, CtEntry, CtKey, DropReason, FdbEntry, FdbKey, FloodSet, NeighKey4, NeighKey6,
-    Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4, RemoteKey6, Route,
-    RouteKey4, RouteKey6, RouterIf, RuleKey, RuleStats, RuleValue, Verdict,
+    ct_stat, CtEntry, CtKey, DropReason, ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4,
+    FloatingIp4, FloodSet, NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo,
+    PortMacKey, PortStats, RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway,
+    RouterIf, RuleKey, RuleStats, RuleValue, SnatBinding4, SnatFlow4, SnatKey4, SnatOrigin4,
+    Verdict,
 };
 
-use crate::{flow::Flow, router::ErrorScratch};
+use crate::{flow::Flow, nat::NatScratch, router::ErrorScratch};
 
 #[map]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::with_max_entries(4096, 0);
@@ -99,6 +101,36 @@ pub static NEIGH6: HashMap<NeighKey6, Neighbor> = HashMap::with_max_entries(6553
 /// Scratch space of the router's ICMP errors (see `router::ErrorScratch`).
 #[map]
 pub static ERROR_SCRATCH: PerCpuArray<ErrorScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The external network and NAT (see `dataplane_abi::nat`).
+#[map]
+pub static ROUTER_GW: HashMap<u32, RouterGateway> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+pub static EXT_ADDRS4: HashMap<[u8; 4], ExternalAddr> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static FIPS4: HashMap<[u8; 4], FloatingIp4> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static FIP_OF4: HashMap<FixedAddr4, FixedNat4> = HashMap::with_max_entries(65536, 0);
+
+/// SNAT bindings. LRU: under pressure the least recently used binding goes, as an
+/// idle one would after its lifetime.
+#[map]
+pub static SNAT4_IN: LruHashMap<SnatKey4, SnatOrigin4> = LruHashMap::with_max_entries(262144, 0);
+
+#[map]
+pub static SNAT4_OUT: LruHashMap<SnatFlow4, SnatBinding4> =
+    LruHashMap::with_max_entries(262144, 0);
+
+/// Scratch space of SNAT's bindings (see `nat::NatScratch`).
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counters of the uplink NIC: rx what arrived from outside, tx what left to it.
+#[map]
+pub static UPLINK_STATS: PerCpuArray<PortStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// The port on device `ifindex` and its counters. A port whose slot has no counters
 /// (a slot beyond `PORT_STATS`' size) is treated as no port: nothing it does could be

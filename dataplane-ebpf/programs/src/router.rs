@@ -18,7 +18,7 @@ use dataplane_abi::{
 };
 
 use crate::{
-    drop,
+    drop, nat,
     eth::{self, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::{self, Ipv4},
     ipv6::{self, Ipv6},
@@ -47,10 +47,10 @@ const ARP_REPLY: u16 = 2;
 const ROUTER_TTL: u8 = 64;
 
 /// Offsets in the IPv4 header.
-const IP4_TTL: usize = ETH_HLEN + 8;
-const IP4_CHECK: usize = ETH_HLEN + 10;
-const IP4_SRC: usize = ETH_HLEN + 12;
-const IP4_DST: usize = ETH_HLEN + 16;
+pub(crate) const IP4_TTL: usize = ETH_HLEN + 8;
+pub(crate) const IP4_CHECK: usize = ETH_HLEN + 10;
+pub(crate) const IP4_SRC: usize = ETH_HLEN + 12;
+pub(crate) const IP4_DST: usize = ETH_HLEN + 16;
 /// Offsets in the IPv6 header.
 const IP6_HOP_LIMIT: usize = ETH_HLEN + 7;
 const IP6_SRC: usize = ETH_HLEN + 8;
@@ -129,6 +129,10 @@ pub fn route(
             };
             Hop(error).decode()?.ok_or(DropReason::TtlExceeded)
         }
+        // Out of the router's external gateway: translated by a function of its own.
+        Ok(None) if proto == ETH_P_IP => {
+            Hop(nat::outbound(ctx, port, rif)).decode()?.ok_or(DropReason::NoRoute)
+        }
         other => other?.ok_or(DropReason::NoRoute),
     }
 }
@@ -155,11 +159,11 @@ pub fn nd_reply(
 /// What a router entry point decided, in one register: BPF functions hand back scalars,
 /// not structs in the caller's memory. Bits 0-31: the target's ifindex (0: none),
 /// 32-47: its FDB flags, 48-55: a drop reason (0: none).
-struct Hop(u64);
+pub(crate) struct Hop(pub(crate) u64);
 
 impl Hop {
     #[inline(always)]
-    fn of(result: Result<Option<FdbEntry>, DropReason>) -> u64 {
+    pub(crate) fn of(result: Result<Option<FdbEntry>, DropReason>) -> u64 {
         match result {
             Ok(Some(fdb)) => u64::from(fdb.ifindex) | (u64::from(fdb.flags & 0xffff) << 32),
             Ok(None) => 0,
@@ -168,7 +172,7 @@ impl Hop {
     }
 
     #[inline(always)]
-    fn decode(self) -> Result<Option<FdbEntry>, DropReason> {
+    pub(crate) fn decode(self) -> Result<Option<FdbEntry>, DropReason> {
         let reason = (self.0 >> 48) as u32 & 0xff;
         if reason != 0 {
             return Err(DropReason::from_u32(reason).unwrap_or(DropReason::NoRoute));
@@ -189,14 +193,19 @@ fn macs(ctx: &TcContext) -> Result<(Mac, Mac), DropReason> {
     Ok((eth.src, eth.dst))
 }
 
-/// Routes an IPv4 packet the sender addressed to `rif` (a [`Hop`]).
+/// Routes an IPv4 packet the sender addressed to `rif` (a [`Hop`]); none: out of the
+/// router's external gateway, for `nat::outbound`.
 #[inline(never)]
 fn route4(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> u64 {
-    Hop::of(routed4(ctx, port, rif).map(Some))
+    Hop::of(routed4(ctx, port, rif))
 }
 
 #[inline(always)]
-fn routed4(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry, DropReason> {
+fn routed4(
+    ctx: &TcContext,
+    port: &PortInfo,
+    rif: &RouterIf,
+) -> Result<Option<FdbEntry>, DropReason> {
     let (eth_src, eth_dst) = macs(ctx)?;
     let ip = ipv4::parse(&mut Packet::new(ctx))?;
     let (ip, eth_src, eth_dst) = (&ip, &eth_src, &eth_dst);
@@ -208,12 +217,15 @@ fn routed4(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
         .get(Key::new(ROUTE_FIXED_BITS + 32, key))
         .ok_or(DropReason::NoRoute)?;
     if route.flags & route_flags::LOCAL != 0 {
-        return echo4(ctx, port, ip, eth_src, eth_dst);
+        return echo4(ctx, port, ip, eth_src, eth_dst).map(Some);
     }
     let ttl: u8 = load(ctx, IP4_TTL)?;
     if ttl <= 1 {
         // Answered by `route` with a time-exceeded error.
         return Err(DropReason::TtlExceeded);
+    }
+    if route.flags & route_flags::EXTERNAL != 0 {
+        return Ok(None);
     }
     let nexthop = if route.flags & route_flags::VIA != 0 {
         [
@@ -240,7 +252,7 @@ fn routed4(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
         .map_err(|_| DropReason::MalformedIpv4)?;
     store(ctx, IP4_TTL, &(ttl - 1))?;
     set_macs(ctx, &neighbor.mac, &route.mac)?;
-    Ok(target)
+    Ok(Some(target))
 }
 
 /// An echo request to one of the router's addresses becomes the reply, back to the

@@ -18,24 +18,24 @@ use dataplane_abi::{
 };
 use ipnet::IpNet;
 
-use super::{DatapathTables, Slots};
+use super::{nat::ProgrammedRouter, DatapathTables, Slots};
 use crate::core::model::{MacAddr, Port, Router, State};
 
 /// A router interface as programmed: network slot, MAC, one address per family.
-struct Interface {
-    network_slot: u32,
-    mac: MacAddr,
-    subnet: IpNet,
-    address: IpAddr,
+pub(super) struct Interface {
+    pub network_slot: u32,
+    pub mac: MacAddr,
+    pub subnet: IpNet,
+    pub address: IpAddr,
 }
 
 /// Programs every admin-up router of `state` that touches a network with a slot.
-/// Returns the ids of the routers programmed.
-pub(super) fn compile_routers(
-    state: &State,
+/// Returns the routers programmed.
+pub(super) fn compile_routers<'s>(
+    state: &'s State,
     slots: &mut Slots,
     tables: &mut DatapathTables,
-) -> Vec<String> {
+) -> Vec<ProgrammedRouter<'s>> {
     add_neighbors(state, slots, tables);
     let routers: Vec<&Router> = state
         .routers
@@ -78,7 +78,11 @@ pub(super) fn compile_routers(
             };
             add_route(tables, router_slot, route.destination, value);
         }
-        programmed.push(router.id.clone());
+        programmed.push(ProgrammedRouter {
+            router,
+            slot: router_slot,
+            interfaces,
+        });
     }
     programmed
 }
@@ -149,7 +153,7 @@ fn add_interface(tables: &mut DatapathTables, router_slot: u32, interface: &Inte
 
 /// Adds `route` to `destination`; a more specific entry for the same prefix (a static
 /// route shadowing a subnet) is not overwritten.
-fn add_route(tables: &mut DatapathTables, router_slot: u32, destination: IpNet, route: Route) {
+pub(super) fn add_route(tables: &mut DatapathTables, router_slot: u32, destination: IpNet, route: Route) {
     let prefix = ROUTE_FIXED_BITS + u32::from(destination.prefix_len());
     match destination.trunc() {
         IpNet::V4(net) => {

@@ -30,6 +30,7 @@ fn run(state: &State, devices: &BTreeMap<String, u32>, slots: &mut Slots) -> Com
             node_name: NODE,
             interfaces: devices,
             peer_devices: &BTreeSet::new(),
+            uplink: None,
         },
         slots,
     )
@@ -683,6 +684,7 @@ fn ports_on_peer_devices_get_peer_delivery() {
             node_name: NODE,
             interfaces: &devices,
             peer_devices: &BTreeSet::from([11]),
+            uplink: None,
         },
         &mut new_slots(16, 16),
     );

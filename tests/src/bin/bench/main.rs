@@ -288,6 +288,7 @@ impl Lab {
                 node_name: NODE,
                 interfaces: devices,
                 peer_devices: peers,
+                uplink: None,
             },
             &mut Slots::new(SlotLimits {
                 max_ports: 64,

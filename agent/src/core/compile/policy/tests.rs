@@ -43,6 +43,7 @@ fn run(state: &State, slots: &mut Slots) -> Compiled {
             node_name: NODE,
             interfaces: &devices,
             peer_devices: &BTreeSet::new(),
+            uplink: None,
         },
         slots,
     );
@@ -1136,6 +1137,7 @@ fn only_the_policies_of_programmed_ports_are_compiled() {
             node_name: NODE,
             interfaces: &devices,
             peer_devices: &BTreeSet::new(),
+            uplink: None,
         },
         &mut slots,
     );

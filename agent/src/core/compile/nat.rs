@@ -1,0 +1,300 @@
+//! Routers' external gateways and floating IPs, compiled into the NAT maps of
+//! `dataplane_abi::nat` (IPv4: the Networking API translates IPv4 only).
+//!
+//! A programmed router with `external_gateway_info` gets, when this node has an uplink:
+//! - a default route with `route_flags::EXTERNAL` (static routes and its subnets win);
+//! - `ROUTER_GW`: the way out (uplink, the gateway port's MAC, the external subnet's
+//!   gateway MAC as the kernel layer resolved it) and SNAT (`enable_snat`, the
+//!   gateway's external fixed IP, the node's port range);
+//! - `EXT_ADDRS4` for the gateway address.
+//!
+//! Floating IPs are distributed: the node of the port translates them. Each associated
+//! floating IP of a local port on a router programmed here gets `FIPS4` (floating →
+//! fixed), `FIP_OF4` (fixed → floating) and `EXT_ADDRS4`; the unassociated ones of the
+//! external networks this node's gateways are on get `EXT_ADDRS4` as `UNBOUND`, so
+//! what still arrives for them is dropped and counted.
+use std::net::{IpAddr, Ipv4Addr};
+
+use dataplane_abi::{
+    ext_addr_flags, gateway_flags, route_flags, ExternalAddr, FixedAddr4, FixedNat4, FloatingIp4,
+    Route, RouterGateway,
+};
+use ipnet::{IpNet, Ipv4Net};
+
+use super::{router::Interface, DatapathTables, Slots, StatusKind, Uplink};
+use crate::core::model::{FloatingIp, MacAddr, Port, Router, State};
+
+/// `device_owner` of a router's external gateway port.
+pub const ROUTER_GATEWAY_OWNER: &str = "network:router_gateway";
+pub const NO_UPLINK: &str = "this node has no uplink configured for external networks";
+
+/// A router the compiler programmed: its slot and interfaces here.
+pub(super) struct ProgrammedRouter<'s> {
+    pub router: &'s Router,
+    pub slot: u32,
+    pub interfaces: Vec<Interface>,
+}
+
+/// Statuses the external side decides: routers whose gateway is not programmed
+/// (with why), and every floating IP.
+#[derive(Default)]
+pub(super) struct NatStatuses {
+    pub routers: Vec<(String, StatusKind, String)>,
+    pub floating_ips: Vec<(String, u64, StatusKind, String)>,
+}
+
+/// The router's way out, as the state describes it.
+struct Gateway {
+    address: Ipv4Addr,
+    nexthop: Ipv4Addr,
+    mac: MacAddr,
+    network_id: String,
+    snat: bool,
+}
+
+/// What the kernel layer must resolve on the uplink: the MAC of each external subnet
+/// gateway a router uses, asked from the router's own address and MAC.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GatewayNeighbor {
+    pub nexthop: Ipv4Addr,
+    pub source: Ipv4Addr,
+    pub source_mac: MacAddr,
+}
+
+/// The next hops of every admin-up router's external gateway.
+pub fn gateway_neighbors(state: &State) -> Vec<GatewayNeighbor> {
+    let mut out: Vec<GatewayNeighbor> = state
+        .routers
+        .values()
+        .filter(|router| router.admin_state_up)
+        .filter_map(|router| gateway(state, router).ok())
+        .map(|gw| GatewayNeighbor {
+            nexthop: gw.nexthop,
+            source: gw.address,
+            source_mac: gw.mac,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The router's gateway: its IPv4 external fixed IP, the subnet's gateway as next hop,
+/// its gateway port's MAC. `Err`: why it has none.
+fn gateway(state: &State, router: &Router) -> Result<Gateway, String> {
+    let info = router
+        .external_gateway_info
+        .as_ref()
+        .ok_or_else(String::new)?;
+    let (subnet, address) = info
+        .external_fixed_ips
+        .iter()
+        .find_map(|fixed| match fixed.ip_address {
+            IpAddr::V4(v4) => Some((state.subnets.get(&fixed.subnet_id)?, v4)),
+            IpAddr::V6(_) => None,
+        })
+        .ok_or("external gateway: no IPv4 external fixed IP")?;
+    let Some(IpAddr::V4(nexthop)) = subnet.gateway_ip else {
+        return Err(format!(
+            "external gateway: subnet {} has no IPv4 gateway_ip",
+            subnet.id
+        ));
+    };
+    let port = state
+        .ports
+        .values()
+        .find(|port| port.device_owner == ROUTER_GATEWAY_OWNER && port.device_id == router.id)
+        .ok_or_else(|| {
+            format!("external gateway: no port with device_owner {ROUTER_GATEWAY_OWNER}")
+        })?;
+    Ok(Gateway {
+        address,
+        nexthop,
+        mac: port.mac_address,
+        network_id: info.network_id.clone(),
+        snat: info.enable_snat,
+    })
+}
+
+pub(super) fn compile_gateways(
+    state: &State,
+    slots: &Slots,
+    uplink: Option<&Uplink>,
+    routers: &[ProgrammedRouter<'_>],
+    tables: &mut DatapathTables,
+) -> NatStatuses {
+    let mut statuses = NatStatuses::default();
+    // Routers whose gateway is programmed, with it.
+    let mut gateways = Vec::new();
+    for programmed in routers {
+        let router = programmed.router;
+        let gw = match gateway(state, router) {
+            Ok(gw) => gw,
+            Err(reason) if reason.is_empty() => continue,
+            Err(reason) => {
+                statuses
+                    .routers
+                    .push((router.id.clone(), StatusKind::Error, reason));
+                continue;
+            }
+        };
+        let Some(uplink) = uplink else {
+            statuses
+                .routers
+                .push((router.id.clone(), StatusKind::Error, NO_UPLINK.to_owned()));
+            continue;
+        };
+        let nexthop_mac = uplink.gateway_macs.get(&gw.nexthop);
+        if nexthop_mac.is_none() {
+            statuses.routers.push((
+                router.id.clone(),
+                StatusKind::Build,
+                format!("resolving the external gateway {} on the uplink", gw.nexthop),
+            ));
+        }
+        tables.router_gw.insert(
+            programmed.slot,
+            RouterGateway {
+                uplink_ifindex: uplink.ifindex,
+                flags: if gw.snat { gateway_flags::SNAT } else { 0 },
+                ip4: gw.address.octets(),
+                port_min: uplink.snat_port_min,
+                port_count: uplink.snat_port_count,
+                mac: gw.mac.0,
+                nexthop_mac: nexthop_mac.map_or([0; 6], |mac| mac.0),
+            },
+        );
+        super::router::add_route(
+            tables,
+            programmed.slot,
+            IpNet::V4(Ipv4Net::default()),
+            Route {
+                flags: route_flags::EXTERNAL,
+                ..Route::default()
+            },
+        );
+        tables.ext_addrs4.insert(
+            gw.address.octets(),
+            ExternalAddr {
+                mac: gw.mac.0,
+                _pad: [0; 2],
+                flags: ext_addr_flags::GATEWAY,
+            },
+        );
+        gateways.push((programmed, gw));
+    }
+    for fip in state.floating_ips.values() {
+        let (kind, reason) = match floating_ip(state, slots, fip, &gateways, tables) {
+            Ok(()) => (StatusKind::Active, String::new()),
+            Err(reason) => (StatusKind::Down, reason),
+        };
+        statuses
+            .floating_ips
+            .push((fip.id.clone(), fip.revision_number, kind, reason));
+    }
+    statuses
+}
+
+/// Programs `fip` if its port is here and its router's gateway too; `Err`: why not.
+fn floating_ip(
+    state: &State,
+    slots: &Slots,
+    fip: &FloatingIp,
+    gateways: &[(&ProgrammedRouter<'_>, Gateway)],
+    tables: &mut DatapathTables,
+) -> Result<(), String> {
+    let IpAddr::V4(floating) = fip.floating_ip_address else {
+        return Err("IPv6 floating IPs are not translated (the Networking API has none)".into());
+    };
+    let on_network = gateways
+        .iter()
+        .find(|(_, gw)| gw.network_id == fip.floating_network_id);
+    let Some(port_id) = &fip.port_id else {
+        if let Some((_, gw)) = on_network {
+            tables.ext_addrs4.insert(
+                floating.octets(),
+                ExternalAddr {
+                    mac: gw.mac.0,
+                    _pad: [0; 2],
+                    flags: ext_addr_flags::UNBOUND,
+                },
+            );
+        }
+        return Err("not associated with a port".into());
+    };
+    let port = state
+        .ports
+        .get(port_id)
+        .ok_or_else(|| format!("port {port_id} does not exist"))?;
+    let fixed = fixed_address(fip, port).ok_or("the port has no IPv4 fixed IP")?;
+    slots
+        .port_slot(port_id)
+        .ok_or("its port is not on this node")?;
+    let network_slot = slots
+        .network_slot(&port.network_id)
+        .ok_or("its port is not on this node")?;
+    // The router is the one named, or the one with an interface on the port's subnet
+    // that has a gateway to the floating IP's network.
+    let (router, gw) = gateways
+        .iter()
+        .filter(|(programmed, gw)| {
+            gw.network_id == fip.floating_network_id
+                && fip
+                    .router_id
+                    .as_ref()
+                    .is_none_or(|id| *id == programmed.router.id)
+        })
+        .find_map(|(programmed, gw)| {
+            let interface = programmed.interfaces.iter().find(|i| {
+                i.network_slot == network_slot && i.subnet.contains(&IpAddr::V4(fixed))
+            })?;
+            Some(((*programmed, interface), gw))
+        })
+        .ok_or("no router with an external gateway here reaches its port")?;
+    let (programmed, interface) = router;
+    tables.fips4.insert(
+        floating.octets(),
+        FloatingIp4 {
+            fixed: fixed.octets(),
+            network_slot,
+            router_slot: programmed.slot,
+            router_mac: interface.mac.0,
+            _pad: [0; 2],
+        },
+    );
+    tables.fip_of4.insert(
+        FixedAddr4 {
+            network_slot,
+            addr: fixed.octets(),
+        },
+        FixedNat4 {
+            floating: floating.octets(),
+            router_slot: programmed.slot,
+        },
+    );
+    tables.ext_addrs4.insert(
+        floating.octets(),
+        ExternalAddr {
+            mac: gw.mac.0,
+            _pad: [0; 2],
+            flags: ext_addr_flags::FLOATING,
+        },
+    );
+    Ok(())
+}
+
+/// The fixed address the floating IP stands for: the one named, else the port's first
+/// IPv4 fixed IP.
+fn fixed_address(fip: &FloatingIp, port: &Port) -> Option<Ipv4Addr> {
+    let named = match fip.fixed_ip_address {
+        Some(IpAddr::V4(v4)) => Some(v4),
+        Some(IpAddr::V6(_)) => return None,
+        None => None,
+    };
+    named.or_else(|| {
+        port.fixed_ips.iter().find_map(|fixed| match fixed.ip_address {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+    })
+}

@@ -1,0 +1,194 @@
+//! XDP on the uplink NIC, before the kernel makes an skb of the frame: answers ARP
+//! requests and pings for the external addresses this node holds (`EXT_ADDRS4`), and
+//! drops what is for one of them but cannot be delivered (malformed, or for a
+//! floating IP with no port). Everything else goes on to `uplink_ingress` (tc), which
+//! translates and delivers, and the host stack, which has the rest.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    programs::XdpContext,
+};
+use dataplane_abi::{ext_addr_flags, DropReason, ExternalAddr};
+
+use crate::{
+    eth::{Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
+    maps::{EXT_ADDRS4, UPLINK_STATS},
+};
+
+const ARP_REQUEST: u16 = 1;
+const ARP_REPLY: u16 = 2;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+
+#[repr(C)]
+struct EthHdr {
+    dst: Mac,
+    src: Mac,
+    proto: [u8; 2],
+}
+
+#[repr(C)]
+struct ArpEth {
+    htype: [u8; 2],
+    ptype: [u8; 2],
+    hlen: u8,
+    plen: u8,
+    oper: [u8; 2],
+    sha: Mac,
+    spa: [u8; 4],
+    tha: Mac,
+    tpa: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: [u8; 2],
+}
+
+/// The `T` at `off`, if the frame is that long.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let p = ctx.data() + off;
+    if p + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(p as *mut T)
+}
+
+pub fn run(ctx: &XdpContext) -> u32 {
+    if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only touched by the program running on this CPU.
+        let stats = unsafe { &mut *stats };
+        stats.rx_packets += 1;
+        stats.rx_bytes += (ctx.data_end() - ctx.data()) as u64;
+    }
+    match decide(ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
+                // SAFETY: as above.
+                crate::drop::count(unsafe { &mut *stats }, reason);
+            }
+            XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn decide(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let Some(eth) = at::<EthHdr>(ctx, 0) else {
+        return Ok(XDP_PASS);
+    };
+    // SAFETY: `at` checked the header is inside the frame.
+    let proto = u16::from_be_bytes(unsafe { (*eth).proto });
+    match proto {
+        ETH_P_ARP => Ok(arp(ctx, eth).unwrap_or(XDP_PASS)),
+        ETH_P_IP => ipv4(ctx, eth),
+        _ => Ok(XDP_PASS),
+    }
+}
+
+/// Which external address `addr` is, if this node holds it.
+#[inline(always)]
+fn external(addr: &[u8; 4]) -> Option<&'static ExternalAddr> {
+    // SAFETY: the agent replaces entries with one update, never in place.
+    unsafe { EXT_ADDRS4.get(addr) }
+}
+
+/// An ARP request for an address this node answers for becomes the reply, sent back
+/// out of the uplink.
+#[inline(always)]
+fn arp(ctx: &XdpContext, eth: *mut EthHdr) -> Option<u32> {
+    let arp = at::<ArpEth>(ctx, ETH_HLEN)?;
+    // SAFETY: `at` checked both headers are inside the frame; nothing else holds them.
+    let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
+    if arp.htype != [0, 1]
+        || arp.ptype != ETH_P_IP.to_be_bytes()
+        || arp.hlen != 6
+        || arp.plen != 4
+        || u16::from_be_bytes(arp.oper) != ARP_REQUEST
+    {
+        return None;
+    }
+    let ext = external(&arp.tpa)?;
+    if ext.flags & (ext_addr_flags::GATEWAY | ext_addr_flags::FLOATING) == 0 {
+        return None;
+    }
+    let (sha, spa, tpa) = (arp.sha, arp.spa, arp.tpa);
+    arp.oper = ARP_REPLY.to_be_bytes();
+    arp.tha = sha;
+    arp.tpa = spa;
+    arp.sha = ext.mac;
+    arp.spa = tpa;
+    eth.dst = sha;
+    eth.src = ext.mac;
+    Some(XDP_TX)
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, DropReason> {
+    let Some(ip) = at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Ok(XDP_PASS);
+    };
+    // SAFETY: `at` checked the header is inside the frame; nothing else holds it.
+    let ip = unsafe { &mut *ip };
+    let Some(ext) = external(&ip.dst) else {
+        return Ok(XDP_PASS);
+    };
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes(ip.total_len));
+    let len = ctx.data_end() - ctx.data();
+    if ip.version_ihl >> 4 != 4 || ihl < 20 || total < ihl || ETH_HLEN + total > len {
+        return Err(DropReason::MalformedIpv4);
+    }
+    if ext.flags & ext_addr_flags::UNBOUND != 0 {
+        return Err(DropReason::NoNatBinding);
+    }
+    if ext.flags & ext_addr_flags::GATEWAY != 0 && ihl == 20 && ip.proto == IPPROTO_ICMP {
+        return Ok(echo(ctx, eth, ip, ext).unwrap_or(XDP_PASS));
+    }
+    Ok(XDP_PASS)
+}
+
+/// A ping of a router's gateway address is answered here (unless it is a reply to an
+/// SNAT binding's ping, which `uplink_ingress` translates).
+#[inline(always)]
+fn echo(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: &mut Ipv4Hdr,
+    ext: &ExternalAddr,
+) -> Option<u32> {
+    let icmp = at::<IcmpHdr>(ctx, ETH_HLEN + 20)?;
+    // SAFETY: `at` checked both headers are inside the frame; nothing else holds them.
+    let (eth, icmp) = unsafe { (&mut *eth, &mut *icmp) };
+    if icmp.kind != ICMP_ECHO_REQUEST || icmp.code != 0 {
+        return None;
+    }
+    icmp.kind = ICMP_ECHO_REPLY;
+    // RFC 1624: the type byte went from 8 to 0 in the first 16-bit word.
+    let check = u16::from_be_bytes(icmp.check);
+    let sum = u32::from(check) + 0x0800;
+    icmp.check = (((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes();
+    // Swapped addresses leave the header checksum as it is.
+    core::mem::swap(&mut ip.src, &mut ip.dst);
+    eth.dst = eth.src;
+    eth.src = ext.mac;
+    Some(XDP_TX)
+}
