@@ -343,6 +343,17 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     drop_words(&counters.drops)
                 );
             }
+            if let Some(uplink) = &response.uplink {
+                println!(
+                    "{:<38} {:>10} {:>12} {:>10} {:>12}  {}",
+                    format!("uplink {}", uplink.port_id),
+                    uplink.rx_packets,
+                    uplink.rx_bytes,
+                    uplink.tx_packets,
+                    uplink.tx_bytes,
+                    drop_words(&uplink.drops)
+                );
+            }
             if !response.unattributed_drops.is_empty() {
                 println!(
                     "unattributed drops: {}",

@@ -92,6 +92,14 @@ pub struct UplinkConfig {
     pub snat_ports: (u16, u16),
 }
 
+/// What [`Node::counters`] reports.
+#[derive(Debug)]
+pub struct NodeCounters {
+    pub ports: Vec<(String, Counters)>,
+    pub unattributed: Vec<(DropReason, u64)>,
+    pub uplink: Option<(String, Counters)>,
+}
+
 /// How long one ARP request for an external gateway waits: the node lock is held.
 const GATEWAY_ARP_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -200,11 +208,12 @@ impl Node {
         f(&inner.state, &inner.compiled.statuses)
     }
 
-    /// Counters of one programmed port, or of all of them, and drops charged to no port.
+    /// Counters of one programmed port, or of all of them, drops charged to no port,
+    /// and the uplink's (interface name, counters) if one is configured.
     pub async fn counters(
         &self,
         port_id: Option<&str>,
-    ) -> Result<(Vec<(String, Counters)>, Vec<(DropReason, u64)>), NodeError> {
+    ) -> Result<NodeCounters, NodeError> {
         let inner = self.inner.lock().await;
         let mut ports = Vec::new();
         for port in &inner.compiled.ports {
@@ -223,7 +232,18 @@ impl Node {
                 });
             }
         }
-        Ok((ports, inner.datapath.unattributed_drops()?))
+        let uplink = match &self.uplink {
+            Some(config) => Some((
+                config.interface.clone(),
+                inner.datapath.uplink_counters()?,
+            )),
+            None => None,
+        };
+        Ok(NodeCounters {
+            ports,
+            unattributed: inner.datapath.unattributed_drops()?,
+            uplink,
+        })
     }
 
     /// Packets and bytes each rule allowed: (group id, rule id, counters), optionally of
@@ -436,9 +456,12 @@ impl Node {
             &mut slots,
         );
         if let (Some(config), Some(uplink)) = (&self.uplink, &devices.uplink) {
+            // A veth (tests, containers) takes generic XDP: see `attach_uplink`.
+            let veth = devices.peers.contains(&uplink.ifindex)
+                || links::peer_devices().is_ok_and(|peers| peers.contains(&uplink.ifindex));
             inner
                 .datapath
-                .attach_uplink(&config.interface, uplink.ifindex)?;
+                .attach_uplink(&config.interface, uplink.ifindex, veth)?;
         }
         for port in &compiled.ports {
             if !inner.devices.interfaces.contains_key(&port.interface_name) {

@@ -62,6 +62,11 @@ impl Agent {
     /// Starts `dataplane-agent run` inside `node` with its own node name, state
     /// directory, socket and bpffs directory, and waits until its API answers.
     pub async fn start(node: &NetNs, node_name: &str) -> Result<Agent> {
+        Self::start_with(node, node_name, &[]).await
+    }
+
+    /// As [`Agent::start`], with more `run` flags (say, `--uplink`).
+    pub async fn start_with(node: &NetNs, node_name: &str, flags: &[&str]) -> Result<Agent> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let state_dir =
             std::env::temp_dir().join(format!("dp-agent-{}-{n}-{node_name}", std::process::id()));
@@ -92,6 +97,7 @@ impl Agent {
             .arg("256")
             .arg("--conntrack-entries")
             .arg("4096")
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

@@ -175,6 +175,67 @@ pub fn router(id: &str, interfaces: &[(&str, &str)]) -> pb::Router {
     }
 }
 
+/// A flat provider network that routers use as their external gateway.
+pub fn external_network(id: &str) -> pb::Network {
+    pb::Network {
+        router_external: true,
+        port_security_enabled: false,
+        ..network(id)
+    }
+}
+
+/// The port of router `router_id`'s gateway on external network `network_id`.
+pub fn gateway_port(
+    id: &str,
+    router_id: &str,
+    network_id: &str,
+    mac: &str,
+    fixed_ips: &[(&str, &str)],
+) -> pb::Port {
+    pb::Port {
+        security_group_ids: Vec::new(),
+        port_security_enabled: Some(false),
+        device_owner: "network:router_gateway".to_owned(),
+        device_id: router_id.to_owned(),
+        binding: None,
+        ..port(id, network_id, mac, fixed_ips, "", "")
+    }
+}
+
+/// `router` with an external gateway on `network_id` at `address` of `subnet_id`.
+pub fn with_gateway(
+    router: pb::Router,
+    network_id: &str,
+    subnet_id: &str,
+    address: &str,
+    enable_snat: bool,
+) -> pb::Router {
+    pb::Router {
+        external_gateway_info: Some(pb::ExternalGatewayInfo {
+            network_id: network_id.to_owned(),
+            enable_snat,
+            external_fixed_ips: vec![pb::ExternalFixedIp {
+                subnet_id: subnet_id.to_owned(),
+                ip_address: address.to_owned(),
+            }],
+        }),
+        ..router
+    }
+}
+
+/// Floating IP `address` on `network_id`, associated with `port_id` if not empty.
+pub fn floating_ip(id: &str, network_id: &str, address: &str, port_id: &str) -> pb::FloatingIp {
+    pb::FloatingIp {
+        id: id.to_owned(),
+        floating_network_id: network_id.to_owned(),
+        floating_ip_address: address.to_owned(),
+        port_id: port_id.to_owned(),
+        project_id: "tenant".to_owned(),
+        revision_number: 1,
+        ..Default::default()
+    }
+}
+
 /// Any resource message, wrapped as `Resource`.
 pub trait IntoResource {
     fn into_resource(self) -> pb::Resource;

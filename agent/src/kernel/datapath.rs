@@ -650,9 +650,15 @@ impl Datapath {
     }
 
     /// Attaches `uplink_xdp` and `uplink_ingress` to the uplink NIC `interface`
-    /// (replacing an attachment to another device, or to one that was recreated). XDP in the driver where it can, else
-    /// generic.
-    pub fn attach_uplink(&mut self, interface: &str, ifindex: u32) -> Result<(), DatapathError> {
+    /// (replacing an attachment to another device, or to one that was recreated).
+    /// XDP in the driver where it can, else generic; always generic with `generic`:
+    /// a veth's driver XDP can only send back (`XDP_TX`) to a peer that runs XDP too.
+    pub fn attach_uplink(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        generic: bool,
+    ) -> Result<(), DatapathError> {
         if self.uplink.as_ref().is_some_and(|u| u.ifindex == ifindex) {
             return Ok(());
         }
@@ -665,13 +671,15 @@ impl Datapath {
             }
         };
         let prog = xdp(&mut self.ebpf, program_names::UPLINK_XDP)?;
-        let xdp_link = match prog.attach(interface, XdpMode::Driver) {
-            Ok(link) => link,
-            Err(e) => {
+        let attached = if generic {
+            prog.attach(interface, XdpMode::Skb)
+        } else {
+            prog.attach(interface, XdpMode::Driver).or_else(|e| {
                 debug!(interface, error = %e, "no driver XDP; generic");
-                prog.attach(interface, XdpMode::Skb).map_err(attach_err("xdp"))?
-            }
+                prog.attach(interface, XdpMode::Skb)
+            })
         };
+        let xdp_link = attached.map_err(attach_err("xdp"))?;
         let ingress = classifier(&mut self.ebpf, program_names::UPLINK_INGRESS)?
             .attach_with_options(
                 interface,

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::{
     core::model::{ResourceKind, ResourceRef},
+    kernel::datapath::Counters,
     node::{Committed, Connection, Node, NodeEvent},
 };
 
@@ -415,20 +416,19 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
     ) -> Result<Response<pb::GetPortCountersResponse>, Status> {
         let port_id = request.into_inner().port_id;
         let port_id = (!port_id.is_empty()).then_some(port_id.as_str());
-        let (ports, unattributed) = self.node.counters(port_id).await.map_err(query_status)?;
+        let counters = self.node.counters(port_id).await.map_err(query_status)?;
+        let to_proto = |(port_id, counters): (String, Counters)| pb::PortCounters {
+            port_id,
+            rx_packets: counters.rx_packets,
+            rx_bytes: counters.rx_bytes,
+            tx_packets: counters.tx_packets,
+            tx_bytes: counters.tx_bytes,
+            drops: drop_counts(&counters.drops),
+        };
         Ok(Response::new(pb::GetPortCountersResponse {
-            ports: ports
-                .into_iter()
-                .map(|(port_id, counters)| pb::PortCounters {
-                    port_id,
-                    rx_packets: counters.rx_packets,
-                    rx_bytes: counters.rx_bytes,
-                    tx_packets: counters.tx_packets,
-                    tx_bytes: counters.tx_bytes,
-                    drops: drop_counts(&counters.drops),
-                })
-                .collect(),
-            unattributed_drops: drop_counts(&unattributed),
+            ports: counters.ports.into_iter().map(to_proto).collect(),
+            unattributed_drops: drop_counts(&counters.unattributed),
+            uplink: counters.uplink.map(to_proto),
         }))
     }
 

@@ -296,31 +296,29 @@ fn quoted(ctx: &TcContext, ip: &Ipv4, to: &Rewrite) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// The connection an ICMP error is about, as the translation sees the error itself:
-/// the quote reversed (its destination is the error's remote side).
+/// The connection an ICMP error is about, from the packet it quotes (which went out
+/// translated): (protocol, the quote's destination, its source port, its destination
+/// port). Echo: the identifier as the source port.
 #[inline(always)]
-fn quoted_ports(ctx: &TcContext, ip: &Ipv4) -> Result<(u8, u16, u16), DropReason> {
+fn quoted_connection(ctx: &TcContext, ip: &Ipv4) -> Result<(u8, [u8; 4], u16, u16), DropReason> {
     let mut pkt = Packet::new(ctx);
     let q = ipv4::quoted(&mut pkt, ip.l4_off + ICMP_HLEN, ip.end).ok_or(DropReason::MalformedL4)?;
     if !q.first_fragment {
-        return Ok((q.proto, 0, 0));
+        return Ok((q.proto, q.dst, 0, 0));
     }
     // 8 bytes of the quote's transport header are there.
     let (sport, dport) = match q.proto {
         IPPROTO_TCP | IPPROTO_UDP => l4::ports(&mut pkt, q.l4_off, ip.end)?,
         IPPROTO_ICMP => {
             let (kind, _, id) = l4::icmp(&mut pkt, q.l4_off, ip.end)?;
-            if kind == ICMP_ECHO_REQUEST {
-                (id, 0)
-            } else {
-                (0, id)
+            if kind != ICMP_ECHO_REQUEST {
+                return Err(DropReason::NoNatBinding);
             }
+            (id, 0)
         }
         _ => (0, 0),
     };
-    // The error travels against the quoted packet: its "source port" is the quote's
-    // destination port.
-    Ok((q.proto, dport, sport))
+    Ok((q.proto, q.dst, sport, dport))
 }
 
 /// Where a translated packet goes inside: the address and port it was for, on which
@@ -441,12 +439,13 @@ fn translate_inbound(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
         return Ok(None);
     };
     let l4 = transport(&mut pkt, &ip)?;
-    let (proto, dport, sport) = if l4.kind == Kind::IcmpError {
-        quoted_ports(ctx, &ip)?
+    // An error is about the connection of the packet it quotes.
+    let (proto, remote, dport, sport) = if l4.kind == Kind::IcmpError {
+        quoted_connection(ctx, &ip)?
     } else {
-        (ip.proto, l4.dst, l4.src)
+        (ip.proto, ip.src, l4.dst, l4.src)
     };
-    let inside = inside(ext, ip.dst, dport, ip.src, sport, proto, l4.tcp_flags)?;
+    let inside = inside(ext, ip.dst, dport, remote, sport, proto, l4.tcp_flags)?;
     let to = Rewrite {
         src: ip.src,
         dst: inside.addr,
