@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use aya::{
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
         xdp::{XdpLinkId, XdpMode},
@@ -28,7 +28,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use dataplane_abi::{sink_stat, traffic_globals, traffic_maps, traffic_programs};
+use dataplane_abi::{
+    sink_stat, traffic_globals, traffic_maps, traffic_programs, GenTemplate, GEN_TEMPLATE_LEN,
+};
 use dataplane_agent::kernel::TRAFFIC_OBJECT;
 
 use crate::{
@@ -96,6 +98,17 @@ impl Generator {
     /// Sends `packets` copies of `frame` (each with its flow's source port), in one
     /// test run. Call from a thread inside the target device's namespace.
     pub fn send(&mut self, frame: &[u8], packets: u32) -> Result<Duration> {
+        let mut template = GenTemplate {
+            bytes: [0; GEN_TEMPLATE_LEN],
+        };
+        let n = frame.len().min(GEN_TEMPLATE_LEN);
+        template.bytes[..n].copy_from_slice(&frame[..n]);
+        let mut templates: Array<_, GenTemplate> = Array::try_from(
+            self.ebpf
+                .map_mut(traffic_maps::GEN_TEMPLATE)
+                .context("no template map in the traffic object")?,
+        )?;
+        templates.set(0, template, 0)?;
         let prog = xdp_program(&mut self.ebpf, traffic_programs::GEN)?;
         let start = Instant::now();
         prog.test_run(TestRunOptions {

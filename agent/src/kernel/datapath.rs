@@ -704,7 +704,8 @@ impl Datapath {
         Ok(())
     }
 
-    fn detach_uplink(&mut self) {
+    /// Takes the programs off the uplink.
+    pub fn detach_uplink(&mut self) {
         let Some(uplink) = self.uplink.take() else {
             return;
         };

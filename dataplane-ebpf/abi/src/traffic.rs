@@ -32,7 +32,26 @@ pub mod traffic_maps {
     pub const GEN_SEQ: &str = "GEN_SEQ";
     /// Per-CPU `u64` array indexed by [`super::sink_stat`].
     pub const SINK_STATS: &str = "SINK_STATS";
+    /// Array of one [`super::GenTemplate`]: the headers every frame is sent with.
+    pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
 }
+
+/// Most header bytes `traffic_gen` restores: Ethernet, IPv6, UDP.
+pub const GEN_TEMPLATE_LEN: usize = 64;
+
+/// The frame's headers as the generator's user set them. A live-frames run recycles
+/// its pages as receivers free them, with whatever those wrote into them (a router
+/// rewrites MACs, TTL, addresses in place): `traffic_gen` writes the headers back
+/// before each send.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenTemplate {
+    pub bytes: [u8; GEN_TEMPLATE_LEN],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, one byte array: any bytes are valid.
+unsafe impl aya::Pod for GenTemplate {}
 
 /// Indices of `SINK_STATS`.
 pub mod sink_stat {

@@ -14,10 +14,10 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
     macros::{classifier, map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
-use dataplane_abi::sink_stat;
+use dataplane_abi::{sink_stat, GenTemplate, GEN_TEMPLATE_LEN};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -34,6 +34,9 @@ static GEN_FIRST_PORT: u32 = 1024;
 
 #[map]
 static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static GEN_TEMPLATE: Array<GenTemplate> = Array::with_max_entries(1, 0);
 
 #[map]
 static SINK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(sink_stat::COUNT, 0);
@@ -97,6 +100,22 @@ pub fn traffic_gen(ctx: XdpContext) -> u32 {
     let Some(off) = udp_offset(ctx.data(), ctx.data_end()) else {
         return xdp_action::XDP_ABORTED;
     };
+    let Some(template) = GEN_TEMPLATE.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // The headers back as the user set them, in 16-bit words (headers are 2-aligned).
+    let (data, end, len) = (ctx.data(), ctx.data_end(), off + 8);
+    for word in 0..GEN_TEMPLATE_LEN / 2 {
+        let at = 2 * word;
+        if at + 2 > len || data + at + 2 > end {
+            break;
+        }
+        // SAFETY: `data + at .. data + at + 2` is inside the frame (checked above),
+        // and `at + 2 <= GEN_TEMPLATE_LEN`.
+        unsafe {
+            *((data + at) as *mut [u8; 2]) = [template.bytes[at], template.bytes[at + 1]];
+        }
+    }
     let Some(seq) = GEN_SEQ.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };

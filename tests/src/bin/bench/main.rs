@@ -17,6 +17,8 @@
 //! Part two (`traffic`), security groups on real traffic between namespaces, ours
 //! against iptables (as Neutron writes it) and nftables sets: see `traffic`.
 
+mod l3agent;
+mod nat;
 mod peers;
 mod traffic;
 
@@ -61,10 +63,17 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN), `traffic` (real traffic
-    /// against iptables and nftables).
-    #[arg(long, value_delimiter = ',', default_value = "testrun,traffic")]
+    /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN), `traffic` (security groups
+    /// on real traffic against iptables and nftables), `nat-traffic` (floating IPs on
+    /// real traffic against the L3 agent's Linux router).
+    #[arg(long, value_delimiter = ',', default_value = "testrun,traffic,nat-traffic")]
     parts: Vec<String>,
+    /// Floating-IP counts of the NAT test-run cases.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
+    fips: Vec<usize>,
+    /// Floating-IP counts of the NAT real-traffic comparison.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    nat_fips: Vec<usize>,
     /// Systems of the real-traffic comparison.
     #[arg(
         long,
@@ -407,9 +416,20 @@ fn main() -> Result<()> {
     };
     let mut json = Vec::new();
     if args.parts.iter().any(|p| p == "testrun") {
-        let (ns, devices) = device_lab("bench", &["bench-a".to_owned(), "bench-b".to_owned()])?;
+        let names = ["bench-a", "bench-b", nat::UPLINK].map(str::to_owned);
+        let (ns, devices) = device_lab("bench", &names)?;
         (lab.a, lab.b) = (devices["bench-a"], devices["bench-b"]);
-        let rows = ns.run(|| test_run_cases(&mut lab, &devices, &args))??;
+        let mut rows = ns.run(|| test_run_cases(&mut lab, &devices, &args))??;
+        rows.extend(ns.run(|| {
+            nat::test_run_cases(
+                &mut lab,
+                &devices,
+                &args.fips,
+                args.rounds,
+                args.new_flows,
+                args.repeat,
+            )
+        })??);
         // Off these devices before they go (see `traffic::measure`).
         ns.run(|| lab.program(&State::default(), &devices, &BTreeSet::new()))??;
         report_test_run(&args, &rows, &mut json);
@@ -433,6 +453,18 @@ fn main() -> Result<()> {
         let ceiling = traffic::source_ceiling(&settings)?;
         let results = traffic::run(&mut lab, &settings, |line| eprintln!("{line}"))?;
         report_traffic(&settings, ceiling, &results, &mut json);
+    }
+    if args.parts.iter().any(|p| p == "nat-traffic") {
+        let duration = Duration::from_secs_f64(args.seconds);
+        let results = nat::run(
+            &mut lab,
+            &args.nat_fips,
+            args.traffic_rounds,
+            args.flows,
+            duration,
+            |line| eprintln!("{line}"),
+        )?;
+        nat::report(&args.nat_fips, args.flows, &results, &mut json);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, format!("[{}]\n", json.join(",\n")))?;

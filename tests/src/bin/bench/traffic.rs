@@ -310,11 +310,11 @@ impl Topology {
 }
 
 /// The generator runs on one CPU, the receive side (the filter under test) on another.
-const GENERATOR_CPU: usize = 0;
-const FILTER_CPU: usize = 1;
+pub const GENERATOR_CPU: usize = 0;
+pub const FILTER_CPU: usize = 1;
 
 /// Pins thread (or process) `pid` (0: the calling thread) to `cpu`.
-fn pin(pid: libc::pid_t, cpu: usize) -> Result<()> {
+pub fn pin(pid: libc::pid_t, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it, and
     // sched_setaffinity reads it with its size.
     unsafe {
@@ -330,7 +330,7 @@ fn pin(pid: libc::pid_t, cpu: usize) -> Result<()> {
 
 /// Pins the threaded-NAPI kernel threads of `device` (`napi/<device>-<id>`) to `cpu`.
 /// Only one benchmark topology exists at a time, so the name is unambiguous.
-fn pin_napi_threads(device: &str, cpu: usize) -> Result<()> {
+pub fn pin_napi_threads(device: &str, cpu: usize) -> Result<()> {
     let prefix = format!("napi/{device}-");
     let mut pinned = 0;
     for entry in std::fs::read_dir("/proc")? {
