@@ -1,7 +1,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::*;
-use dataplane_abi::{neigh_flags, route_flags, ROUTE_FIXED_BITS};
+use dataplane_abi::{ext_addr_flags, gateway_flags, neigh_flags, route_flags, ROUTE_FIXED_BITS};
 
 use crate::core::{fixtures::*, model, model::*};
 
@@ -473,14 +473,14 @@ fn statuses_of_ports_not_programmed_and_of_other_resources() {
     );
     assert_eq!(compiled.ports.len(), 1);
 
-    // A router without interfaces has nothing to route here; NAT is still to come.
+    // A router without interfaces has nothing to route here, nor its floating IPs.
     assert_eq!(
         status_of(&compiled, ResourceKind::Router, "r1"),
         (StatusKind::Down, ROUTER_NOT_HERE.to_owned())
     );
     assert_eq!(
-        status_of(&compiled, ResourceKind::FloatingIp, "f1"),
-        (StatusKind::Down, NAT_NOT_IMPLEMENTED.to_owned())
+        status_of(&compiled, ResourceKind::FloatingIp, "f1").0,
+        StatusKind::Down
     );
     for (kind, id) in [
         (ResourceKind::Subnet, "s1"),
@@ -819,5 +819,166 @@ fn routers_compile_to_interfaces_routes_and_neighbours() {
     assert_eq!(
         status_of(&down, ResourceKind::Router, "r1"),
         (StatusKind::Down, "admin_state_up is false".to_owned())
+    );
+}
+
+/// `routed_state` with r1's gateway on external network `ext` (SNAT on) and floating
+/// IPs: `fip-1` on p1, `fip-free` unassociated, `fip-away` on a port of another node.
+fn nat_state() -> State {
+    let mut state_resources: Vec<Resource> = Vec::new();
+    let routed = routed_state(true);
+    state_resources.extend(routed.networks.values().cloned().map(Resource::from));
+    state_resources.extend(routed.subnets.values().cloned().map(Resource::from));
+    state_resources.extend(routed.ports.values().cloned().map(Resource::from));
+    let mut r1 = routed.routers["r1"].clone();
+    r1.external_gateway_info = Some(ExternalGatewayInfo {
+        network_id: "ext".to_owned(),
+        enable_snat: true,
+        external_fixed_ips: vec![ExternalFixedIp {
+            subnet_id: "ext-v4".to_owned(),
+            ip_address: ip("203.0.113.10"),
+        }],
+    });
+    state_resources.push(r1.into());
+    state_resources.push(routed.routers["r2"].clone().into());
+    let mut ext_subnet = subnet("ext-v4", "ext", "203.0.113.0/24");
+    ext_subnet.gateway_ip = Some(ip("203.0.113.1"));
+    let mut gw = port("r1-gw", "ext", "fa:16:3e:00:0e:01");
+    gw.device_owner = nat::ROUTER_GATEWAY_OWNER.to_owned();
+    gw.device_id = "r1".to_owned();
+    gw.fixed_ips = vec![fixed_ip("ext-v4", "203.0.113.10")];
+    let mut away = bound(port("away", "n1", "fa:16:3e:00:00:09"), "node-b", "tap9");
+    away.fixed_ips = vec![fixed_ip("s1", "10.0.0.9")];
+    let mut fip1 = floating_ip("fip-1", "ext", "203.0.113.101");
+    fip1.port_id = Some("p1".to_owned());
+    let mut fip_away = floating_ip("fip-away", "ext", "203.0.113.109");
+    fip_away.port_id = Some("away".to_owned());
+    state_resources.extend([
+        external_network("ext").into(),
+        ext_subnet.into(),
+        gw.into(),
+        away.into(),
+        fip1.into(),
+        floating_ip("fip-free", "ext", "203.0.113.102").into(),
+        fip_away.into(),
+    ]);
+    State::replace(&state_resources).expect("valid test state")
+}
+
+#[test]
+fn gateways_and_floating_ips_compile_to_the_nat_tables() {
+    let devices = interfaces(&[("tap1", 11), ("tap2", 12)]);
+    let mut slots = new_slots(16, 16);
+    let state = nat_state();
+    let mut uplink = Uplink {
+        ifindex: 40,
+        snat_port_min: 20000,
+        snat_port_count: 100,
+        gateway_macs: BTreeMap::new(),
+    };
+    let compile_with = |uplink: Option<&Uplink>, slots: &mut Slots| {
+        compile(
+            &state,
+            &NodeView {
+                node_name: NODE,
+                interfaces: &devices,
+                peer_devices: &BTreeSet::new(),
+                uplink,
+            },
+            slots,
+        )
+    };
+
+    // No uplink on this node: routing as before, the gateway is an error to report.
+    let compiled = compile_with(None, &mut slots);
+    assert!(compiled.tables.router_gw.is_empty() && compiled.tables.fips4.is_empty());
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1"),
+        (StatusKind::Error, nat::NO_UPLINK.to_owned())
+    );
+
+    // The gateway's MAC not resolved yet: programmed (dropped as no_neighbor), BUILD.
+    let compiled = compile_with(Some(&uplink), &mut slots);
+    let r1 = slots.router_slot("r1").unwrap();
+    assert_eq!(compiled.tables.router_gw[&r1].nexthop_mac, [0; 6]);
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1").0,
+        StatusKind::Build
+    );
+
+    uplink
+        .gateway_macs
+        .insert(Ipv4Addr::new(203, 0, 113, 1), mac("02:00:00:00:00:01"));
+    let compiled = compile_with(Some(&uplink), &mut slots);
+    let t = &compiled.tables;
+    let n1 = slots.network_slot("n1").unwrap();
+    assert_eq!(
+        t.router_gw[&r1],
+        RouterGateway {
+            uplink_ifindex: 40,
+            flags: gateway_flags::SNAT,
+            ip4: [203, 0, 113, 10],
+            port_min: 20000,
+            port_count: 100,
+            mac: mac("fa:16:3e:00:0e:01").0,
+            nexthop_mac: mac("02:00:00:00:00:01").0,
+        }
+    );
+    let default = t.routes4[&(
+        ROUTE_FIXED_BITS,
+        RouteKey4 {
+            router_slot: r1,
+            addr: [0; 4],
+        },
+    )];
+    assert_eq!(default.flags, route_flags::EXTERNAL);
+    assert_eq!(
+        t.fips4[&[203, 0, 113, 101]],
+        FloatingIp4 {
+            fixed: [10, 0, 0, 5],
+            network_slot: n1,
+            router_slot: r1,
+            router_mac: mac("fa:16:3e:00:01:01").0,
+            _pad: [0; 2],
+        }
+    );
+    assert_eq!(
+        t.fip_of4[&FixedAddr4 {
+            network_slot: n1,
+            addr: [10, 0, 0, 5],
+        }],
+        FixedNat4 {
+            floating: [203, 0, 113, 101],
+            router_slot: r1,
+        }
+    );
+    let ext = |addr: [u8; 4]| t.ext_addrs4.get(&addr).map(|e| e.flags);
+    assert_eq!(ext([203, 0, 113, 10]), Some(ext_addr_flags::GATEWAY));
+    assert_eq!(ext([203, 0, 113, 101]), Some(ext_addr_flags::FLOATING));
+    assert_eq!(ext([203, 0, 113, 102]), Some(ext_addr_flags::UNBOUND));
+    assert_eq!(ext([203, 0, 113, 109]), None, "another node translates it");
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1").0,
+        StatusKind::Active
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::FloatingIp, "fip-1").0,
+        StatusKind::Active
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::FloatingIp, "fip-free"),
+        (StatusKind::Down, "not associated with a port".to_owned())
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::FloatingIp, "fip-away"),
+        (StatusKind::Down, "its port is not on this node".to_owned())
+    );
+    assert_eq!(
+        nat::gateway_neighbors(&state),
+        vec![nat::GatewayNeighbor {
+            nexthop: Ipv4Addr::new(203, 0, 113, 1),
+            source: Ipv4Addr::new(203, 0, 113, 10),
+            source_mac: mac("fa:16:3e:00:0e:01"),
+        }]
     );
 }
