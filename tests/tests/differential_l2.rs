@@ -71,6 +71,7 @@ fn port_ingress_agrees_with_the_reference_model() -> Result<()> {
                     node_name: NODE,
                     interfaces: &devices,
                     peer_devices: &peers,
+                    uplink: None,
                 },
                 &mut slots,
             );

@@ -249,6 +249,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
                     node_name: NODE,
                     interfaces: &devices,
                     peer_devices: &BTreeSet::new(),
+                    uplink: None,
                 },
                 &mut slots,
             );

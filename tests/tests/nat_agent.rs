@@ -47,7 +47,7 @@ fn at(address: &str, port: u16) -> SocketAddr {
 
 struct Nat {
     // Drop order: the agent first, then the namespaces.
-    agent: Agent,
+    _agent: Agent,
     client: DataplaneClient<Channel>,
     a: Vm,
     b: Vm,
@@ -214,7 +214,7 @@ impl Nat {
         }
         let mut vms = vms.into_iter();
         Ok(Nat {
-            agent,
+            _agent: agent,
             client,
             a: vms.next().unwrap(),
             b: vms.next().unwrap(),

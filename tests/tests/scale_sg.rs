@@ -163,6 +163,7 @@ fn a_hundred_thousand_rules_load_and_enforce() -> Result<()> {
                 node_name: NODE,
                 interfaces: &devices,
                 peer_devices: &BTreeSet::new(),
+                uplink: None,
             },
             &mut slots,
         );
