@@ -457,11 +457,17 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
             status,
             reason,
         );
-        // Its interface ports live wherever it does: in every node's datapath.
+        // Its interface and gateway ports live wherever it does: in every node's
+        // datapath.
         for port_id in router.interfaces.iter().filter_map(|i| i.port_id.as_ref()) {
             if let Some(port) = state.ports.get(port_id) {
                 statuses.port(port, status, reason);
             }
+        }
+        for port in state.ports.values().filter(|port| {
+            port.device_owner == nat::ROUTER_GATEWAY_OWNER && port.device_id == router.id
+        }) {
+            statuses.port(port, status, reason);
         }
     }
 

@@ -10,8 +10,8 @@ use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     agent::{agent_binary, Agent},
     api::{
-        apply, default_security_group, network, port, router, router_port, rule, security_group,
-        subnet, upsert,
+        apply, default_security_group, external_network, floating_ip, gateway_port, network, port,
+        router, router_port, rule, security_group, subnet, upsert, with_gateway,
     },
     netns::NetNs,
     topology::Vm,
@@ -50,9 +50,14 @@ fn ip(text: &str) -> IpAddr {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    step("creating a node namespace and starting dataplane-agent in it");
+    step("creating a node namespace, its uplink to an 'outside' namespace (203.0.113.1), and starting dataplane-agent in it");
     let node = NetNs::new("demo-node")?;
-    let agent = Agent::start(&node, NODE).await?;
+    let outside = NetNs::new("demo-outside")?;
+    node.add_veth("demo-up", Some(&outside), "ext0")?;
+    node.set_up("demo-up", true)?;
+    outside.ip(&["addr", "add", "203.0.113.1/24", "dev", "ext0"])?;
+    outside.set_up("ext0", true)?;
+    let agent = Agent::start_with(&node, NODE, &["--uplink", "demo-up"]).await?;
     println!(
         "    agent up, API on unix socket {}",
         agent.socket().display()
@@ -94,7 +99,7 @@ async fn main() -> Result<()> {
         .ns
         .ip(&["route", "add", "default", "via", "10.1.0.1"])?;
 
-    step("Apply over gRPC: a security group, 3 networks, 4 subnets, 4 ports, router r1 joining blue and green (one all-or-nothing batch)");
+    step("Apply over gRPC: a security group, 4 networks, 5 subnets, 4 ports, router r1 joining blue and green with its gateway on 'public' (SNAT), a floating IP for web (one all-or-nothing batch)");
     let mut client = agent.client().await?;
     let response = client
         .apply(apply(vec![
@@ -143,10 +148,26 @@ async fn main() -> Result<()> {
                 "fa:16:3e:00:0f:02",
                 &[("green-v4", "10.2.0.1")],
             )),
-            upsert(router(
+            upsert(external_network("public")),
+            upsert(pb::Subnet {
+                gateway_ip: "203.0.113.1".into(),
+                ..subnet("public-v4", "public", "203.0.113.0/24")
+            }),
+            upsert(gateway_port(
+                "r1-gw",
                 "r1",
-                &[("blue-v4", "r1-blue"), ("green-v4", "r1-green")],
+                "public",
+                "fa:16:3e:00:0f:0e",
+                &[("public-v4", "203.0.113.10")],
             )),
+            upsert(with_gateway(
+                router("r1", &[("blue-v4", "r1-blue"), ("green-v4", "r1-green")]),
+                "public",
+                "public-v4",
+                "203.0.113.10",
+                true,
+            )),
+            upsert(floating_ip("fip-web", "public", "203.0.113.50", "web")),
         ]))
         .await?
         .into_inner();
@@ -194,6 +215,30 @@ async fn main() -> Result<()> {
     expect(
         "a ping with TTL 1 is answered by r1: time to live exceeded",
         String::from_utf8_lossy(&expired.stdout).contains("Time to live exceeded"),
+    );
+
+    step("the outside: SNAT, a floating IP, and the gateway answering on the uplink");
+    let outside_ping = |to: &str| -> Result<bool> {
+        Ok(outside
+            .exec(&["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", to])?
+            .status
+            .success())
+    };
+    expect(
+        "the outside pings r1's gateway 203.0.113.10 (ARP and ping answered in XDP)",
+        outside_ping("203.0.113.10")?,
+    );
+    expect(
+        "app (no floating IP) pings the outside host: SNAT to 203.0.113.10",
+        app.ping(ip("203.0.113.1"), 3)?.all_replied(),
+    );
+    expect(
+        "web pings the outside host, as its floating IP 203.0.113.50",
+        web.ping(ip("203.0.113.1"), 3)?.all_replied(),
+    );
+    expect(
+        "the outside cannot ping web by its floating IP: web's group (default) lets in only its members",
+        !outside_ping("203.0.113.50")?,
     );
 
     step("traffic that is blocked");
@@ -292,6 +337,11 @@ async fn main() -> Result<()> {
     expect(
         "web's expired ping is counted (ttl_exceeded)",
         count("web", pb::DropReason::TtlExceeded) > 0,
+    );
+
+    expect(
+        "the pings to web's floating IP are counted at web's port (policy_denied)",
+        count("web", pb::DropReason::PolicyDenied) > 0,
     );
 
     step("cleaning up: agent stopped (SIGTERM), namespaces deleted");
