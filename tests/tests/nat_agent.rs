@@ -372,6 +372,22 @@ async fn vms_without_a_floating_ip_reach_the_outside_through_snat() -> Result<()
     )?;
     assert_eq!(other.ip(), IpAddr::V4(*seen.ip()));
     assert!(t.b.ping(ip(OUTSIDE), 3)?.all_replied(), "ping through SNAT");
+    // An ICMP error from inside about a translated connection leaves translated too:
+    // the outside's connected socket learns the port is closed.
+    let server = udp_socket(&t.outside, at(OUTSIDE, 7202))?;
+    let inside = udp_socket(&t.b.ns, at("10.0.1.6", 40002))?;
+    inside.send_to(b"x", at(OUTSIDE, 7202))?;
+    let mut buf = [0u8; 16];
+    let (_, binding) = server.recv_from(&mut buf)?;
+    drop(inside);
+    server.connect(binding)?;
+    server.send(b"y")?;
+    let refused = server.recv(&mut buf).expect_err("b's closed port answered");
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "no port unreachable from {binding}: {refused}"
+    );
     let server = EchoServer::tcp(&t.outside, at(OUTSIDE, 7300))?;
     assert!(tcp_works(&t.b.ns, at(OUTSIDE, 7300)), "TCP through SNAT");
     drop(server);

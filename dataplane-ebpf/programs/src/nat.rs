@@ -296,29 +296,29 @@ fn quoted(ctx: &TcContext, ip: &Ipv4, to: &Rewrite) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// The connection an ICMP error is about, from the packet it quotes (which went out
-/// translated): (protocol, the quote's destination, its source port, its destination
-/// port). Echo: the identifier as the source port.
+/// The packet an ICMP error quotes: (protocol, source, destination, source port,
+/// destination port). Echo: the identifier as the requester's port.
 #[inline(always)]
-fn quoted_connection(ctx: &TcContext, ip: &Ipv4) -> Result<(u8, [u8; 4], u16, u16), DropReason> {
+fn quoted_connection(
+    ctx: &TcContext,
+    ip: &Ipv4,
+) -> Result<(u8, [u8; 4], [u8; 4], u16, u16), DropReason> {
     let mut pkt = Packet::new(ctx);
     let q = ipv4::quoted(&mut pkt, ip.l4_off + ICMP_HLEN, ip.end).ok_or(DropReason::MalformedL4)?;
     if !q.first_fragment {
-        return Ok((q.proto, q.dst, 0, 0));
+        return Ok((q.proto, q.src, q.dst, 0, 0));
     }
     // 8 bytes of the quote's transport header are there.
     let (sport, dport) = match q.proto {
         IPPROTO_TCP | IPPROTO_UDP => l4::ports(&mut pkt, q.l4_off, ip.end)?,
-        IPPROTO_ICMP => {
-            let (kind, _, id) = l4::icmp(&mut pkt, q.l4_off, ip.end)?;
-            if kind != ICMP_ECHO_REQUEST {
-                return Err(DropReason::NoNatBinding);
-            }
-            (id, 0)
-        }
+        IPPROTO_ICMP => match l4::icmp(&mut pkt, q.l4_off, ip.end)? {
+            (ICMP_ECHO_REQUEST, _, id) => (id, 0),
+            (ICMP_ECHO_REPLY, _, id) => (0, id),
+            _ => return Err(DropReason::NoNatBinding),
+        },
         _ => (0, 0),
     };
-    Ok((q.proto, q.dst, sport, dport))
+    Ok((q.proto, q.src, q.dst, sport, dport))
 }
 
 /// Where a translated packet goes inside: the address and port it was for, on which
@@ -439,9 +439,10 @@ fn translate_inbound(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
         return Ok(None);
     };
     let l4 = transport(&mut pkt, &ip)?;
-    // An error is about the connection of the packet it quotes.
+    // An error is about the connection of the packet it quotes, which left translated.
     let (proto, remote, dport, sport) = if l4.kind == Kind::IcmpError {
-        quoted_connection(ctx, &ip)?
+        let (proto, _, remote, sport, dport) = quoted_connection(ctx, &ip)?;
+        (proto, remote, sport, dport)
     } else {
         (ip.proto, ip.src, l4.dst, l4.src)
     };
@@ -481,7 +482,7 @@ fn translate_outbound(
     let router_mac = eth::parse(&mut pkt)?.dst;
     let ip = ipv4::parse(&mut pkt)?;
     let l4 = transport(&mut pkt, &ip)?;
-    let (src, sport) = source_nat(port, rif, &router_mac, gw, &ip, &l4)?;
+    let (src, sport) = source_nat(ctx, port, rif, &router_mac, gw, &ip, &l4)?;
     // SAFETY: as above.
     if let Some(ext) = unsafe { EXT_ADDRS4.get(&ip.dst) } {
         let inside = inside(ext, ip.dst, l4.dst, src, sport, ip.proto, l4.tcp_flags)?;
@@ -528,6 +529,7 @@ fn translate_outbound(
 /// router interface's the sender sent to, where the replies come from.
 #[inline(always)]
 fn source_nat(
+    ctx: &TcContext,
     port: &PortInfo,
     rif: &RouterIf,
     router_mac: &Mac,
@@ -550,8 +552,7 @@ fn source_nat(
     }
     match l4.kind {
         Kind::Tcp | Kind::Udp | Kind::EchoRequest => {}
-        // An error about a connection the remote side started through SNAT cannot be:
-        // nothing from outside reaches an address without a floating IP unasked.
+        Kind::IcmpError => return quoted_binding(ctx, port, gw, ip),
         _ => return Err(DropReason::NatUnsupported),
     }
     let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(DropReason::NatPortsExhausted)?;
@@ -601,6 +602,31 @@ fn source_nat(
     }
     bind(gw, s)?;
     Ok((gw.ip4, s.key.external_port))
+}
+
+/// The binding of the connection an ICMP error from inside is about: the quote is a
+/// packet of it that came in translated. Its port, as the "source port" of the error,
+/// is what `quoted` writes into the quote's destination.
+#[inline(always)]
+fn quoted_binding(
+    ctx: &TcContext,
+    port: &PortInfo,
+    gw: &RouterGateway,
+    ip: &Ipv4,
+) -> Result<([u8; 4], u16), DropReason> {
+    let (proto, remote, internal, remote_port, internal_port) = quoted_connection(ctx, ip)?;
+    let flow = SnatFlow4 {
+        network_slot: port.network_slot,
+        internal,
+        remote,
+        internal_port,
+        remote_port,
+        proto,
+        _pad: [0; 3],
+    };
+    let binding = SNAT4_OUT.get_ptr(&flow).ok_or(DropReason::NoNatBinding)?;
+    // SAFETY: a map value, read once.
+    Ok((gw.ip4, unsafe { (*binding).external_port }))
 }
 
 /// Where SNAT puts together a new binding: kept off the stack, of which the call chain
