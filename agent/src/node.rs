@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +102,17 @@ pub struct NodeCounters {
 
 /// How long one ARP request for an external gateway waits: the node lock is held.
 const GATEWAY_ARP_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a resolved gateway is asked again (it may have changed its MAC), and how
+/// often one that did not answer is.
+const GATEWAY_REFRESH: Duration = Duration::from_secs(60);
+const GATEWAY_RETRY: Duration = Duration::from_secs(2);
+
+/// An external gateway's MAC and when it was last asked for.
+#[derive(Clone, Copy, Debug)]
+struct GatewayMac {
+    mac: Option<MacAddr>,
+    asked: Instant,
+}
 
 pub struct Node {
     node_name: String,
@@ -119,8 +130,8 @@ struct Inner {
     devices: Devices,
     datapath: Datapath,
     generation: u64,
-    /// External gateways' MACs resolved on the uplink so far.
-    gateway_macs: BTreeMap<Ipv4Addr, MacAddr>,
+    /// External gateways' MACs as resolved on the uplink so far.
+    gateway_macs: BTreeMap<Ipv4Addr, GatewayMac>,
 }
 
 /// The port devices present on this node, as the compiler sees them.
@@ -359,7 +370,7 @@ impl Node {
     fn local_devices(
         &self,
         state: &State,
-        gateway_macs: &mut BTreeMap<Ipv4Addr, MacAddr>,
+        gateway_macs: &mut BTreeMap<Ipv4Addr, GatewayMac>,
     ) -> Devices {
         let interfaces = links::resolve_interfaces(
             state
@@ -393,38 +404,57 @@ impl Node {
         }
     }
 
-    /// The uplink's ifindex and the MACs of the external gateways `state` needs,
-    /// resolving those not known yet (one ARP request each, `GATEWAY_ARP_TIMEOUT`).
+    /// The uplink's ifindex and the MACs of the external gateways `state` needs, asking
+    /// (one ARP request each, `GATEWAY_ARP_TIMEOUT`) for those not known yet, at most
+    /// every `GATEWAY_RETRY`, and again for known ones every `GATEWAY_REFRESH` (a MAC
+    /// that is not confirmed is kept).
     fn uplink_view(
         &self,
         config: &UplinkConfig,
         state: &State,
-        gateway_macs: &mut BTreeMap<Ipv4Addr, MacAddr>,
+        gateway_macs: &mut BTreeMap<Ipv4Addr, GatewayMac>,
     ) -> Option<Uplink> {
         let ifindex = *links::resolve_interfaces([config.interface.as_str()])
             .get(&config.interface)?;
         let mut macs = BTreeMap::new();
         for neighbor in gateway_neighbors(state) {
-            if let Some(mac) = gateway_macs.get(&neighbor.nexthop) {
-                macs.insert(neighbor.nexthop, *mac);
-                continue;
+            let known = gateway_macs.get(&neighbor.nexthop).copied();
+            let due = match known {
+                Some(GatewayMac { mac: Some(_), asked }) => asked.elapsed() >= GATEWAY_REFRESH,
+                Some(GatewayMac { mac: None, asked }) => asked.elapsed() >= GATEWAY_RETRY,
+                None => true,
+            };
+            let mut mac = known.and_then(|known| known.mac);
+            if due {
+                match arp::resolve4(
+                    ifindex,
+                    neighbor.source_mac.0,
+                    neighbor.source,
+                    neighbor.nexthop,
+                    GATEWAY_ARP_TIMEOUT,
+                ) {
+                    Ok(Some(answer)) => {
+                        let answer = MacAddr(answer);
+                        if mac != Some(answer) {
+                            info!(gateway = %neighbor.nexthop, mac = %answer, "external gateway resolved");
+                        }
+                        mac = Some(answer);
+                    }
+                    Ok(None) => {
+                        debug!(gateway = %neighbor.nexthop, "external gateway did not answer ARP")
+                    }
+                    Err(e) => warn!(gateway = %neighbor.nexthop, error = %e, "ARP on the uplink failed"),
+                }
+                gateway_macs.insert(
+                    neighbor.nexthop,
+                    GatewayMac {
+                        mac,
+                        asked: Instant::now(),
+                    },
+                );
             }
-            match arp::resolve4(
-                ifindex,
-                neighbor.source_mac.0,
-                neighbor.source,
-                neighbor.nexthop,
-                GATEWAY_ARP_TIMEOUT,
-            ) {
-                Ok(Some(mac)) => {
-                    info!(gateway = %neighbor.nexthop, mac = %MacAddr(mac), "external gateway resolved");
-                    gateway_macs.insert(neighbor.nexthop, MacAddr(mac));
-                    macs.insert(neighbor.nexthop, MacAddr(mac));
-                }
-                Ok(None) => {
-                    debug!(gateway = %neighbor.nexthop, "external gateway did not answer ARP yet")
-                }
-                Err(e) => warn!(gateway = %neighbor.nexthop, error = %e, "ARP on the uplink failed"),
+            if let Some(mac) = mac {
+                macs.insert(neighbor.nexthop, mac);
             }
         }
         Some(Uplink {
