@@ -63,15 +63,20 @@ const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 64512);
 
 /// `first-last` as (first, count).
 fn parse_port_range(text: &str) -> anyhow::Result<(u16, u16)> {
-    let parsed = text
-        .split_once('-')
-        .and_then(|(first, last)| Some((first.trim().parse::<u16>().ok()?, last.trim().parse::<u16>().ok()?)));
+    let parsed = text.split_once('-').and_then(|(first, last)| {
+        Some((
+            first.trim().parse::<u16>().ok()?,
+            last.trim().parse::<u16>().ok()?,
+        ))
+    });
     match parsed {
         Some((first, last)) if first >= 1 && first <= last => {
             // At most 65,535 ports: fits the count.
             Ok((first, last - first + 1))
         }
-        _ => anyhow::bail!("snat_ports must be `first-last` with 1 <= first <= last <= 65535, got {text:?}"),
+        _ => anyhow::bail!(
+            "snat_ports must be `first-last` with 1 <= first <= last <= 65535, got {text:?}"
+        ),
     }
 }
 

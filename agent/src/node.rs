@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 use crate::{
     core::{
         compile::{
-            compile, nat::gateway_neighbors, Compiled, NodeView, ResourceStatus, Slots,
-            StatusKind, Uplink,
+            compile, nat::gateway_neighbors, Compiled, NodeView, ResourceStatus, Slots, StatusKind,
+            Uplink,
         },
         model::{Change, MacAddr, Resource, ResourceRef, State},
         validate::ValidationError,
@@ -221,10 +221,7 @@ impl Node {
 
     /// Counters of one programmed port, or of all of them, drops charged to no port,
     /// and the uplink's (interface name, counters) if one is configured.
-    pub async fn counters(
-        &self,
-        port_id: Option<&str>,
-    ) -> Result<NodeCounters, NodeError> {
+    pub async fn counters(&self, port_id: Option<&str>) -> Result<NodeCounters, NodeError> {
         let inner = self.inner.lock().await;
         let mut ports = Vec::new();
         for port in &inner.compiled.ports {
@@ -244,10 +241,7 @@ impl Node {
             }
         }
         let uplink = match &self.uplink {
-            Some(config) => Some((
-                config.interface.clone(),
-                inner.datapath.uplink_counters()?,
-            )),
+            Some(config) => Some((config.interface.clone(), inner.datapath.uplink_counters()?)),
             None => None,
         };
         Ok(NodeCounters {
@@ -414,13 +408,16 @@ impl Node {
         state: &State,
         gateway_macs: &mut BTreeMap<Ipv4Addr, GatewayMac>,
     ) -> Option<Uplink> {
-        let ifindex = *links::resolve_interfaces([config.interface.as_str()])
-            .get(&config.interface)?;
+        let ifindex =
+            *links::resolve_interfaces([config.interface.as_str()]).get(&config.interface)?;
         let mut macs = BTreeMap::new();
         for neighbor in gateway_neighbors(state) {
             let known = gateway_macs.get(&neighbor.nexthop).copied();
             let due = match known {
-                Some(GatewayMac { mac: Some(_), asked }) => asked.elapsed() >= GATEWAY_REFRESH,
+                Some(GatewayMac {
+                    mac: Some(_),
+                    asked,
+                }) => asked.elapsed() >= GATEWAY_REFRESH,
                 Some(GatewayMac { mac: None, asked }) => asked.elapsed() >= GATEWAY_RETRY,
                 None => true,
             };
@@ -443,7 +440,9 @@ impl Node {
                     Ok(None) => {
                         debug!(gateway = %neighbor.nexthop, "external gateway did not answer ARP")
                     }
-                    Err(e) => warn!(gateway = %neighbor.nexthop, error = %e, "ARP on the uplink failed"),
+                    Err(e) => {
+                        warn!(gateway = %neighbor.nexthop, error = %e, "ARP on the uplink failed")
+                    }
                 }
                 gateway_macs.insert(
                     neighbor.nexthop,

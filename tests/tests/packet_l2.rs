@@ -1692,11 +1692,15 @@ fn every_drop_reason_is_reachable() -> Result<()> {
                 seen.insert(r);
             }
         }
-        // Routing's own reasons are reached in packet_router.rs, whose node has routers.
+        // Routing's and NAT's own reasons are reached in packet_router.rs and
+        // packet_nat.rs, whose nodes have routers and an uplink.
         let routing = [
             DropReason::NoRoute,
             DropReason::NoNeighbor,
             DropReason::TtlExceeded,
+            DropReason::NatPortsExhausted,
+            DropReason::NoNatBinding,
+            DropReason::NatUnsupported,
         ];
         let missing: Vec<_> = DropReason::ALL
             .iter()

@@ -27,8 +27,8 @@ use dataplane_abi::{
     ct_stat, global_names, map_names, program_names, timeout_secs, CtEntry, CtKey, DropReason,
     ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4, FloatingIp4, FloodSet, NeighKey4,
     NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4,
-    RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterIf, RuleKey, RuleStats,
-    SnatKey4, SnatOrigin4, Verdict, ABI_VERSION,
+    RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterIf, RuleKey, RuleStats, SnatKey4,
+    SnatOrigin4, Verdict, ABI_VERSION,
 };
 use tracing::{debug, info, warn};
 
@@ -255,10 +255,12 @@ impl Datapath {
             }
         };
 
+        // The no-op floors too: benchmarks run them beside the others.
         for name in [
             program_names::PORT_INGRESS,
             program_names::PORT_EGRESS,
             program_names::UPLINK_INGRESS,
+            program_names::NOOP_TC,
         ] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -267,12 +269,14 @@ impl Datapath {
                     source,
                 })?;
         }
-        xdp(&mut ebpf, program_names::UPLINK_XDP)?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                program: program_names::UPLINK_XDP,
-                source,
-            })?;
+        for name in [program_names::UPLINK_XDP, program_names::NOOP_XDP] {
+            xdp(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
 
         let pins = options.pin_root.as_deref().map(pin_dir);
         if let Some(pins) = &pins {
@@ -437,7 +441,12 @@ impl Datapath {
         upsert_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
         upsert_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
         upsert_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
-        upsert_map(&mut m.fip_of4, &old.fip_of4, &new.fip_of4, map_names::FIP_OF4)?;
+        upsert_map(
+            &mut m.fip_of4,
+            &old.fip_of4,
+            &new.fip_of4,
+            map_names::FIP_OF4,
+        )?;
         upsert_map(
             &mut m.router_gw,
             &old.router_gw,
@@ -504,7 +513,12 @@ impl Datapath {
             &new.router_gw,
             map_names::ROUTER_GW,
         )?;
-        remove_map(&mut m.fip_of4, &old.fip_of4, &new.fip_of4, map_names::FIP_OF4)?;
+        remove_map(
+            &mut m.fip_of4,
+            &old.fip_of4,
+            &new.fip_of4,
+            map_names::FIP_OF4,
+        )?;
         remove_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
         remove_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
         remove_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
@@ -764,44 +778,34 @@ impl Datapath {
             .set(0, per_cpu(Verdict::default(), map_names::VERDICT)?, 0)
             .map_err(&verdict_err)?;
 
+        let xdp_program = matches!(
+            self.ebpf.program(program),
+            Some(aya::programs::Program::Xdp(_))
+        );
+        let ctx = if xdp_program {
+            let mut ctx = vec![0u8; XDP_CTX_LEN];
+            ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4]
+                .copy_from_slice(&ifindex.to_ne_bytes());
+            ctx
+        } else {
+            let mut ctx = vec![0u8; SKB_CTX_LEN];
+            ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+            ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+            ctx
+        };
         // Room for a frame the program grows.
         let mut out = vec![0u8; frame.len() + 256];
-        let result = match self.ebpf.program(program) {
-            Some(aya::programs::Program::Xdp(_)) => {
-                let mut ctx = [0u8; XDP_CTX_LEN];
-                ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4]
-                    .copy_from_slice(&ifindex.to_ne_bytes());
-                let prog = xdp(&mut self.ebpf, program)?;
-                // Programs only benchmarks run (the no-op floors) are loaded on first use.
-                if prog.fd().is_err() {
-                    prog.load()
-                        .map_err(|source| DatapathError::Program { program, source })?;
-                }
-                prog.test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    repeat,
-                    ..TestRunOptions::default()
-                })
-            }
-            _ => {
-                let mut ctx = [0u8; SKB_CTX_LEN];
-                ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
-                ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-                let prog = classifier(&mut self.ebpf, program)?;
-                if prog.fd().is_err() {
-                    prog.load()
-                        .map_err(|source| DatapathError::Program { program, source })?;
-                }
-                prog.test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    repeat,
-                    ..TestRunOptions::default()
-                })
-            }
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = if xdp_program {
+            xdp(&mut self.ebpf, program)?.test_run(options)
+        } else {
+            classifier(&mut self.ebpf, program)?.test_run(options)
         }
         .map_err(|source| DatapathError::Program { program, source })?;
 
@@ -941,9 +945,7 @@ impl Datapath {
 
 /// The per-CPU `PortStats` at `index` of `map` (`PORT_STATS` or `UPLINK_STATS`), summed.
 fn summed(map: &PerCpuArray<MapData, PortStats>, index: u32) -> Result<Counters, DatapathError> {
-    let per_cpu = map
-        .get(&index, 0)
-        .map_err(map_err(map_names::PORT_STATS))?;
+    let per_cpu = map.get(&index, 0).map_err(map_err(map_names::PORT_STATS))?;
     let mut drops = [0u64; DropReason::COUNT];
     let mut counters = Counters::default();
     for stats in per_cpu.iter() {

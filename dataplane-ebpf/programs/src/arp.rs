@@ -8,17 +8,29 @@ use crate::{
 
 const ARPHRD_ETHER: u16 = 1;
 
+/// The header as it is in the frame (also read and written in place by `uplink`).
 #[repr(C, align(2))]
-struct ArpHdr {
-    htype: [u8; 2],
-    ptype: [u8; 2],
-    hlen: u8,
-    plen: u8,
-    oper: [u8; 2],
-    sha: Mac,
-    spa: [u8; 4],
-    tha: Mac,
-    tpa: [u8; 4],
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: [u8; 2],
+    pub sha: Mac,
+    pub spa: [u8; 4],
+    pub tha: Mac,
+    pub tpa: [u8; 4],
+}
+
+impl ArpHdr {
+    /// Ethernet hardware and IPv4 protocol addresses: the only ARP there is to answer.
+    #[inline(always)]
+    pub fn is_ethernet_ipv4(&self) -> bool {
+        u16::from_be_bytes(self.htype) == ARPHRD_ETHER
+            && u16::from_be_bytes(self.ptype) == ETH_P_IP
+            && self.hlen == 6
+            && self.plen == 4
+    }
 }
 
 pub struct Arp {
@@ -31,11 +43,7 @@ pub struct Arp {
 #[inline(always)]
 pub fn parse(pkt: &mut Packet) -> Result<Arp, DropReason> {
     let h: &ArpHdr = pkt.at(ETH_HLEN).ok_or(DropReason::MalformedArp)?;
-    if u16::from_be_bytes(h.htype) != ARPHRD_ETHER
-        || u16::from_be_bytes(h.ptype) != ETH_P_IP
-        || h.hlen != 6
-        || h.plen != 4
-    {
+    if !h.is_ethernet_ipv4() {
         return Err(DropReason::MalformedArp);
     }
     Ok(Arp {

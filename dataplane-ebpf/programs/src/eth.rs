@@ -10,11 +10,12 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 
 pub type Mac = [u8; 6];
 
+/// The header as it is in the frame (also read and written in place by `uplink`).
 #[repr(C, align(2))]
-struct EthHdr {
-    dst: Mac,
-    src: Mac,
-    proto: [u8; 2],
+pub struct EthHdr {
+    pub dst: Mac,
+    pub src: Mac,
+    pub proto: [u8; 2],
 }
 
 pub struct Eth {

@@ -5,18 +5,32 @@ use crate::{eth::ETH_HLEN, packet::Packet};
 
 pub const IPPROTO_UDP: u8 = 17;
 
+/// The header as it is in the frame (also read and written in place by `uplink`).
 #[repr(C, align(2))]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+impl Ipv4Hdr {
+    /// Header length in bytes, if the version, header and total lengths are consistent
+    /// and the datagram fits in a frame of `frame_len` bytes.
+    #[inline(always)]
+    pub fn valid_len(&self, frame_len: usize) -> Option<usize> {
+        let ihl = (self.version_ihl & 0x0f) as usize * 4;
+        let total = u16::from_be_bytes(self.total_len) as usize;
+        // total >= ihl and the datagram inside the frame also puts the options inside it.
+        (self.version_ihl >> 4 == 4 && ihl >= 20 && total >= ihl && ETH_HLEN + total <= frame_len)
+            .then_some(ihl)
+    }
 }
 
 /// `repr(C, align(4))` with the addresses first: `flow` reads them as aligned words.
@@ -38,12 +52,8 @@ pub struct Ipv4 {
 pub fn parse(pkt: &mut Packet) -> Result<Ipv4, DropReason> {
     let len = pkt.len();
     let h: &Ipv4Hdr = pkt.at(ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
-    let ihl = (h.version_ihl & 0x0f) as usize * 4;
+    let ihl = h.valid_len(len).ok_or(DropReason::MalformedIpv4)?;
     let total = u16::from_be_bytes(h.total_len) as usize;
-    // total >= ihl and the datagram inside the frame also puts the options inside it.
-    if h.version_ihl >> 4 != 4 || ihl < 20 || total < ihl || ETH_HLEN + total > len {
-        return Err(DropReason::MalformedIpv4);
-    }
     Ok(Ipv4 {
         src: h.src,
         dst: h.dst,

@@ -23,7 +23,8 @@ use crate::{
     ipv4::{self, Ipv4},
     l4::{self, tcp_flags, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     maps::{
-        EXT_ADDRS4, FDB, FIPS4, FIP_OF4, NAT_SCRATCH, NEIGH4, ROUTER_GW, SNAT4_IN, SNAT4_OUT, UPLINK_STATS,
+        EXT_ADDRS4, FDB, FIPS4, FIP_OF4, NAT_SCRATCH, NEIGH4, ROUTER_GW, SNAT4_IN, SNAT4_OUT,
+        UPLINK_STATS,
     },
     packet::Packet,
     router::{Hop, IP4_CHECK, IP4_DST, IP4_SRC, IP4_TTL},
@@ -257,7 +258,11 @@ fn quoted(ctx: &TcContext, ip: &Ipv4, to: &Rewrite) -> Result<(), DropReason> {
         }
         check = c.to_ne_bytes();
         let words = [
-            (u32::from_ne_bytes(old_addr), u32::from_ne_bytes(new_addr), 4),
+            (
+                u32::from_ne_bytes(old_addr),
+                u32::from_ne_bytes(new_addr),
+                4,
+            ),
             (
                 u32::from(u16::from_ne_bytes(old_check)),
                 u32::from(u16::from_ne_bytes(check)),
@@ -555,7 +560,9 @@ fn source_nat(
         Kind::IcmpError => return quoted_binding(ctx, port, gw, ip),
         _ => return Err(DropReason::NatUnsupported),
     }
-    let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(DropReason::NatPortsExhausted)?;
+    let s = NAT_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(DropReason::NatPortsExhausted)?;
     // SAFETY: per-CPU value, only touched by the program running on this CPU, and only
     // while one packet is translated.
     let s = unsafe { &mut *s };

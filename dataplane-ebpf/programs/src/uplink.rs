@@ -10,7 +10,9 @@ use aya_ebpf::{
 use dataplane_abi::{ext_addr_flags, DropReason, ExternalAddr};
 
 use crate::{
-    eth::{Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
+    arp::ArpHdr,
+    eth::{EthHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
+    ipv4::Ipv4Hdr,
     maps::{EXT_ADDRS4, UPLINK_STATS},
 };
 
@@ -20,48 +22,15 @@ const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 
-#[repr(C)]
-struct EthHdr {
-    dst: Mac,
-    src: Mac,
-    proto: [u8; 2],
-}
-
-#[repr(C)]
-struct ArpEth {
-    htype: [u8; 2],
-    ptype: [u8; 2],
-    hlen: u8,
-    plen: u8,
-    oper: [u8; 2],
-    sha: Mac,
-    spa: [u8; 4],
-    tha: Mac,
-    tpa: [u8; 4],
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
+#[repr(C, align(2))]
 struct IcmpHdr {
     kind: u8,
     code: u8,
     check: [u8; 2],
 }
 
-/// The `T` at `off`, if the frame is that long.
+/// The `T` at `off`, if the frame is that long. `T` is one of the headers of this crate,
+/// 2-aligned as the frame's headers are (see `packet::Packet::at`).
 #[inline(always)]
 fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     let p = ctx.data() + off;
@@ -115,15 +84,10 @@ fn external(addr: &[u8; 4]) -> Option<&'static ExternalAddr> {
 /// out of the uplink.
 #[inline(always)]
 fn arp(ctx: &XdpContext, eth: *mut EthHdr) -> Option<u32> {
-    let arp = at::<ArpEth>(ctx, ETH_HLEN)?;
+    let arp = at::<ArpHdr>(ctx, ETH_HLEN)?;
     // SAFETY: `at` checked both headers are inside the frame; nothing else holds them.
     let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
-    if arp.htype != [0, 1]
-        || arp.ptype != ETH_P_IP.to_be_bytes()
-        || arp.hlen != 6
-        || arp.plen != 4
-        || u16::from_be_bytes(arp.oper) != ARP_REQUEST
-    {
+    if !arp.is_ethernet_ipv4() || u16::from_be_bytes(arp.oper) != ARP_REQUEST {
         return None;
     }
     let ext = external(&arp.tpa)?;
@@ -151,12 +115,9 @@ fn ipv4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, DropReason> {
     let Some(ext) = external(&ip.dst) else {
         return Ok(XDP_PASS);
     };
-    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes(ip.total_len));
-    let len = ctx.data_end() - ctx.data();
-    if ip.version_ihl >> 4 != 4 || ihl < 20 || total < ihl || ETH_HLEN + total > len {
-        return Err(DropReason::MalformedIpv4);
-    }
+    let ihl = ip
+        .valid_len(ctx.data_end() - ctx.data())
+        .ok_or(DropReason::MalformedIpv4)?;
     if ext.flags & ext_addr_flags::UNBOUND != 0 {
         return Err(DropReason::NoNatBinding);
     }
@@ -169,12 +130,7 @@ fn ipv4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, DropReason> {
 /// A ping of a router's gateway address is answered here (unless it is a reply to an
 /// SNAT binding's ping, which `uplink_ingress` translates).
 #[inline(always)]
-fn echo(
-    ctx: &XdpContext,
-    eth: *mut EthHdr,
-    ip: &mut Ipv4Hdr,
-    ext: &ExternalAddr,
-) -> Option<u32> {
+fn echo(ctx: &XdpContext, eth: *mut EthHdr, ip: &mut Ipv4Hdr, ext: &ExternalAddr) -> Option<u32> {
     let icmp = at::<IcmpHdr>(ctx, ETH_HLEN + 20)?;
     // SAFETY: `at` checked both headers are inside the frame; nothing else holds them.
     let (eth, icmp) = unsafe { (&mut *eth, &mut *icmp) };

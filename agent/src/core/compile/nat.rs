@@ -149,7 +149,10 @@ pub(super) fn compile_gateways(
             statuses.routers.push((
                 router.id.clone(),
                 StatusKind::Build,
-                format!("resolving the external gateway {} on the uplink", gw.nexthop),
+                format!(
+                    "resolving the external gateway {} on the uplink",
+                    gw.nexthop
+                ),
             ));
         }
         tables.router_gw.insert(
@@ -175,11 +178,7 @@ pub(super) fn compile_gateways(
         );
         tables.ext_addrs4.insert(
             gw.address.octets(),
-            ExternalAddr {
-                mac: gw.mac.0,
-                _pad: [0; 2],
-                flags: ext_addr_flags::GATEWAY,
-            },
+            external_addr(gw.mac, ext_addr_flags::GATEWAY),
         );
         gateways.push((programmed, gw));
     }
@@ -213,11 +212,7 @@ fn floating_ip(
         if let Some((_, gw)) = on_network {
             tables.ext_addrs4.insert(
                 floating.octets(),
-                ExternalAddr {
-                    mac: gw.mac.0,
-                    _pad: [0; 2],
-                    flags: ext_addr_flags::UNBOUND,
-                },
+                external_addr(gw.mac, ext_addr_flags::UNBOUND),
             );
         }
         return Err("not associated with a port".into());
@@ -274,13 +269,18 @@ fn floating_ip(
     );
     tables.ext_addrs4.insert(
         floating.octets(),
-        ExternalAddr {
-            mac: gw.mac.0,
-            _pad: [0; 2],
-            flags: ext_addr_flags::FLOATING,
-        },
+        external_addr(gw.mac, ext_addr_flags::FLOATING),
     );
     Ok(())
+}
+
+/// An `EXT_ADDRS4` entry, answered for with `mac`.
+fn external_addr(mac: MacAddr, flags: u32) -> ExternalAddr {
+    ExternalAddr {
+        mac: mac.0,
+        _pad: [0; 2],
+        flags,
+    }
 }
 
 /// The fixed address the floating IP stands for: the one named, else the port's first
@@ -292,9 +292,11 @@ fn fixed_address(fip: &FloatingIp, port: &Port) -> Option<Ipv4Addr> {
         None => None,
     };
     named.or_else(|| {
-        port.fixed_ips.iter().find_map(|fixed| match fixed.ip_address {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        })
+        port.fixed_ips
+            .iter()
+            .find_map(|fixed| match fixed.ip_address {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
     })
 }

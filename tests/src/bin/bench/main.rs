@@ -33,7 +33,7 @@ use dataplane_abi::{program_names, MARK_FROM_DATAPATH};
 use dataplane_agent::{
     config::DEFAULT_CONNTRACK_ENTRIES,
     core::{
-        compile::{compile, NodeView, SlotLimits, Slots},
+        compile::{compile, Compiled, NodeView, SlotLimits, Slots, Uplink},
         model::{Resource, State},
     },
     kernel::datapath::{Datapath, LoadOptions, MapLimits},
@@ -66,7 +66,11 @@ struct Args {
     /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN), `traffic` (security groups
     /// on real traffic against iptables and nftables), `nat-traffic` (floating IPs on
     /// real traffic against the L3 agent's Linux router).
-    #[arg(long, value_delimiter = ',', default_value = "testrun,traffic,nat-traffic")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "testrun,traffic,nat-traffic"
+    )]
     parts: Vec<String>,
     /// Floating-IP counts of the NAT test-run cases.
     #[arg(long, value_delimiter = ',', default_value = "1,10000")]
@@ -291,13 +295,24 @@ impl Lab {
         devices: &BTreeMap<String, u32>,
         peers: &BTreeSet<u32>,
     ) -> Result<()> {
+        self.program_with(state, devices, peers, None).map(|_| ())
+    }
+
+    /// As [`Lab::program`], with `uplink` as the node's; returns what was compiled.
+    fn program_with(
+        &mut self,
+        state: &State,
+        devices: &BTreeMap<String, u32>,
+        peers: &BTreeSet<u32>,
+        uplink: Option<&Uplink>,
+    ) -> Result<Compiled> {
         let compiled = compile(
             state,
             &NodeView {
                 node_name: NODE,
                 interfaces: devices,
                 peer_devices: peers,
-                uplink: None,
+                uplink,
             },
             &mut Slots::new(SlotLimits {
                 max_ports: 64,
@@ -312,7 +327,7 @@ impl Lab {
             .find(|p| p.port_id == "a")
             .map(|p| p.slot)
             .unwrap_or_default();
-        Ok(())
+        Ok(compiled)
     }
 
     /// Empties the conntrack tables of every zone.

@@ -24,12 +24,11 @@ use std::{
 use anyhow::{ensure, Result};
 use dataplane_abi::program_names;
 use dataplane_agent::{
-    config::DEFAULT_CONNTRACK_ENTRIES,
     core::{
-        compile::{compile, NodeView, SlotLimits, Slots, Uplink},
+        compile::Uplink,
         model::{MacAddr, Resource, State},
     },
-    kernel::{datapath::MapLimits, links},
+    kernel::links,
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
@@ -47,7 +46,7 @@ use ipnet::Ipv4Net;
 use crate::{
     l3agent::{self, FloatingIp},
     median,
-    traffic::{pin, pin_napi_threads, Rate, FILTER_CPU, GENERATOR_CPU},
+    traffic::{pin_napi_threads, rate, Rate, FILTER_CPU},
     Lab, Row, NODE, SERVER_PORT,
 };
 
@@ -154,34 +153,27 @@ impl Lab {
             snat_port_count: 64512,
             gateway_macs: BTreeMap::from([(OUTSIDE, MacAddr(OUTSIDE_MAC))]),
         };
-        let compiled = compile(
-            state,
-            &NodeView {
-                node_name: NODE,
-                interfaces: devices,
-                peer_devices: peers,
-                uplink: Some(&uplink),
-            },
-            &mut Slots::new(SlotLimits {
-                max_ports: 64,
-                max_networks: 64,
-                max_rules: MapLimits::for_node(64, DEFAULT_CONNTRACK_ENTRIES).max_rules,
-            }),
-        );
-        for fip in compiled.statuses.iter().filter(|(r, _)| r.id == "fip-0") {
+        let compiled = self.program_with(state, devices, peers, Some(&uplink))?;
+        let measured = compiled.statuses.iter().find(|(r, _)| r.id == "fip-0");
+        if let Some((_, status)) = measured {
             ensure!(
-                fip.1.reason.is_empty(),
+                status.reason.is_empty(),
                 "the measured floating IP is not programmed: {}",
-                fip.1.reason
+                status.reason
             );
         }
-        self.datapath.sync(&compiled)?;
         Ok(())
     }
 }
 
 /// A 60-byte UDP frame (64 on the wire).
-fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, sport: u16) -> Result<Vec<u8>> {
+fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+) -> Result<Vec<u8>> {
     let builder = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src.octets(), dst.octets(), 64)
         .udp(sport, SERVER_PORT);
@@ -221,7 +213,13 @@ pub fn test_run_cases(
         };
         for _ in 0..rounds {
             floor.push(lab.noop_single(calls)?);
-            fip_in.push(single(lab, program_names::UPLINK_INGRESS, uplink, &inbound, 7)?);
+            fip_in.push(single(
+                lab,
+                program_names::UPLINK_INGRESS,
+                uplink,
+                &inbound,
+                7,
+            )?);
             fip_outbound.push(single(lab, program_names::PORT_INGRESS, a, &fip_out, 7)?);
             snat.push(single(lab, program_names::PORT_INGRESS, b, &snat_out, 7)?);
             // XDP passes the frame unchanged: many runs per call, as its no-op.
@@ -253,8 +251,16 @@ pub fn test_run_cases(
             floor.clone(),
             floor,
         ));
-        rows.push((format!("NAT {fips}: uplink_xdp, floating IP"), xdp, xdp_floor.clone()));
-        rows.push((format!("NAT {fips}: noop_xdp (floor)"), xdp_floor.clone(), xdp_floor));
+        rows.push((
+            format!("NAT {fips}: uplink_xdp, floating IP"),
+            xdp,
+            xdp_floor.clone(),
+        ));
+        rows.push((
+            format!("NAT {fips}: noop_xdp (floor)"),
+            xdp_floor.clone(),
+            xdp_floor,
+        ));
     }
     Ok(rows)
 }
@@ -300,7 +306,13 @@ impl Topology {
         node.add_veth("qg", Some(&outside), "ext0")?;
         node.set_mac("qg", GATEWAY_MAC)?;
         outside.set_mac("ext0", OUTSIDE_MAC)?;
-        let vm = Vm::create(&node, "bench-nat-vm", "qr", VM_MAC, &[Ipv4Net::new(VM_IP, 16)?.into()])?;
+        let vm = Vm::create(
+            &node,
+            "bench-nat-vm",
+            "qr",
+            VM_MAC,
+            &[Ipv4Net::new(VM_IP, 16)?.into()],
+        )?;
         for ns in [&node, &outside, &vm.ns] {
             ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
         }
@@ -331,26 +343,13 @@ impl Topology {
     }
 }
 
-/// Sends for half of `duration` to warm up, then for `duration`; what arrived in the
-/// second part.
-fn rate(topo: &Topology, generator: &mut Generator, sink: &Sink, frame: &[u8], duration: Duration) -> Result<Rate> {
-    let mut before = 0;
-    let sent = topo.outside.run(|| -> Result<_> {
-        pin(0, GENERATOR_CPU)?;
-        generator.send_for(frame, duration / 2)?;
-        (before, _) = sink.count()?;
-        generator.send_for(frame, duration)
-    })??;
-    std::thread::sleep(Duration::from_millis(30));
-    let (after, _) = sink.count()?;
-    let delivered = (after - before) as f64;
-    Ok(Rate {
-        pps: delivered / sent.elapsed.as_secs_f64(),
-        delivered: delivered / sent.packets as f64,
-    })
-}
-
-fn measure(system: NatSystem, count: usize, lab: &mut Lab, flows: u32, duration: Duration) -> Result<Rate> {
+fn measure(
+    system: NatSystem,
+    count: usize,
+    lab: &mut Lab,
+    flows: u32,
+    duration: Duration,
+) -> Result<Rate> {
     let topo = Topology::build(system)?;
     let fips = floating_ips(count);
     match system {
@@ -383,7 +382,14 @@ fn measure(system: NatSystem, count: usize, lab: &mut Lab, flows: u32, duration:
             )?;
             // The sink drops ARP too: the router knows the VM's MAC.
             topo.node.ip(&[
-                "neigh", "replace", "10.0.0.5", "lladdr", &mac_text(VM_MAC), "dev", "qr", "nud",
+                "neigh",
+                "replace",
+                "10.0.0.5",
+                "lladdr",
+                &mac_text(VM_MAC),
+                "dev",
+                "qr",
+                "nud",
                 "permanent",
             ])?;
         }
@@ -400,21 +406,48 @@ fn measure(system: NatSystem, count: usize, lab: &mut Lab, flows: u32, duration:
     result
 }
 
-fn measure_on(system: NatSystem, topo: &Topology, lab: &mut Lab, flows: u32, duration: Duration) -> Result<Rate> {
+fn measure_on(
+    system: NatSystem,
+    topo: &Topology,
+    lab: &mut Lab,
+    flows: u32,
+    duration: Duration,
+) -> Result<Rate> {
     let name = system.name();
     let sink = Sink::attach(&topo.vm.ns, VM_DEV)?;
     let ext0 = topo.outside.ifindex("ext0")?;
-    let to = |dst| udp_frame(OUTSIDE_MAC, GATEWAY_MAC, IpAddr::V4(OUTSIDE), IpAddr::V4(dst), SERVER_PORT, 60);
+    let to = |dst| {
+        udp_frame(
+            OUTSIDE_MAC,
+            GATEWAY_MAC,
+            IpAddr::V4(OUTSIDE),
+            IpAddr::V4(dst),
+            SERVER_PORT,
+            60,
+        )
+    };
     let mut stray = Generator::new(ext0, 1, FIRST_SOURCE_PORT)?;
     topo.outside
         .run(|| stray.send(&to(Ipv4Addr::new(100, 64, 250, 250)), 10_000))??;
     std::thread::sleep(Duration::from_millis(30));
     let (leaked, _) = sink.count()?;
-    ensure!(leaked == 0, "{name}: {leaked} frames to no floating IP reached the VM");
+    ensure!(
+        leaked == 0,
+        "{name}: {leaked} frames to no floating IP reached the VM"
+    );
     let uplink_before = lab.datapath.uplink_counters()?.rx_packets;
     let mut generator = Generator::new(ext0, flows, FIRST_SOURCE_PORT)?;
-    let r = rate(topo, &mut generator, &sink, &to(MEASURED_FIP), duration)?;
-    ensure!(r.delivered > 0.0, "{name}: translated traffic was not delivered");
+    let r = rate(
+        &topo.outside,
+        &mut generator,
+        &sink,
+        &to(MEASURED_FIP),
+        duration,
+    )?;
+    ensure!(
+        r.delivered > 0.0,
+        "{name}: translated traffic was not delivered"
+    );
     if system == NatSystem::Ours {
         let (delivered, _) = sink.count()?;
         let counted = lab.datapath.uplink_counters()?.rx_packets - uplink_before;

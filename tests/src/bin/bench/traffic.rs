@@ -349,16 +349,17 @@ pub fn pin_napi_threads(device: &str, cpu: usize) -> Result<()> {
 }
 
 /// Sends for half of `duration` to warm up (queues, caches, the scheduler's placement),
-/// then for `duration`, and returns what arrived at the sink in the second part.
-fn rate(
-    topo: &Topology,
+/// then for `duration`, from `sender`'s namespace, and returns what arrived at the sink
+/// in the second part.
+pub fn rate(
+    sender: &NetNs,
     generator: &mut Generator,
     sink: &Sink,
     frame: &[u8],
     duration: Duration,
 ) -> Result<Rate> {
     let mut before = 0;
-    let sent = topo.a.ns.run(|| -> Result<_> {
+    let sent = sender.run(|| -> Result<_> {
         pin(0, GENERATOR_CPU)?;
         generator.send_for(frame, duration / 2)?;
         (before, _) = sink.count()?;
@@ -462,9 +463,9 @@ fn measure_on(
     let frame = frame_to(SERVER_PORT);
     let mut generator = Generator::new(a_dev, settings.flows, FIRST_SOURCE_PORT)?;
     let rx_before = lab.rx_a()?;
-    let unreplied = rate(topo, &mut generator, &sink, &frame, settings.duration)?;
+    let unreplied = rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?;
     answer_every_flow(topo, ports, settings.flows)?;
-    let established = rate(topo, &mut generator, &sink, &frame, settings.duration)?;
+    let established = rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?;
     for r in [unreplied, established] {
         ensure!(
             r.delivered > 0.0,
@@ -526,5 +527,5 @@ pub fn source_ceiling(settings: &Settings) -> Result<f64> {
         settings.flows,
         FIRST_SOURCE_PORT,
     )?;
-    Ok(rate(&topo, &mut generator, &sink, &frame, settings.duration)?.pps)
+    Ok(rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?.pps)
 }
