@@ -9,6 +9,7 @@ pub mod frames;
 pub mod generator;
 pub mod netns;
 pub mod reference;
+pub mod reference_nat;
 pub mod reference_router;
 pub mod reference_sg;
 pub mod testrun;

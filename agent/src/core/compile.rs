@@ -241,6 +241,8 @@ pub struct DatapathTables {
     pub ext_addrs4: BTreeMap<[u8; 4], ExternalAddr>,
     pub fips4: BTreeMap<[u8; 4], FloatingIp4>,
     pub fip_of4: BTreeMap<FixedAddr4, FixedNat4>,
+    /// `GATEWAY_MACS`: gateway port MAC → router slot.
+    pub gateway_macs: BTreeMap<[u8; 6], u32>,
 }
 
 /// A port the datapath serves on this node.

@@ -131,8 +131,9 @@ pub enum DatapathError {
 const SKB_CTX_LEN: usize = 192;
 const SKB_MARK: usize = 8;
 const SKB_IFINDEX: usize = 40;
-/// `sizeof(struct xdp_md)` and the offset of `ingress_ifindex`.
+/// `sizeof(struct xdp_md)` and the offsets of `data_end` and `ingress_ifindex`.
 const XDP_CTX_LEN: usize = 24;
+const XDP_DATA_END: usize = 4;
 const XDP_INGRESS_IFINDEX: usize = 12;
 
 /// What one BPF_PROG_TEST_RUN did.
@@ -197,6 +198,7 @@ struct Maps {
     neigh4: HashMap<MapData, NeighKey4, Neighbor>,
     neigh6: HashMap<MapData, NeighKey6, Neighbor>,
     router_gw: HashMap<MapData, u32, RouterGateway>,
+    gateway_macs: HashMap<MapData, [u8; 6], u32>,
     ext_addrs4: HashMap<MapData, [u8; 4], ExternalAddr>,
     fips4: HashMap<MapData, [u8; 4], FloatingIp4>,
     fip_of4: HashMap<MapData, FixedAddr4, FixedNat4>,
@@ -308,6 +310,7 @@ impl Datapath {
             neigh4: take(&mut ebpf, map_names::NEIGH4, pins)?,
             neigh6: take(&mut ebpf, map_names::NEIGH6, pins)?,
             router_gw: take(&mut ebpf, map_names::ROUTER_GW, pins)?,
+            gateway_macs: take(&mut ebpf, map_names::GATEWAY_MACS, pins)?,
             ext_addrs4: take(&mut ebpf, map_names::EXT_ADDRS4, pins)?,
             fips4: take(&mut ebpf, map_names::FIPS4, pins)?,
             fip_of4: take(&mut ebpf, map_names::FIP_OF4, pins)?,
@@ -477,12 +480,24 @@ impl Datapath {
             &new.router_ifs,
             map_names::ROUTER_IFS,
         )?;
+        upsert_map(
+            &mut m.gateway_macs,
+            &old.gateway_macs,
+            &new.gateway_macs,
+            map_names::GATEWAY_MACS,
+        )?;
         upsert_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
 
         self.attach_new(ports)?;
 
         let m = &mut self.maps;
         remove_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
+        remove_map(
+            &mut m.gateway_macs,
+            &old.gateway_macs,
+            &new.gateway_macs,
+            map_names::GATEWAY_MACS,
+        )?;
         remove_map(
             &mut m.router_ifs,
             &old.router_ifs,
@@ -784,6 +799,9 @@ impl Datapath {
         );
         let ctx = if xdp_program {
             let mut ctx = vec![0u8; XDP_CTX_LEN];
+            // `data_end` is the linear part's end: all of the frame.
+            ctx[XDP_DATA_END..XDP_DATA_END + 4]
+                .copy_from_slice(&(frame.len() as u32).to_ne_bytes());
             ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4]
                 .copy_from_slice(&ifindex.to_ne_bytes());
             ctx

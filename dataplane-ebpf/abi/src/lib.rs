@@ -59,6 +59,7 @@ pub mod map_names {
     pub const NEIGH4: &str = "NEIGH4";
     pub const NEIGH6: &str = "NEIGH6";
     pub const ROUTER_GW: &str = "ROUTER_GW";
+    pub const GATEWAY_MACS: &str = "GATEWAY_MACS";
     pub const EXT_ADDRS4: &str = "EXT_ADDRS4";
     pub const FIPS4: &str = "FIPS4";
     pub const FIP_OF4: &str = "FIP_OF4";

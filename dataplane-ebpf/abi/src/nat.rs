@@ -45,6 +45,11 @@ pub mod gateway_flags {
     pub const SNAT: u32 = 1 << 0;
 }
 
+// `GATEWAY_MACS`: hash map, key a router's gateway port MAC, value `u32` router slot.
+// A frame on the uplink for that MAC and no `EXT_ADDRS4` address is routed by that
+// router's routes, untranslated (routers without SNAT, upstreams routing tenant
+// subnets to the gateway).
+
 /// `EXT_ADDRS4`: hash map, key an IPv4 address (network order) on the uplink's
 /// network: one that this node answers for or translates.
 #[repr(C)]

@@ -107,6 +107,9 @@ pub static ERROR_SCRATCH: PerCpuArray<ErrorScratch> = PerCpuArray::with_max_entr
 pub static ROUTER_GW: HashMap<u32, RouterGateway> = HashMap::with_max_entries(4096, 0);
 
 #[map]
+pub static GATEWAY_MACS: HashMap<[u8; 6], u32> = HashMap::with_max_entries(4096, 0);
+
+#[map]
 pub static EXT_ADDRS4: HashMap<[u8; 4], ExternalAddr> = HashMap::with_max_entries(65536, 0);
 
 #[map]

@@ -8,14 +8,15 @@
 //! checksum helpers, which handle every `ip_summed` state an skb can be in (a VM's
 //! TCP on a veth carries only the pseudo-header sum).
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use dataplane_abi::{
-    ext_addr_flags, gateway_flags, snat_lifetime, DropReason, ExternalAddr, FdbEntry, FdbKey,
-    FixedAddr4, NeighKey4, PortInfo, RouterGateway, RouterIf, SnatBinding4, SnatFlow4, SnatKey4,
-    SnatOrigin4, SNAT_PROBES,
+    ext_addr_flags, gateway_flags, route_flags, snat_lifetime, DropReason, ExternalAddr, FdbEntry,
+    FdbKey, FixedAddr4, NeighKey4, PortInfo, Route, RouteKey4, RouterGateway, RouterIf,
+    SnatBinding4, SnatFlow4, SnatKey4, SnatOrigin4, ROUTE_FIXED_BITS, SNAT_PROBES,
 };
 
 use crate::{
@@ -23,8 +24,8 @@ use crate::{
     ipv4::{self, Ipv4},
     l4::{self, tcp_flags, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     maps::{
-        EXT_ADDRS4, FDB, FIPS4, FIP_OF4, NAT_SCRATCH, NEIGH4, ROUTER_GW, SNAT4_IN, SNAT4_OUT,
-        UPLINK_STATS,
+        EXT_ADDRS4, FDB, FIPS4, FIP_OF4, GATEWAY_MACS, NAT_SCRATCH, NEIGH4, ROUTER_GW, ROUTES4,
+        SNAT4_IN, SNAT4_OUT, UPLINK_STATS,
     },
     packet::Packet,
     router::{Hop, IP4_CHECK, IP4_DST, IP4_SRC, IP4_TTL},
@@ -222,83 +223,103 @@ fn apply(ctx: &TcContext, ip: &Ipv4, l4: &L4, to: &Rewrite) -> Result<(), DropRe
 /// RFC 1624: the checksum `check` after a 16-bit word of what it covers went from
 /// `old` to `new` (all as they are in the packet).
 #[inline(always)]
-fn csum_update(check: u16, old: u16, new: u16) -> u16 {
+pub fn csum_update(check: u16, old: u16, new: u16) -> u16 {
     let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
     let sum = (sum & 0xffff) + (sum >> 16);
     !(((sum & 0xffff) + (sum >> 16)) as u16)
 }
 
 /// The quote of an ICMP error about a translated connection: the packet the other
-/// side of the translation sent, so its source is what `to` makes the error's
-/// destination (and its source port `to.dport`), or its destination what `to` makes
-/// the error's source. Its header checksum is updated, and the error's checksum for
-/// every word changed. The quoted transport checksum is left: only the first 8 bytes
-/// are quoted, and receivers match errors by addresses and ports.
+/// side sent, so its source becomes what `to` makes the error's destination (and its
+/// source port `to.dport`), its destination what `to` makes the error's source (and
+/// its destination port `to.sport`), each where the error's own address changes (both
+/// for a hairpin). Its header checksum is updated, and the error's checksum for every
+/// word changed. The quoted transport checksum is left: only the first 8 bytes are
+/// quoted, and receivers match errors by addresses and ports.
 #[inline(always)]
 fn quoted(ctx: &TcContext, ip: &Ipv4, to: &Rewrite) -> Result<(), DropReason> {
     let inner = ip.l4_off + ICMP_HLEN;
     let mut pkt = Packet::new(ctx);
     let q = ipv4::quoted(&mut pkt, inner, ip.end).ok_or(DropReason::MalformedL4)?;
-    let outer_check = ip.l4_off + 2;
-    // Inbound errors: the quote's source is the external address; outbound: its
-    // destination is the fixed one.
-    let (addr_off, old_addr, new_addr, source) = if to.dst != ip.dst {
-        (inner + 12, q.src, to.dst, true)
-    } else {
-        (inner + 16, q.dst, to.src, false)
-    };
-    if old_addr != new_addr {
-        let mut check: [u8; 2] = ctx.load(inner + 10).map_err(|_| DropReason::MalformedL4)?;
-        let old_check = check;
-        let mut c = u16::from_ne_bytes(check);
-        for i in 0..2 {
-            let old = u16::from_ne_bytes([old_addr[2 * i], old_addr[2 * i + 1]]);
-            let new = u16::from_ne_bytes([new_addr[2 * i], new_addr[2 * i + 1]]);
-            c = csum_update(c, old, new);
-        }
-        check = c.to_ne_bytes();
-        let words = [
-            (
-                u32::from_ne_bytes(old_addr),
-                u32::from_ne_bytes(new_addr),
-                4,
-            ),
-            (
-                u32::from(u16::from_ne_bytes(old_check)),
-                u32::from(u16::from_ne_bytes(check)),
-                2,
-            ),
-        ];
-        for (from, to, size) in words {
-            ctx.l4_csum_replace(outer_check, u64::from(from), u64::from(to), size)
-                .map_err(|_| DropReason::MalformedL4)?;
-        }
-        store(ctx, addr_off, &new_addr)?;
-        store(ctx, inner + 10, &check)?;
+    if to.dst != ip.dst {
+        quote_side(ctx, ip, &q, (12, q.src, to.dst), (0, to.dport))?;
     }
-    // The quote's port on the translated side: `to.dport` inbound, `to.sport` outbound.
-    let new_port = if source { to.dport } else { to.sport };
+    if to.src != ip.src {
+        quote_side(ctx, ip, &q, (16, q.dst, to.src), (2, to.sport))?;
+    }
+    Ok(())
+}
+
+/// One side of the quote `q`: its address at `addr.0` (from the quote's start) from
+/// `addr.1` to `addr.2`, and its port at `port.0` (from its transport header) to
+/// `port.1` (0: kept).
+#[inline(always)]
+fn quote_side(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    q: &Ipv4,
+    addr: (usize, [u8; 4], [u8; 4]),
+    port: (usize, u16),
+) -> Result<(), DropReason> {
+    quote_address(ctx, ip, ip.l4_off + ICMP_HLEN + addr.0, addr.1, addr.2)?;
     let port_off = match q.proto {
-        IPPROTO_TCP | IPPROTO_UDP => q.l4_off + if source { 0 } else { 2 },
+        IPPROTO_TCP | IPPROTO_UDP => q.l4_off + port.0,
         IPPROTO_ICMP => q.l4_off + 4,
         _ => return Ok(()),
     };
-    if !q.first_fragment || new_port == 0 {
-        return Ok(());
-    }
-    let old: [u8; 2] = ctx.load(port_off).map_err(|_| DropReason::MalformedL4)?;
-    let new = new_port.to_be_bytes();
-    if old != new {
-        ctx.l4_csum_replace(
-            outer_check,
-            u64::from(u16::from_ne_bytes(old)),
-            u64::from(u16::from_ne_bytes(new)),
-            2,
-        )
-        .map_err(|_| DropReason::MalformedL4)?;
-        store(ctx, port_off, &new)?;
+    if q.first_fragment && port.1 != 0 {
+        quote_word(ctx, ip, port_off, port.1.to_be_bytes())?;
     }
     Ok(())
+}
+
+/// Writes `new` over the quoted address at `off` (was `old`), with the quote's header
+/// checksum and the error's checksum.
+#[inline(always)]
+fn quote_address(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    off: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), DropReason> {
+    if old == new {
+        return Ok(());
+    }
+    let check_off = ip.l4_off + ICMP_HLEN + 10;
+    let check: [u8; 2] = ctx.load(check_off).map_err(|_| DropReason::MalformedL4)?;
+    let mut c = u16::from_ne_bytes(check);
+    for i in 0..2 {
+        let from = u16::from_ne_bytes([old[2 * i], old[2 * i + 1]]);
+        let to = u16::from_ne_bytes([new[2 * i], new[2 * i + 1]]);
+        c = csum_update(c, from, to);
+    }
+    ctx.l4_csum_replace(
+        ip.l4_off + 2,
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+        4,
+    )
+    .map_err(|_| DropReason::MalformedL4)?;
+    store(ctx, off, &new)?;
+    quote_word(ctx, ip, check_off, c.to_ne_bytes())
+}
+
+/// Writes the 16-bit word `new` at `off` inside the quote, with the error's checksum.
+#[inline(always)]
+fn quote_word(ctx: &TcContext, ip: &Ipv4, off: usize, new: [u8; 2]) -> Result<(), DropReason> {
+    let old: [u8; 2] = ctx.load(off).map_err(|_| DropReason::MalformedL4)?;
+    if old == new {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(
+        ip.l4_off + 2,
+        u64::from(u16::from_ne_bytes(old)),
+        u64::from(u16::from_ne_bytes(new)),
+        2,
+    )
+    .map_err(|_| DropReason::MalformedL4)?;
+    store(ctx, off, &new)
 }
 
 /// The packet an ICMP error quotes: (protocol, source, destination, source port,
@@ -441,7 +462,7 @@ fn translate_inbound(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
     let ip = ipv4::parse(&mut pkt)?;
     // SAFETY: the agent replaces entries with one update, never in place.
     let Some(ext) = (unsafe { EXT_ADDRS4.get(&ip.dst) }) else {
-        return Ok(None);
+        return route_in(ctx, &ip);
     };
     let l4 = transport(&mut pkt, &ip)?;
     // An error is about the connection of the packet it quotes, which left translated.
@@ -466,6 +487,48 @@ fn translate_inbound(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
     to_inside(ctx, &inside).map(Some)
 }
 
+/// A frame for a router's gateway MAC and no external address: routed by that
+/// router's routes to a port, untranslated (one TTL less, the router interface's MAC
+/// as source). `None`: not for a router's MAC (the host's).
+#[inline(always)]
+fn route_in(ctx: &TcContext, ip: &Ipv4) -> Result<Option<FdbEntry>, DropReason> {
+    let dst: Mac = ctx.load(0).map_err(|_| DropReason::MalformedEthernet)?;
+    // SAFETY: the agent replaces entries with one update, never in place.
+    let Some(router_slot) = (unsafe { GATEWAY_MACS.get(&dst) }).copied() else {
+        return Ok(None);
+    };
+    let key = RouteKey4 {
+        router_slot,
+        addr: ip.dst,
+    };
+    let route: &Route = ROUTES4
+        .get(Key::new(ROUTE_FIXED_BITS + 32, key))
+        .ok_or(DropReason::NoRoute)?;
+    // Only into the router: not out again, not to its own addresses.
+    if route.flags & (route_flags::EXTERNAL | route_flags::LOCAL) != 0 {
+        return Err(DropReason::NoRoute);
+    }
+    let addr = if route.flags & route_flags::VIA != 0 {
+        [
+            route.nexthop[0],
+            route.nexthop[1],
+            route.nexthop[2],
+            route.nexthop[3],
+        ]
+    } else {
+        ip.dst
+    };
+    let inside = Inside {
+        addr,
+        port: 0,
+        network_slot: route.network_slot,
+        router_mac: route.mac,
+    };
+    let target = to_inside(ctx, &inside)?;
+    decrement_ttl(ctx)?;
+    Ok(Some(target))
+}
+
 /// A packet the router of `rif` routes out of its external gateway (a [`Hop`]): to the
 /// uplink, translated; or, for an external address this node translates, back inside
 /// (hairpin).
@@ -488,32 +551,41 @@ fn translate_outbound(
     let ip = ipv4::parse(&mut pkt)?;
     let l4 = transport(&mut pkt, &ip)?;
     let (src, sport) = source_nat(ctx, port, rif, &router_mac, gw, &ip, &l4)?;
+    // The translation is put together in the scratch: the call chain has little stack.
+    let s = scratch()?;
     // SAFETY: as above.
     if let Some(ext) = unsafe { EXT_ADDRS4.get(&ip.dst) } {
-        let inside = inside(ext, ip.dst, l4.dst, src, sport, ip.proto, l4.tcp_flags)?;
-        let to = Rewrite {
+        // An error is about the connection it quotes, whose source was translated.
+        let (proto, dport, remote_port) = if l4.kind == Kind::IcmpError {
+            let (proto, _, _, quote_sport, quote_dport) = quoted_connection(ctx, &ip)?;
+            (proto, quote_sport, quote_dport)
+        } else {
+            (ip.proto, l4.dst, sport)
+        };
+        s.inside = inside(ext, ip.dst, dport, src, remote_port, proto, l4.tcp_flags)?;
+        s.rewrite = Rewrite {
             src,
-            dst: inside.addr,
+            dst: s.inside.addr,
             sport,
             dport: if ext.flags & ext_addr_flags::GATEWAY != 0 {
-                inside.port
+                s.inside.port
             } else {
                 l4.dst
             },
         };
-        apply(ctx, &ip, &l4, &to)?;
-        return to_inside(ctx, &inside);
+        apply(ctx, &ip, &l4, &s.rewrite)?;
+        return to_inside(ctx, &s.inside);
     }
     if gw.nexthop_mac == [0; 6] {
         return Err(DropReason::NoNeighbor);
     }
-    let to = Rewrite {
+    s.rewrite = Rewrite {
         src,
         dst: ip.dst,
         sport,
         dport: l4.dst,
     };
-    apply(ctx, &ip, &l4, &to)?;
+    apply(ctx, &ip, &l4, &s.rewrite)?;
     store(ctx, 0, &gw.nexthop_mac)?;
     store(ctx, 6, &gw.mac)?;
     if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
@@ -557,15 +629,10 @@ fn source_nat(
     }
     match l4.kind {
         Kind::Tcp | Kind::Udp | Kind::EchoRequest => {}
-        Kind::IcmpError => return quoted_binding(ctx, port, gw, ip),
+        Kind::IcmpError => return quoted_binding(ctx, port, ip),
         _ => return Err(DropReason::NatUnsupported),
     }
-    let s = NAT_SCRATCH
-        .get_ptr_mut(0)
-        .ok_or(DropReason::NatPortsExhausted)?;
-    // SAFETY: per-CPU value, only touched by the program running on this CPU, and only
-    // while one packet is translated.
-    let s = unsafe { &mut *s };
+    let s = scratch()?;
     s.flow = SnatFlow4 {
         network_slot: port.network_slot,
         internal: ip.src,
@@ -618,7 +685,6 @@ fn source_nat(
 fn quoted_binding(
     ctx: &TcContext,
     port: &PortInfo,
-    gw: &RouterGateway,
     ip: &Ipv4,
 ) -> Result<([u8; 4], u16), DropReason> {
     let (proto, remote, internal, remote_port, internal_port) = quoted_connection(ctx, ip)?;
@@ -633,16 +699,48 @@ fn quoted_binding(
     };
     let binding = SNAT4_OUT.get_ptr(&flow).ok_or(DropReason::NoNatBinding)?;
     // SAFETY: a map value, read once.
-    Ok((gw.ip4, unsafe { (*binding).external_port }))
+    let binding = unsafe { *binding };
+    // Still the connection's: the reply side points back to it.
+    let key = SnatKey4 {
+        external: binding.external,
+        remote,
+        external_port: binding.external_port,
+        remote_port,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a map value, read once.
+    let held = SNAT4_IN.get_ptr(&key).map(|held| unsafe { *held });
+    match held {
+        Some(held)
+            if held.internal == internal
+                && held.internal_port == internal_port
+                && held.network_slot == port.network_slot =>
+        {
+            Ok((binding.external, binding.external_port))
+        }
+        _ => Err(DropReason::NoNatBinding),
+    }
 }
 
-/// Where SNAT puts together a new binding: kept off the stack, of which the call chain
-/// below `port_ingress` has little. Not part of the ABI.
+/// Where SNAT puts together a new binding, and `outbound` its translation: kept off the
+/// stack, of which the call chain below `port_ingress` has little. One per CPU: a
+/// program runs to its end on its CPU. Not part of the ABI.
 #[repr(C)]
 pub struct NatScratch {
     flow: SnatFlow4,
     origin: SnatOrigin4,
     key: SnatKey4,
+    inside: Inside,
+    rewrite: Rewrite,
+}
+
+#[inline(always)]
+fn scratch() -> Result<&'static mut NatScratch, DropReason> {
+    let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(DropReason::NoRoute)?;
+    // SAFETY: per-CPU value, only touched by the program running on this CPU, and only
+    // while one packet is translated.
+    Ok(unsafe { &mut *s })
 }
 
 /// Binds a free port of the gateway's range (or one whose binding outlived its
@@ -680,8 +778,9 @@ fn bind(gw: &RouterGateway, s: &mut NatScratch) -> Result<(), DropReason> {
             external_port: key.external_port,
             _pad: [0; 2],
         };
-        // A lost forward entry only costs the connection a new port later.
-        let _ = SNAT4_OUT.insert(flow, &binding, u64::from(BPF_NOEXIST));
+        // Replaces a stale entry of the connection (its port was taken over). A lost
+        // write only costs the connection a new port at its next packet.
+        let _ = SNAT4_OUT.insert(flow, &binding, u64::from(BPF_ANY));
         return Ok(());
     }
     Err(DropReason::NatPortsExhausted)

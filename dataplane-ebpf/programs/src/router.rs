@@ -216,7 +216,11 @@ fn routed4(
     let route: &Route = ROUTES4
         .get(Key::new(ROUTE_FIXED_BITS + 32, key))
         .ok_or(DropReason::NoRoute)?;
-    if route.flags & route_flags::LOCAL != 0 {
+    // The router's own address answers pings; its gateway address (also `EXTERNAL`)
+    // has the rest translated, as replies to SNAT bindings (hairpin).
+    if route.flags & route_flags::LOCAL != 0
+        && (route.flags & route_flags::EXTERNAL == 0 || echo_request4(ctx, ip)?)
+    {
         return echo4(ctx, port, ip, eth_src, eth_dst).map(Some);
     }
     let ttl: u8 = load(ctx, IP4_TTL)?;
@@ -255,6 +259,16 @@ fn routed4(
     Ok(Some(target))
 }
 
+/// Whether the packet is an ICMP echo request (a whole one: first fragment, header in).
+#[inline(always)]
+fn echo_request4(ctx: &TcContext, ip: &Ipv4) -> Result<bool, DropReason> {
+    if ip.proto != IPPROTO_ICMP || !ip.first_fragment || ip.l4_off + 8 > ip.end {
+        return Ok(false);
+    }
+    let kind: [u8; 2] = load(ctx, ip.l4_off)?;
+    Ok(kind == [ICMP_ECHO_REQUEST, 0])
+}
+
 /// An echo request to one of the router's addresses becomes the reply, back to the
 /// sender; anything else to the router is not for it to answer.
 #[inline(always)]
@@ -265,11 +279,7 @@ fn echo4(
     eth_src: &Mac,
     eth_dst: &Mac,
 ) -> Result<FdbEntry, DropReason> {
-    if ip.proto != IPPROTO_ICMP || !ip.first_fragment || ip.l4_off + 8 > ip.end {
-        return Err(DropReason::NoRoute);
-    }
-    let kind: [u8; 2] = load(ctx, ip.l4_off)?;
-    if kind != [ICMP_ECHO_REQUEST, 0] {
+    if !echo_request4(ctx, ip)? {
         return Err(DropReason::NoRoute);
     }
     let sender = port_of(port.network_slot, eth_src)?;
@@ -493,8 +503,8 @@ fn time_exceeded6_hop(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> u64 {
 }
 
 /// An expired IPv4 packet becomes a time-exceeded error from the router's address on
-/// the sender's network, back to the sender. None for packets with IP options, ICMP
-/// errors (errors are not answered with errors), or when the interface has no IPv4
+/// the sender's network, back to the sender. None for packets with IP options, later
+/// fragments, ICMP errors (errors are not answered with errors), or when the interface has no IPv4
 /// address: those are only counted.
 #[inline(always)]
 fn time_exceeded4(
@@ -505,7 +515,12 @@ fn time_exceeded4(
     eth_src: &Mac,
     eth_dst: &Mac,
 ) -> Result<FdbEntry, DropReason> {
-    if rif.ip4 == [0; 4] || ip.l4_off != ETH_HLEN + 20 || ip.l4_off + 8 > ip.end {
+    // Never about a fragment after the first (RFC 1812 4.3.2.7).
+    if rif.ip4 == [0; 4]
+        || !ip.first_fragment
+        || ip.l4_off != ETH_HLEN + 20
+        || ip.l4_off + 8 > ip.end
+    {
         return Err(DropReason::TtlExceeded);
     }
     if ip.proto == IPPROTO_ICMP {

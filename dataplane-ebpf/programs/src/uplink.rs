@@ -14,6 +14,7 @@ use crate::{
     eth::{EthHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
     ipv4::Ipv4Hdr,
     maps::{EXT_ADDRS4, UPLINK_STATS},
+    nat::csum_update,
 };
 
 const ARP_REQUEST: u16 = 1;
@@ -21,6 +22,8 @@ const ARP_REPLY: u16 = 2;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
+/// TTL of what the router itself sends.
+const ROUTER_TTL: u8 = 64;
 
 #[repr(C, align(2))]
 struct IcmpHdr {
@@ -138,12 +141,18 @@ fn echo(ctx: &XdpContext, eth: *mut EthHdr, ip: &mut Ipv4Hdr, ext: &ExternalAddr
         return None;
     }
     icmp.kind = ICMP_ECHO_REPLY;
-    // RFC 1624: the type byte went from 8 to 0 in the first 16-bit word.
-    let check = u16::from_be_bytes(icmp.check);
-    let sum = u32::from(check) + 0x0800;
-    icmp.check = (((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes();
-    // Swapped addresses leave the header checksum as it is.
+    icmp.check = csum_update(
+        u16::from_be_bytes(icmp.check),
+        u16::from(ICMP_ECHO_REQUEST) << 8,
+        u16::from(ICMP_ECHO_REPLY) << 8,
+    )
+    .to_be_bytes();
+    // Swapped addresses leave the header checksum as it is; a TTL of its own does not.
     core::mem::swap(&mut ip.src, &mut ip.dst);
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.ttl = ROUTER_TTL;
+    let new = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.check = csum_update(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
     eth.dst = eth.src;
     eth.src = ext.mac;
     Some(XDP_TX)

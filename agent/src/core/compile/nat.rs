@@ -6,7 +6,10 @@
 //! - `ROUTER_GW`: the way out (uplink, the gateway port's MAC, the external subnet's
 //!   gateway MAC as the kernel layer resolved it) and SNAT (`enable_snat`, the
 //!   gateway's external fixed IP, the node's port range);
-//! - `EXT_ADDRS4` for the gateway address.
+//! - `EXT_ADDRS4` for the gateway address (and a `LOCAL` route: it answers pings);
+//! - `GATEWAY_MACS`: what arrives on the uplink for the gateway port's MAC and no
+//!   external address is routed in untranslated (replies to ports of routers without
+//!   SNAT, traffic the upstream routes to tenant subnets).
 //!
 //! Floating IPs are distributed: the node of the port translates them. Each associated
 //! floating IP of a local port on a router programmed here gets `FIPS4` (floating →
@@ -180,7 +183,28 @@ pub(super) fn compile_gateways(
             gw.address.octets(),
             external_addr(gw.mac, ext_addr_flags::GATEWAY),
         );
+        // What arrives for the router's MAC and no external address is routed in.
+        tables.gateway_macs.insert(gw.mac.0, programmed.slot);
         gateways.push((programmed, gw));
+    }
+    // The gateway addresses on each router's external network, its own too: pings
+    // from inside are answered (as the gateway would, over the external network), the
+    // rest is translated (hairpin).
+    for (programmed, gw) in &gateways {
+        for (_, other) in gateways
+            .iter()
+            .filter(|(_, o)| o.network_id == gw.network_id)
+        {
+            super::router::add_route(
+                tables,
+                programmed.slot,
+                IpNet::V4(Ipv4Net::from(other.address)),
+                Route {
+                    flags: route_flags::LOCAL | route_flags::EXTERNAL,
+                    ..Route::default()
+                },
+            );
+        }
     }
     for fip in state.floating_ips.values() {
         let (kind, reason) = match floating_ip(state, slots, fip, &gateways, tables) {
