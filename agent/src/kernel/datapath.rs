@@ -979,19 +979,6 @@ fn summed(map: &PerCpuArray<MapData, PortStats>, index: u32) -> Result<Counters,
     Ok(counters)
 }
 
-fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::Program {
-            program: name,
-            source,
-        })
-}
-
 fn nonzero_drops(count: impl Fn(DropReason) -> u64) -> Vec<(DropReason, u64)> {
     DropReason::ALL
         .into_iter()
@@ -1004,6 +991,18 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
+    program(ebpf, name)
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+    program(ebpf, name)
+}
+
+/// The program `name` of the object, as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DatapathError::Missing {
             kind: "program",

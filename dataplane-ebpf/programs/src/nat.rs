@@ -28,7 +28,7 @@ use crate::{
         SNAT4_IN, SNAT4_OUT, UPLINK_STATS,
     },
     packet::Packet,
-    router::{Hop, IP4_CHECK, IP4_DST, IP4_SRC, IP4_TTL},
+    router::{nexthop4, Hop, IP4_CHECK, IP4_DST, IP4_SRC, IP4_TTL},
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -508,18 +508,8 @@ fn route_in(ctx: &TcContext, ip: &Ipv4) -> Result<Option<FdbEntry>, DropReason> 
     if route.flags & (route_flags::EXTERNAL | route_flags::LOCAL) != 0 {
         return Err(DropReason::NoRoute);
     }
-    let addr = if route.flags & route_flags::VIA != 0 {
-        [
-            route.nexthop[0],
-            route.nexthop[1],
-            route.nexthop[2],
-            route.nexthop[3],
-        ]
-    } else {
-        ip.dst
-    };
     let inside = Inside {
-        addr,
+        addr: nexthop4(route, ip.dst),
         port: 0,
         network_slot: route.network_slot,
         router_mac: route.mac,

@@ -18,11 +18,12 @@ use dataplane_abi::{
 };
 
 use crate::{
-    drop, nat,
+    drop,
     eth::{self, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::{self, Ipv4},
     ipv6::{self, Ipv6},
     maps::{ERROR_SCRATCH, FDB, NEIGH4, NEIGH6, PORT_STATS, ROUTER_IFS, ROUTES4, ROUTES6},
+    nat,
     packet::Packet,
 };
 
@@ -130,9 +131,9 @@ pub fn route(
             Hop(error).decode()?.ok_or(DropReason::TtlExceeded)
         }
         // Out of the router's external gateway: translated by a function of its own.
-        Ok(None) if proto == ETH_P_IP => {
-            Hop(nat::outbound(ctx, port, rif)).decode()?.ok_or(DropReason::NoRoute)
-        }
+        Ok(None) if proto == ETH_P_IP => Hop(nat::outbound(ctx, port, rif))
+            .decode()?
+            .ok_or(DropReason::NoRoute),
         other => other?.ok_or(DropReason::NoRoute),
     }
 }
@@ -231,16 +232,7 @@ fn routed4(
     if route.flags & route_flags::EXTERNAL != 0 {
         return Ok(None);
     }
-    let nexthop = if route.flags & route_flags::VIA != 0 {
-        [
-            route.nexthop[0],
-            route.nexthop[1],
-            route.nexthop[2],
-            route.nexthop[3],
-        ]
-    } else {
-        ip.dst
-    };
+    let nexthop = nexthop4(route, ip.dst);
     let neigh_key = NeighKey4 {
         network_slot: route.network_slot,
         addr: nexthop,
@@ -267,6 +259,21 @@ fn echo_request4(ctx: &TcContext, ip: &Ipv4) -> Result<bool, DropReason> {
     }
     let kind: [u8; 2] = load(ctx, ip.l4_off)?;
     Ok(kind == [ICMP_ECHO_REQUEST, 0])
+}
+
+/// Where `route` takes a packet to `dst`: its next hop (`VIA`), or `dst` itself.
+#[inline(always)]
+pub(crate) fn nexthop4(route: &Route, dst: [u8; 4]) -> [u8; 4] {
+    if route.flags & route_flags::VIA != 0 {
+        [
+            route.nexthop[0],
+            route.nexthop[1],
+            route.nexthop[2],
+            route.nexthop[3],
+        ]
+    } else {
+        dst
+    }
 }
 
 /// An echo request to one of the router's addresses becomes the reply, back to the
