@@ -1267,8 +1267,8 @@ fn the_gateways_echo_reply_has_a_ttl_of_its_own() -> Result<()> {
 /// A connection keeps its SNAT port for as long as it lives, also when its forward
 /// entry (`SNAT4_OUT`) outlived the binding it named: here because the gateway's
 /// address changed; in production when another connection took its port after it
-/// idled past its lifetime. A stale forward entry is never replaced (`BPF_NOEXIST`),
-/// so every later packet of the connection binds another port.
+/// idled past its lifetime. The connection binds a new port once, and its forward
+/// entry is replaced: the next packets keep that port.
 #[test]
 fn a_connection_keeps_its_snat_port_after_its_forward_entry_went_stale() -> Result<()> {
     with_lab(|lab| {
@@ -1303,9 +1303,8 @@ fn a_connection_keeps_its_snat_port_after_its_forward_entry_went_stale() -> Resu
 
 /// An ICMP error a VM behind SNAT sends about a reply of its connection leaves with
 /// the connection's current port, also when the forward entry went stale (as in
-/// `a_connection_keeps_its_snat_port_after_its_forward_entry_went_stale`): the error's
-/// binding is looked up in `SNAT4_OUT` alone, without checking that `SNAT4_IN` still
-/// points back to the connection.
+/// `a_connection_keeps_its_snat_port_after_its_forward_entry_went_stale`): the
+/// forward entry counts only while `SNAT4_IN` still points back to the connection.
 #[test]
 fn an_icmp_error_about_a_connection_uses_its_current_port() -> Result<()> {
     with_lab(|lab| {
