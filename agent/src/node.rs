@@ -485,12 +485,13 @@ impl Node {
             &mut slots,
         );
         if let (Some(config), Some(uplink)) = (&self.uplink, &devices.uplink) {
-            // A veth (tests, containers) takes generic XDP: see `attach_uplink`.
-            let veth = devices.peers.contains(&uplink.ifindex)
-                || links::peer_devices().is_ok_and(|peers| peers.contains(&uplink.ifindex));
-            inner
-                .datapath
-                .attach_uplink(&config.interface, uplink.ifindex, veth)?;
+            if !inner.datapath.uplink_attached(uplink.ifindex) {
+                // A veth (tests, containers) takes generic XDP: see `attach_uplink`.
+                let veth = links::peer_devices().is_ok_and(|peers| peers.contains(&uplink.ifindex));
+                inner
+                    .datapath
+                    .attach_uplink(&config.interface, uplink.ifindex, veth)?;
+            }
         }
         for port in &compiled.ports {
             if !inner.devices.interfaces.contains_key(&port.interface_name) {

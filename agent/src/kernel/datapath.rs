@@ -688,7 +688,7 @@ impl Datapath {
         ifindex: u32,
         generic: bool,
     ) -> Result<(), DatapathError> {
-        if self.uplink.as_ref().is_some_and(|u| u.ifindex == ifindex) {
+        if self.uplink_attached(ifindex) {
             return Ok(());
         }
         self.detach_uplink();
@@ -731,6 +731,11 @@ impl Datapath {
             ingress,
         });
         Ok(())
+    }
+
+    /// Whether the uplink programs are on device `ifindex`.
+    pub fn uplink_attached(&self, ifindex: u32) -> bool {
+        self.uplink.as_ref().is_some_and(|u| u.ifindex == ifindex)
     }
 
     /// Takes the programs off the uplink.
