@@ -1137,6 +1137,30 @@ fn a_vm_pings_its_routers_gateway_address() -> Result<()> {
     })
 }
 
+/// Another router's gateway address is one hop further: a ping of it is answered
+/// when its TTL allows the hop, and with TTL 1 expires at the VM's own router.
+#[test]
+fn another_routers_gateway_is_one_hop_further() -> Result<()> {
+    with_lab(|lab| {
+        let ping = |ttl| {
+            eth(
+                R1_N1,
+                MAC_A,
+                &ip4(A, GW2, ttl, proto::ICMP, &frames::icmp4_echo(5, 1)),
+            )
+        };
+        let pong = lab.expect_to("ta", &ping(64), "ta", "ping of r2's gateway")?;
+        let reply = &pong[ETH_HLEN..];
+        ensure!(reply[20] == icmp4_type::ECHO_REPLY, "not an echo reply");
+        ensure!(reply[12..16] == ip(GW2).octets(), "not from r2's gateway");
+        let expired = lab.expect_to("ta", &ping(1), "ta", "TTL 1 to r2's gateway")?;
+        let error = &expired[ETH_HLEN..];
+        ensure!(error[20] == icmp4_type::TIME_EXCEEDED, "not time exceeded");
+        ensure!(error[12..16] == [10, 0, 1, 1], "not from a's gateway");
+        Ok(())
+    })
+}
+
 /// A router without SNAT sends its ports' traffic out untranslated; the replies come
 /// back to those fixed addresses through the gateway and must be routed to the ports.
 #[test]

@@ -56,6 +56,9 @@ pub mod route_flags {
     /// Out through the router's external gateway (see `crate::nat`): `network_slot`,
     /// `mac` and `nexthop` are unused, `ROUTER_GW` has the way out.
     pub const EXTERNAL: u32 = 1 << 2;
+    /// With `LOCAL`: another router's address (its gateway), one hop further: answered
+    /// only when the TTL allows that hop.
+    pub const BEYOND: u32 = 1 << 3;
 }
 
 /// Where a route leads: out of the router's interface on `network_slot`, whose MAC is

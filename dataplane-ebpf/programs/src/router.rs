@@ -217,14 +217,16 @@ fn routed4(
     let route: &Route = ROUTES4
         .get(Key::new(ROUTE_FIXED_BITS + 32, key))
         .ok_or(DropReason::NoRoute)?;
-    // The router's own address answers pings; its gateway address (also `EXTERNAL`)
-    // has the rest translated, as replies to SNAT bindings (hairpin).
+    // The router's own addresses answer pings, another router's gateway (`BEYOND`) when
+    // the ping can make the hop; a gateway address (`EXTERNAL`) has the rest translated,
+    // as replies to SNAT bindings (hairpin).
+    let ttl: u8 = load(ctx, IP4_TTL)?;
     if route.flags & route_flags::LOCAL != 0
         && (route.flags & route_flags::EXTERNAL == 0 || echo_request4(ctx, ip)?)
+        && (route.flags & route_flags::BEYOND == 0 || ttl > 1)
     {
         return echo4(ctx, port, ip, eth_src, eth_dst).map(Some);
     }
-    let ttl: u8 = load(ctx, IP4_TTL)?;
     if ttl <= 1 {
         // Answered by `route` with a time-exceeded error.
         return Err(DropReason::TtlExceeded);

@@ -191,16 +191,21 @@ pub(super) fn compile_gateways(
     // from inside are answered (as the gateway would, over the external network), the
     // rest is translated (hairpin).
     for (programmed, gw) in &gateways {
-        for (_, other) in gateways
+        for (router, other) in gateways
             .iter()
             .filter(|(_, o)| o.network_id == gw.network_id)
         {
+            let beyond = if router.slot == programmed.slot {
+                0
+            } else {
+                route_flags::BEYOND
+            };
             super::router::add_route(
                 tables,
                 programmed.slot,
                 IpNet::V4(Ipv4Net::from(other.address)),
                 Route {
-                    flags: route_flags::LOCAL | route_flags::EXTERNAL,
+                    flags: route_flags::LOCAL | route_flags::EXTERNAL | beyond,
                     ..Route::default()
                 },
             );
