@@ -447,7 +447,10 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
             (StatusKind::Down, "admin_state_up is false")
         } else if let Some((_, kind, reason)) = gateway_problem {
             (*kind, reason.as_str())
-        } else if routers.iter().any(|programmed| programmed.router.id == router.id) {
+        } else if routers
+            .iter()
+            .any(|programmed| programmed.router.id == router.id)
+        {
             (StatusKind::Active, "")
         } else {
             (StatusKind::Down, ROUTER_NOT_HERE)

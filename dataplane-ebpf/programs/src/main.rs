@@ -43,10 +43,10 @@ use dataplane_abi::{
 
 use crate::{
     drop::Hook,
-    maps::UPLINK_STATS,
-    router::Hop,
     eth::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
+    maps::UPLINK_STATS,
     packet::Packet,
+    router::Hop,
 };
 
 /// Does nothing: the benchmark floor.

@@ -124,8 +124,7 @@ pub static FIP_OF4: HashMap<FixedAddr4, FixedNat4> = HashMap::with_max_entries(6
 pub static SNAT4_IN: LruHashMap<SnatKey4, SnatOrigin4> = LruHashMap::with_max_entries(262144, 0);
 
 #[map]
-pub static SNAT4_OUT: LruHashMap<SnatFlow4, SnatBinding4> =
-    LruHashMap::with_max_entries(262144, 0);
+pub static SNAT4_OUT: LruHashMap<SnatFlow4, SnatBinding4> = LruHashMap::with_max_entries(262144, 0);
 
 /// Scratch space of SNAT's bindings (see `nat::NatScratch`).
 #[map]

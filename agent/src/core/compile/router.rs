@@ -153,7 +153,12 @@ fn add_interface(tables: &mut DatapathTables, router_slot: u32, interface: &Inte
 
 /// Adds `route` to `destination`; a more specific entry for the same prefix (a static
 /// route shadowing a subnet) is not overwritten.
-pub(super) fn add_route(tables: &mut DatapathTables, router_slot: u32, destination: IpNet, route: Route) {
+pub(super) fn add_route(
+    tables: &mut DatapathTables,
+    router_slot: u32,
+    destination: IpNet,
+    route: Route,
+) {
     let prefix = ROUTE_FIXED_BITS + u32::from(destination.prefix_len());
     match destination.trunc() {
         IpNet::V4(net) => {
