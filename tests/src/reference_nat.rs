@@ -51,6 +51,7 @@ use dataplane_agent::core::{
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::frames::{self, proto, IPV4_HLEN};
+use crate::reference_router::RouterReference;
 
 /// `device_owner` of a router's gateway port.
 pub const GATEWAY_OWNER: &str = "network:router_gateway";
@@ -613,16 +614,21 @@ enum Held<'s> {
 }
 
 impl<'a> Node<'a> {
+    /// The routing model's view of the same node.
+    fn routing(&self) -> RouterReference<'a> {
+        RouterReference {
+            state: self.state,
+            node_name: self.node_name,
+            devices: self.devices,
+        }
+    }
+
     pub fn local(&self, port: &Port) -> bool {
-        port.binding.host == self.node_name
-            && self.devices.contains_key(&port.binding.interface_name)
+        self.routing().local(port)
     }
 
     fn network_here(&self, network_id: &str) -> bool {
-        self.state
-            .ports
-            .values()
-            .any(|p| p.network_id == network_id && self.local(p))
+        self.routing().network_here(network_id)
     }
 
     fn gateway(&self, router: &Router) -> Option<Gateway> {

@@ -87,13 +87,13 @@ struct Interface<'a> {
 }
 
 impl RouterReference<'_> {
-    fn local(&self, port: &Port) -> bool {
+    pub(crate) fn local(&self, port: &Port) -> bool {
         port.binding.host == self.node_name
             && self.devices.contains_key(&port.binding.interface_name)
     }
 
     /// A network the node has ports of (only those are routed here).
-    fn network_here(&self, network_id: &str) -> bool {
+    pub(crate) fn network_here(&self, network_id: &str) -> bool {
         self.state
             .ports
             .values()

@@ -691,3 +691,50 @@ pub fn traced_datapath(
         },
     )?)
 }
+
+/// `XDP_*` return codes.
+pub const XDP_DROP: i32 = 1;
+pub const XDP_PASS: i32 = 2;
+pub const XDP_TX: i32 = 3;
+
+/// What became of a frame arriving on the uplink: `uplink_xdp` sent it back or dropped
+/// it (with the drop reasons it counted), or passed it on to `uplink_ingress`.
+pub enum UplinkArrival {
+    Tx(Vec<u8>),
+    Dropped(Vec<DropReason>),
+    Passed(Box<dataplane_agent::kernel::datapath::TestRunOutcome>),
+}
+
+/// Runs `frame` through `uplink_xdp` on device `ifindex`, and through `uplink_ingress`
+/// if it passed (unchanged, which is checked).
+pub fn arrive_on_uplink(
+    datapath: &mut dataplane_agent::kernel::datapath::Datapath,
+    ifindex: u32,
+    frame: &[u8],
+) -> Result<UplinkArrival> {
+    let before = datapath.uplink_counters()?.drops;
+    let run = datapath.test_run(program_names::UPLINK_XDP, ifindex, 0, frame, 1)?;
+    match run.return_code {
+        XDP_TX => Ok(UplinkArrival::Tx(run.frame)),
+        XDP_DROP => {
+            let after = datapath.uplink_counters()?.drops;
+            let counted = after
+                .iter()
+                .filter(|(r, n)| before.iter().find(|(b, _)| b == r).map_or(0, |(_, m)| *m) < *n)
+                .map(|(r, _)| *r)
+                .collect();
+            Ok(UplinkArrival::Dropped(counted))
+        }
+        XDP_PASS => {
+            ensure!(run.frame == frame, "uplink_xdp passed a changed frame");
+            Ok(UplinkArrival::Passed(Box::new(datapath.test_run(
+                program_names::UPLINK_INGRESS,
+                ifindex,
+                0,
+                frame,
+                1,
+            )?)))
+        }
+        other => bail!("uplink_xdp returned {other}"),
+    }
+}

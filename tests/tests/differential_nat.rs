@@ -47,7 +47,7 @@ use dataplane_tests::{
     frames::{self, ethertype, proto, tcp_flags, ETH_HLEN},
     netns::{device_lab, env_number},
     reference_nat::{Expect, Input, Judged, NatReference, Node, Outcome, Packet, View, L4},
-    testrun::TC_ACT_OK,
+    testrun::{arrive_on_uplink, UplinkArrival, TC_ACT_OK},
 };
 use rand::{rngs::StdRng, seq::IndexedRandom, Rng, SeedableRng};
 
@@ -57,10 +57,6 @@ const NETWORKS: usize = 3;
 const DEVICES: usize = 6;
 const FIPS: usize = 4;
 const NEXTHOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 1];
-
-const XDP_DROP: i32 = 1;
-const XDP_PASS: i32 = 2;
-const XDP_TX: i32 = 3;
 
 fn port_mac(i: usize) -> [u8; 6] {
     [0xfa, 0x16, 0x3e, 0, 0, i as u8 + 1]
@@ -346,47 +342,26 @@ impl Lab {
 
     fn run_from_uplink(&mut self, frame: &[u8]) -> Result<Got> {
         let ifindex = self.devices[UPLINK];
-        let before = self.datapath.uplink_counters()?.drops;
-        let run = self
-            .datapath
-            .test_run(program_names::UPLINK_XDP, ifindex, 0, frame, 1)?;
-        let (code, out) = (run.return_code, run.frame);
-        match code {
-            XDP_TX => Ok(Got::Tx(out)),
-            XDP_DROP => {
-                let after = self.datapath.uplink_counters()?.drops;
-                let counted: Vec<DropReason> = after
-                    .iter()
-                    .filter(|(r, n)| {
-                        before.iter().find(|(b, _)| b == r).map_or(0, |(_, m)| *m) < *n
-                    })
-                    .map(|(r, _)| *r)
-                    .collect();
-                Ok(match counted[..] {
-                    [reason] => Got::Drop(Some(reason)),
-                    _ => Got::Other(format!("XDP_DROP counted as {counted:?}")),
-                })
-            }
-            XDP_PASS if out != frame => Ok(Got::Other("uplink_xdp passed a changed frame".into())),
-            XDP_PASS => {
-                let out =
-                    self.datapath
-                        .test_run(program_names::UPLINK_INGRESS, ifindex, 0, frame, 1)?;
-                Ok(match out.verdict.action {
-                    verdict_action::DROP => Got::Drop(DropReason::from_u32(out.verdict.reason)),
-                    verdict_action::UNICAST => Got::Unicast {
-                        ifindex: out.verdict.ifindexes[0],
-                        frame: out.frame,
-                    },
-                    0 if out.return_code == TC_ACT_OK => Got::Host,
-                    other => Got::Other(format!(
-                        "uplink_ingress action {other}, code {}",
-                        out.return_code
-                    )),
-                })
-            }
-            other => Ok(Got::Other(format!("uplink_xdp returned {other}"))),
-        }
+        Ok(match arrive_on_uplink(&mut self.datapath, ifindex, frame) {
+            Ok(UplinkArrival::Tx(out)) => Got::Tx(out),
+            Ok(UplinkArrival::Dropped(counted)) => match counted[..] {
+                [reason] => Got::Drop(Some(reason)),
+                _ => Got::Other(format!("XDP_DROP counted as {counted:?}")),
+            },
+            Err(e) => Got::Other(format!("{e:#}")),
+            Ok(UplinkArrival::Passed(out)) => match out.verdict.action {
+                verdict_action::DROP => Got::Drop(DropReason::from_u32(out.verdict.reason)),
+                verdict_action::UNICAST => Got::Unicast {
+                    ifindex: out.verdict.ifindexes[0],
+                    frame: out.frame,
+                },
+                0 if out.return_code == TC_ACT_OK => Got::Host,
+                other => Got::Other(format!(
+                    "uplink_ingress action {other}, code {}",
+                    out.return_code
+                )),
+            },
+        })
     }
 }
 

@@ -36,7 +36,7 @@ use dataplane_tests::{
     },
     frames::{self, ethertype, icmp4_type, proto, tcp_flags, Mac, ETH_HLEN, IPV4_HLEN},
     netns::device_lab,
-    testrun::TC_ACT_OK,
+    testrun::{arrive_on_uplink, UplinkArrival as Arrival, TC_ACT_OK, XDP_DROP, XDP_TX},
 };
 
 const NODE: &str = "nat-node";
@@ -70,10 +70,6 @@ const REMOTE: &str = "198.51.100.7";
 const ON_PATH: &str = "198.51.100.1";
 const SNAT_MIN: u16 = 20_000;
 const SNAT_COUNT: u16 = 16;
-
-const XDP_DROP: i32 = 1;
-const XDP_PASS: i32 = 2;
-const XDP_TX: i32 = 3;
 
 const PAYLOAD: &[u8] = b"nat-test";
 
@@ -166,14 +162,6 @@ fn state(gateway1: &str) -> Result<State> {
     Ok(State::replace(&resources)?)
 }
 
-/// What became of a frame arriving on the uplink: `uplink_xdp` sent it back or dropped
-/// it (with the drop reasons it counted), or passed it on to `uplink_ingress`.
-enum Arrival {
-    Tx(Vec<u8>),
-    Dropped(Vec<DropReason>),
-    Passed(Box<TestRunOutcome>),
-}
-
 struct Lab {
     datapath: Datapath,
     devices: BTreeMap<String, u32>,
@@ -243,39 +231,9 @@ impl Lab {
             .map_or(0, |(_, n)| *n))
     }
 
-    /// `frame` arriving on the uplink: `uplink_xdp`, then `uplink_ingress` if it passed.
+    /// `frame` arriving on the uplink (see `testrun::arrive_on_uplink`).
     fn arrive(&mut self, frame: &[u8]) -> Result<Arrival> {
-        let ifindex = self.devices[UPLINK];
-        let before = self.datapath.uplink_counters()?.drops;
-        let run = self
-            .datapath
-            .test_run(program_names::UPLINK_XDP, ifindex, 0, frame, 1)?;
-        let (code, out) = (run.return_code, run.frame);
-        match code {
-            XDP_TX => Ok(Arrival::Tx(out)),
-            XDP_DROP => {
-                let after = self.datapath.uplink_counters()?.drops;
-                let counted = after
-                    .iter()
-                    .filter(|(r, n)| {
-                        before.iter().find(|(b, _)| b == r).map_or(0, |(_, m)| *m) < *n
-                    })
-                    .map(|(r, _)| *r)
-                    .collect();
-                Ok(Arrival::Dropped(counted))
-            }
-            XDP_PASS => {
-                ensure!(out == frame, "uplink_xdp passed a changed frame");
-                Ok(Arrival::Passed(Box::new(self.datapath.test_run(
-                    program_names::UPLINK_INGRESS,
-                    ifindex,
-                    0,
-                    frame,
-                    1,
-                )?)))
-            }
-            other => anyhow::bail!("uplink_xdp returned {other}"),
-        }
+        arrive_on_uplink(&mut self.datapath, self.devices[UPLINK], frame)
     }
 
     /// `frame` from the outside reaches device `to`; returns it as delivered.

@@ -257,12 +257,10 @@ impl Datapath {
             }
         };
 
-        // The no-op floors too: benchmarks run them beside the others.
         for name in [
             program_names::PORT_INGRESS,
             program_names::PORT_EGRESS,
             program_names::UPLINK_INGRESS,
-            program_names::NOOP_TC,
         ] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -271,15 +269,16 @@ impl Datapath {
                     source,
                 })?;
         }
-        for name in [program_names::UPLINK_XDP, program_names::NOOP_XDP] {
-            xdp(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    source,
-                })?;
-        }
+        xdp(&mut ebpf, program_names::UPLINK_XDP)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                program: program_names::UPLINK_XDP,
+                source,
+            })?;
 
+        if let Some(root) = &options.pin_root {
+            remove_other_versions(root)?;
+        }
         let pins = options.pin_root.as_deref().map(pin_dir);
         if let Some(pins) = &pins {
             replace_dir(pins)?;
@@ -825,10 +824,21 @@ impl Datapath {
             repeat,
             ..TestRunOptions::default()
         };
+        // Programs only benchmarks run (the no-op floors) are loaded on first use.
+        macro_rules! run_loaded {
+            ($prog:expr) => {{
+                let prog = $prog;
+                if prog.fd().is_err() {
+                    prog.load()
+                        .map_err(|source| DatapathError::Program { program, source })?;
+                }
+                prog.test_run(options)
+            }};
+        }
         let result = if xdp_program {
-            xdp(&mut self.ebpf, program)?.test_run(options)
+            run_loaded!(xdp(&mut self.ebpf, program)?)
         } else {
-            classifier(&mut self.ebpf, program)?.test_run(options)
+            run_loaded!(classifier(&mut self.ebpf, program)?)
         }
         .map_err(|source| DatapathError::Program { program, source })?;
 
@@ -1041,6 +1051,32 @@ where
 
 /// Empties (or creates) the pin directory: pins from an earlier run of this agent are
 /// replaced by this run's maps.
+/// Removes the pins of agents with another map layout (`<root>/v<N>`, N not
+/// [`ABI_VERSION`]): no agent of this layout reads them, and the state directory's lock
+/// means their agent is not running.
+fn remove_other_versions(root: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::PinDir {
+        path: root.to_path_buf(),
+        source,
+    };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    let current = format!("v{ABI_VERSION}");
+    for entry in entries {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let versioned = name
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if versioned && name != current {
+            std::fs::remove_dir_all(entry.path()).map_err(err)?;
+            info!(pins = %entry.path().display(), "removed the pins of another map layout");
+        }
+    }
+    Ok(())
+}
+
 fn replace_dir(dir: &Path) -> Result<(), DatapathError> {
     let err = |source| DatapathError::PinDir {
         path: dir.to_path_buf(),
@@ -1207,5 +1243,30 @@ fn remove_present(result: Result<(), MapError>, name: &'static str) -> MapResult
             Ok(())
         }
         other => other.map_err(map_err(name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_pins_of_other_layouts_are_removed() {
+        let root = std::env::temp_dir().join(format!("dp-pins-{}", std::process::id()));
+        let current = pin_dir(&root);
+        for dir in [
+            root.join("v3").join("maps"),
+            root.join("v12"),
+            current.clone(),
+            root.join("vx"),
+            root.join("other"),
+        ] {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::write(root.join("v3").join("maps").join("PORTS"), b"").unwrap();
+        remove_other_versions(&root).unwrap();
+        assert!(!root.join("v3").exists() && !root.join("v12").exists());
+        assert!(current.exists() && root.join("vx").exists() && root.join("other").exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
