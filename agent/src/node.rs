@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -27,9 +27,8 @@ use crate::{
         validate::ValidationError,
     },
     kernel::{
-        arp,
         datapath::{Counters, Datapath, DatapathError},
-        links,
+        links, neighbor,
     },
 };
 
@@ -100,8 +99,9 @@ pub struct NodeCounters {
     pub uplink: Option<(String, Counters)>,
 }
 
-/// How long one ARP request for an external gateway waits: the node lock is held.
-const GATEWAY_ARP_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long one ARP or neighbour solicitation for an external gateway waits: the node
+/// lock is held.
+const GATEWAY_ASK_TIMEOUT: Duration = Duration::from_millis(200);
 /// How often a resolved gateway is asked again (it may have changed its MAC), and how
 /// often one that did not answer is.
 const GATEWAY_REFRESH: Duration = Duration::from_secs(60);
@@ -131,7 +131,7 @@ struct Inner {
     datapath: Datapath,
     generation: u64,
     /// External gateways' MACs as resolved on the uplink so far.
-    gateway_macs: BTreeMap<Ipv4Addr, GatewayMac>,
+    gateway_macs: BTreeMap<IpAddr, GatewayMac>,
 }
 
 /// The port devices present on this node, as the compiler sees them.
@@ -364,7 +364,7 @@ impl Node {
     fn local_devices(
         &self,
         state: &State,
-        gateway_macs: &mut BTreeMap<Ipv4Addr, GatewayMac>,
+        gateway_macs: &mut BTreeMap<IpAddr, GatewayMac>,
     ) -> Devices {
         let interfaces = links::resolve_interfaces(
             state
@@ -399,14 +399,14 @@ impl Node {
     }
 
     /// The uplink's ifindex and the MACs of the external gateways `state` needs, asking
-    /// (one ARP request each, `GATEWAY_ARP_TIMEOUT`) for those not known yet, at most
+    /// (one ARP or ND request each, `GATEWAY_ASK_TIMEOUT`) for those not known yet, at most
     /// every `GATEWAY_RETRY`, and again for known ones every `GATEWAY_REFRESH` (a MAC
     /// that is not confirmed is kept).
     fn uplink_view(
         &self,
         config: &UplinkConfig,
         state: &State,
-        gateway_macs: &mut BTreeMap<Ipv4Addr, GatewayMac>,
+        gateway_macs: &mut BTreeMap<IpAddr, GatewayMac>,
     ) -> Option<Uplink> {
         let ifindex =
             *links::resolve_interfaces([config.interface.as_str()]).get(&config.interface)?;
@@ -423,12 +423,12 @@ impl Node {
             };
             let mut mac = known.and_then(|known| known.mac);
             if due {
-                match arp::resolve4(
+                match neighbor::resolve(
                     ifindex,
                     neighbor.source_mac.0,
                     neighbor.source,
                     neighbor.nexthop,
-                    GATEWAY_ARP_TIMEOUT,
+                    GATEWAY_ASK_TIMEOUT,
                 ) {
                     Ok(Some(answer)) => {
                         let answer = MacAddr(answer);
@@ -438,10 +438,10 @@ impl Node {
                         mac = Some(answer);
                     }
                     Ok(None) => {
-                        debug!(gateway = %neighbor.nexthop, "external gateway did not answer ARP")
+                        debug!(gateway = %neighbor.nexthop, "external gateway did not answer")
                     }
                     Err(e) => {
-                        warn!(gateway = %neighbor.nexthop, error = %e, "ARP on the uplink failed")
+                        warn!(gateway = %neighbor.nexthop, error = %e, "neighbour resolution on the uplink failed")
                     }
                 }
                 gateway_macs.insert(

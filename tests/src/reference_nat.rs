@@ -653,7 +653,7 @@ impl<'a> Node<'a> {
             mac: port.mac_address,
             snat: info.enable_snat,
             network_id: info.network_id.clone(),
-            nexthop_mac: self.uplink.gateway_macs.get(&nexthop).copied(),
+            nexthop_mac: self.uplink.gateway_macs.get(&IpAddr::V4(nexthop)).copied(),
         })
     }
 

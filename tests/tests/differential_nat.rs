@@ -242,7 +242,7 @@ impl Scenario {
         }
         let mut gateway_macs = BTreeMap::new();
         if rng.random_bool(0.88) {
-            gateway_macs.insert(external(k, 1), MacAddr(NEXTHOP_MAC));
+            gateway_macs.insert(external(k, 1).into(), MacAddr(NEXTHOP_MAC));
         }
         let uplink = Uplink {
             ifindex: uplink_ifindex,

@@ -279,7 +279,7 @@ fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
             ifindex: devices[UPLINK],
             snat_port_min: SNAT_MIN,
             snat_port_count: SNAT_COUNT,
-            gateway_macs: [(ip(NEXTHOP), MacAddr(NEXTHOP_MAC))].into(),
+            gateway_macs: [(ip(NEXTHOP).into(), MacAddr(NEXTHOP_MAC))].into(),
         };
         let datapath = dataplane_tests::testrun::traced_datapath(4096)?;
         let mut lab = Lab {
@@ -984,7 +984,7 @@ fn an_unresolved_external_gateway_drops_what_leaves_as_no_neighbor() -> Result<(
         // Resolved again: out it goes.
         lab.uplink
             .gateway_macs
-            .insert(ip(NEXTHOP), MacAddr(NEXTHOP_MAC));
+            .insert(ip(NEXTHOP).into(), MacAddr(NEXTHOP_MAC));
         lab.compile(&state(GW1)?)?;
         let frame = eth(
             R1_N1,

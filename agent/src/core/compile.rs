@@ -11,14 +11,14 @@ use std::{
     borrow::Borrow,
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet},
     hash::Hash,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use dataplane_abi::{
     fdb_flags, flood_flags, port_flags, ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4,
     FloatingIp4, FloodEntry, FloodSet, NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6,
     PortInfo, PortMacKey, RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway,
-    RouterIf, RuleKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
+    RouterGateway6, RouterIf, RuleKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
 };
 use ipnet::{IpNet, Ipv6Net};
 
@@ -51,7 +51,7 @@ pub struct Uplink {
     pub snat_port_min: u16,
     pub snat_port_count: u16,
     /// External subnet gateways' MACs, as resolved on the uplink.
-    pub gateway_macs: BTreeMap<Ipv4Addr, MacAddr>,
+    pub gateway_macs: BTreeMap<IpAddr, MacAddr>,
 }
 
 /// How many slots there are of each kind: the sizes of the arrays indexed by slot, whose
@@ -237,8 +237,11 @@ pub struct DatapathTables {
     pub neigh6: BTreeMap<NeighKey6, Neighbor>,
     /// `ROUTER_GW`, by router slot.
     pub router_gw: BTreeMap<u32, RouterGateway>,
-    /// `EXT_ADDRS4`, `FIPS4`: by external address (network order).
+    /// `ROUTER_GW6`, by router slot.
+    pub router_gw6: BTreeMap<u32, RouterGateway6>,
+    /// `EXT_ADDRS4`, `EXT_ADDRS6`, `FIPS4`: by external address (network order).
     pub ext_addrs4: BTreeMap<[u8; 4], ExternalAddr>,
+    pub ext_addrs6: BTreeMap<[u8; 16], ExternalAddr>,
     pub fips4: BTreeMap<[u8; 4], FloatingIp4>,
     pub fip_of4: BTreeMap<FixedAddr4, FixedNat4>,
     /// `GATEWAY_MACS`: gateway port MAC → router slot.

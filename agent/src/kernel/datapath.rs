@@ -27,8 +27,8 @@ use dataplane_abi::{
     ct_stat, global_names, map_names, program_names, timeout_secs, CtEntry, CtKey, DropReason,
     ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4, FloatingIp4, FloodSet, NeighKey4,
     NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4,
-    RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterIf, RuleKey, RuleStats, SnatKey4,
-    SnatOrigin4, Verdict, ABI_VERSION,
+    RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterGateway6, RouterIf, RuleKey,
+    RuleStats, SnatKey4, SnatOrigin4, Verdict, ABI_VERSION,
 };
 use tracing::{debug, info, warn};
 
@@ -200,6 +200,8 @@ struct Maps {
     router_gw: HashMap<MapData, u32, RouterGateway>,
     gateway_macs: HashMap<MapData, [u8; 6], u32>,
     ext_addrs4: HashMap<MapData, [u8; 4], ExternalAddr>,
+    router_gw6: HashMap<MapData, u32, RouterGateway6>,
+    ext_addrs6: HashMap<MapData, [u8; 16], ExternalAddr>,
     fips4: HashMap<MapData, [u8; 4], FloatingIp4>,
     fip_of4: HashMap<MapData, FixedAddr4, FixedNat4>,
     snat4_in: HashMap<MapData, SnatKey4, SnatOrigin4>,
@@ -311,6 +313,8 @@ impl Datapath {
             router_gw: take(&mut ebpf, map_names::ROUTER_GW, pins)?,
             gateway_macs: take(&mut ebpf, map_names::GATEWAY_MACS, pins)?,
             ext_addrs4: take(&mut ebpf, map_names::EXT_ADDRS4, pins)?,
+            router_gw6: take(&mut ebpf, map_names::ROUTER_GW6, pins)?,
+            ext_addrs6: take(&mut ebpf, map_names::EXT_ADDRS6, pins)?,
             fips4: take(&mut ebpf, map_names::FIPS4, pins)?,
             fip_of4: take(&mut ebpf, map_names::FIP_OF4, pins)?,
             snat4_in: take(&mut ebpf, map_names::SNAT4_IN, pins)?,
@@ -461,6 +465,18 @@ impl Datapath {
             &new.ext_addrs4,
             map_names::EXT_ADDRS4,
         )?;
+        upsert_map(
+            &mut m.router_gw6,
+            &old.router_gw6,
+            &new.router_gw6,
+            map_names::ROUTER_GW6,
+        )?;
+        upsert_map(
+            &mut m.ext_addrs6,
+            &old.ext_addrs6,
+            &new.ext_addrs6,
+            map_names::EXT_ADDRS6,
+        )?;
         upsert_trie_map(
             &mut m.routes4,
             &old.routes4,
@@ -514,6 +530,18 @@ impl Datapath {
             &old.routes4,
             &new.routes4,
             map_names::ROUTES4,
+        )?;
+        remove_map(
+            &mut m.ext_addrs6,
+            &old.ext_addrs6,
+            &new.ext_addrs6,
+            map_names::EXT_ADDRS6,
+        )?;
+        remove_map(
+            &mut m.router_gw6,
+            &old.router_gw6,
+            &new.router_gw6,
+            map_names::ROUTER_GW6,
         )?;
         remove_map(
             &mut m.ext_addrs4,

@@ -1,9 +1,9 @@
 //! Everything that touches the kernel: the BPF object, its maps and links, netlink.
 
-pub mod arp;
 pub mod bpffs;
 pub mod datapath;
 pub mod links;
+pub mod neighbor;
 
 /// The eBPF object built from `dataplane-ebpf/programs` by this crate's build script.
 pub static BPF_OBJECT: &[u8] =

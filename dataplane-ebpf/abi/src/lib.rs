@@ -25,7 +25,8 @@ pub use traffic::*;
 /// v2: `PortInfo` gained the port's security-group policy; policy and conntrack maps.
 /// v3: `FdbEntry` gained `flags` (peer delivery); routing maps.
 /// v4: `route_flags::EXTERNAL`; the uplink's NAT maps and programs.
-pub const ABI_VERSION: u32 = 4;
+/// v5: IPv6 on external networks (`ROUTER_GW6`, `EXT_ADDRS6`).
+pub const ABI_VERSION: u32 = 5;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -61,6 +62,8 @@ pub mod map_names {
     pub const ROUTER_GW: &str = "ROUTER_GW";
     pub const GATEWAY_MACS: &str = "GATEWAY_MACS";
     pub const EXT_ADDRS4: &str = "EXT_ADDRS4";
+    pub const ROUTER_GW6: &str = "ROUTER_GW6";
+    pub const EXT_ADDRS6: &str = "EXT_ADDRS6";
     pub const FIPS4: &str = "FIPS4";
     pub const FIP_OF4: &str = "FIP_OF4";
     pub const SNAT4_IN: &str = "SNAT4_IN";
@@ -328,6 +331,7 @@ mod pod {
     unsafe impl aya::Pod for NeighKey6 {}
     unsafe impl aya::Pod for Neighbor {}
     unsafe impl aya::Pod for RouterGateway {}
+    unsafe impl aya::Pod for RouterGateway6 {}
     unsafe impl aya::Pod for ExternalAddr {}
     unsafe impl aya::Pod for FloatingIp4 {}
     unsafe impl aya::Pod for FixedAddr4 {}

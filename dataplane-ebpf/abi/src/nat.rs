@@ -18,6 +18,12 @@
 //! the port, whose ingress rules see the fixed address. A VM sending to a floating IP
 //! or gateway address this node translates goes the same way without leaving the node
 //! (hairpin). ICMP errors have the header they quote translated too.
+//!
+//! IPv6 is routed, not translated (the Networking API has no IPv6 NAT): a router with
+//! an IPv6 external fixed IP has a `ROUTES6` default route with `route_flags::EXTERNAL`
+//! that leaves by `ROUTER_GW6`; `uplink_xdp` answers neighbour solicitations and pings
+//! for `EXT_ADDRS6` (the gateways' IPv6 addresses); what arrives for a gateway port's MAC
+//! (`GATEWAY_MACS`) is routed in by the router's `ROUTES6`.
 
 /// `ROUTER_GW`: hash map, key `u32` router slot.
 #[repr(C)]
@@ -36,6 +42,22 @@ pub struct RouterGateway {
     pub mac: [u8; 6],
     /// The external subnet's gateway's MAC (resolved by the agent): destination of what
     /// leaves. All zero: not resolved yet, dropped as `NoNeighbor`.
+    pub nexthop_mac: [u8; 6],
+}
+
+/// `ROUTER_GW6`: hash map, key `u32` router slot. The IPv6 way out of a router with an
+/// IPv6 external fixed IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouterGateway6 {
+    /// The uplink NIC's ifindex.
+    pub uplink_ifindex: u32,
+    /// The router's IPv6 address on the external network.
+    pub ip6: [u8; 16],
+    /// The router's gateway port's MAC: source of what leaves through the uplink.
+    pub mac: [u8; 6],
+    /// The external subnet's IPv6 gateway's MAC (resolved by the agent). All zero: not
+    /// resolved yet, dropped as `NoNeighbor`.
     pub nexthop_mac: [u8; 6],
 }
 
@@ -72,6 +94,10 @@ pub mod ext_addr_flags {
     /// is dropped as `NoNatBinding`, never handed to the host.
     pub const UNBOUND: u32 = 1 << 2;
 }
+
+// `EXT_ADDRS6`: hash map, key an IPv6 address on the uplink's network, value
+// `ExternalAddr` (flags `GATEWAY` only): the routers' IPv6 gateway addresses, which
+// `uplink_xdp` answers neighbour solicitations and pings for.
 
 /// `FIPS4`: hash map, key the floating IPv4 address (network order).
 #[repr(C)]
@@ -168,6 +194,7 @@ pub mod snat_lifetime {
 pub const SNAT_PROBES: u32 = 32;
 
 const _: () = assert!(core::mem::size_of::<RouterGateway>() == 28);
+const _: () = assert!(core::mem::size_of::<RouterGateway6>() == 32);
 const _: () = assert!(core::mem::size_of::<ExternalAddr>() == 12);
 const _: () = assert!(core::mem::size_of::<FloatingIp4>() == 20);
 const _: () = assert!(core::mem::size_of::<FixedAddr4>() == 8);

@@ -7,7 +7,7 @@ use crate::{
     packet::Packet,
 };
 
-const IPV6_HLEN: usize = 40;
+pub const IPV6_HLEN: usize = 40;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -29,14 +29,15 @@ pub const ND_OPT_TARGET_LL_ADDR: u8 = 2;
 /// ND options walked; a VM's NS/NA carries one.
 const MAX_ND_OPTS: usize = 4;
 
+/// The fixed header as it is in the frame (also read and written in place by `uplink`).
 #[repr(C, align(2))]
-struct Ipv6Hdr {
-    version_tc_flow: [u8; 4],
-    payload_len: [u8; 2],
-    next: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+pub struct Ipv6Hdr {
+    pub version_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
 }
 
 /// Hop-by-hop, routing and destination options: next header and length in 8-byte

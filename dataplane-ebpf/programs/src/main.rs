@@ -14,6 +14,7 @@
 
 mod arp;
 mod conntrack;
+mod csum;
 mod deliver;
 mod drop;
 mod eth;
@@ -25,6 +26,7 @@ mod l2;
 mod l4;
 mod maps;
 mod nat;
+mod nd;
 mod packet;
 mod policy;
 mod port_security;
@@ -68,7 +70,12 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    match Hop(nat::inbound(&ctx)).decode() {
+    // IPv6 is routed in, IPv4 translated (or routed in when for no external address).
+    let hop = match ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes) {
+        Ok(ETH_P_IPV6) => router::inbound6(&ctx),
+        _ => nat::inbound(&ctx),
+    };
+    match Hop(hop).decode() {
         Ok(Some(target)) => {
             // From no port: slot 0.
             ctx.set_mark(MARK_FROM_DATAPATH);

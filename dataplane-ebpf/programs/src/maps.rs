@@ -8,8 +8,8 @@ use dataplane_abi::{
     ct_stat, CtEntry, CtKey, DropReason, ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4,
     FloatingIp4, FloodSet, NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo,
     PortMacKey, PortStats, RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway,
-    RouterIf, RuleKey, RuleStats, RuleValue, SnatBinding4, SnatFlow4, SnatKey4, SnatOrigin4,
-    Verdict,
+    RouterGateway6, RouterIf, RuleKey, RuleStats, RuleValue, SnatBinding4, SnatFlow4, SnatKey4,
+    SnatOrigin4, Verdict,
 };
 
 use crate::{flow::Flow, nat::NatScratch, router::ErrorScratch};
@@ -111,6 +111,12 @@ pub static GATEWAY_MACS: HashMap<[u8; 6], u32> = HashMap::with_max_entries(4096,
 
 #[map]
 pub static EXT_ADDRS4: HashMap<[u8; 4], ExternalAddr> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static ROUTER_GW6: HashMap<u32, RouterGateway6> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+pub static EXT_ADDRS6: HashMap<[u8; 16], ExternalAddr> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 pub static FIPS4: HashMap<[u8; 4], FloatingIp4> = HashMap::with_max_entries(65536, 0);

@@ -20,6 +20,7 @@ use dataplane_abi::{
 };
 
 use crate::{
+    csum,
     eth::{self, Mac, ETH_P_IP},
     ipv4::{self, Ipv4},
     l4::{self, tcp_flags, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
@@ -220,15 +221,6 @@ fn apply(ctx: &TcContext, ip: &Ipv4, l4: &L4, to: &Rewrite) -> Result<(), DropRe
     decrement_ttl(ctx)
 }
 
-/// RFC 1624: the checksum `check` after a 16-bit word of what it covers went from
-/// `old` to `new` (all as they are in the packet).
-#[inline(always)]
-pub fn csum_update(check: u16, old: u16, new: u16) -> u16 {
-    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    !(((sum & 0xffff) + (sum >> 16)) as u16)
-}
-
 /// The quote of an ICMP error about a translated connection: the packet the other
 /// side sent, so its source becomes what `to` makes the error's destination (and its
 /// source port `to.dport`), its destination what `to` makes the error's source (and
@@ -292,7 +284,7 @@ fn quote_address(
     for i in 0..2 {
         let from = u16::from_ne_bytes([old[2 * i], old[2 * i + 1]]);
         let to = u16::from_ne_bytes([new[2 * i], new[2 * i + 1]]);
-        c = csum_update(c, from, to);
+        c = csum::update(c, from, to);
     }
     ctx.l4_csum_replace(
         ip.l4_off + 2,
@@ -578,17 +570,23 @@ fn translate_outbound(
     apply(ctx, &ip, &l4, &s.rewrite)?;
     store(ctx, 0, &gw.nexthop_mac)?;
     store(ctx, 6, &gw.mac)?;
+    count_to_uplink(ctx);
+    Ok(FdbEntry {
+        ifindex: gw.uplink_ifindex,
+        port_slot: 0,
+        flags: 0,
+    })
+}
+
+/// Counts a frame the datapath sends out of the uplink.
+#[inline(always)]
+pub(crate) fn count_to_uplink(ctx: &TcContext) {
     if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU value, only touched by the program running on this CPU.
         let stats = unsafe { &mut *stats };
         stats.tx_packets += 1;
         stats.tx_bytes += u64::from(ctx.len());
     }
-    Ok(FdbEntry {
-        ifindex: gw.uplink_ifindex,
-        port_slot: 0,
-        flags: 0,
-    })
 }
 
 /// The source the packet leaves with: the sender's floating IP on this router, else

@@ -8,40 +8,35 @@
 //! checksum helpers, which keep the packet consistent for the kernel.
 use aya_ebpf::{
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    helpers::{bpf_csum_diff, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{bpf_skb_change_tail, bpf_skb_load_bytes},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use dataplane_abi::{
     neigh_flags, route_flags, DropReason, FdbEntry, FdbKey, NeighKey4, NeighKey6, Neighbor,
-    PortInfo, Route, RouteKey4, RouteKey6, RouterIf, ROUTE_FIXED_BITS,
+    PortInfo, Route, RouteKey4, RouteKey6, RouterGateway6, RouterIf, ROUTE_FIXED_BITS,
 };
 
 use crate::{
+    csum::{add, fold, sum},
     drop,
     eth::{self, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::{self, Ipv4},
-    ipv6::{self, Ipv6},
-    maps::{ERROR_SCRATCH, FDB, NEIGH4, NEIGH6, PORT_STATS, ROUTER_IFS, ROUTES4, ROUTES6},
+    ipv6::{self, Ipv6, ICMP6_NEIGH_SOLICIT, IPPROTO_ICMPV6, ND_OPT_SOURCE_LL_ADDR},
+    maps::{
+        ERROR_SCRATCH, FDB, GATEWAY_MACS, NEIGH4, NEIGH6, PORT_STATS, ROUTER_GW6, ROUTER_IFS,
+        ROUTES4, ROUTES6,
+    },
     nat,
+    nd::{NaMsg, ND_HOP_LIMIT, ND_LEN},
     packet::Packet,
 };
 
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP6_ECHO_REQUEST: u8 = 128;
 const ICMP6_ECHO_REPLY: u8 = 129;
-const ICMP6_NEIGH_SOLICIT: u8 = 135;
-const ICMP6_NEIGH_ADVERT: u8 = 136;
-/// NA flags: router, solicited, override.
-const NA_FLAGS: u8 = 0xe0;
-const ND_OPT_SOURCE_LL_ADDR: u8 = 1;
-const ND_OPT_TARGET_LL_ADDR: u8 = 2;
-/// An NS with one link-layer option: ICMPv6 header (4), reserved (4), target (16),
-/// option (8).
-const NS_LEN: usize = 32;
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
 /// TTL of what the router itself sends.
@@ -338,13 +333,19 @@ fn routed6(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
     let route: &Route = ROUTES6
         .get(Key::new(ROUTE_FIXED_BITS + 128, key))
         .ok_or(DropReason::NoRoute)?;
-    if route.flags & route_flags::LOCAL != 0 {
+    // As in `routed4`, but a gateway address has nothing to translate: pings only.
+    let hop_limit: u8 = load(ctx, IP6_HOP_LIMIT)?;
+    if route.flags & route_flags::LOCAL != 0
+        && (route.flags & route_flags::BEYOND == 0 || hop_limit > 1)
+    {
         return echo6(ctx, port, ip, eth_src, eth_dst);
     }
-    let hop_limit: u8 = load(ctx, IP6_HOP_LIMIT)?;
     if hop_limit <= 1 {
         // Answered by `route` with a time-exceeded error.
         return Err(DropReason::TtlExceeded);
+    }
+    if route.flags & route_flags::EXTERNAL != 0 {
+        return external6(ctx, rif, hop_limit);
     }
     let nexthop = if route.flags & route_flags::VIA != 0 {
         route.nexthop
@@ -362,6 +363,75 @@ fn routed6(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
     store(ctx, IP6_HOP_LIMIT, &(hop_limit - 1))?;
     set_macs(ctx, &neighbor.mac, &route.mac)?;
     Ok(target)
+}
+
+/// Out of the router's external gateway (`ROUTER_GW6`), untranslated: the Networking
+/// API routes IPv6 to external networks, with the tenant's addresses.
+#[inline(always)]
+fn external6(ctx: &TcContext, rif: &RouterIf, hop_limit: u8) -> Result<FdbEntry, DropReason> {
+    // SAFETY: as in `interface`.
+    let gw: &RouterGateway6 =
+        unsafe { ROUTER_GW6.get(&rif.router_slot) }.ok_or(DropReason::NoRoute)?;
+    if gw.nexthop_mac == [0; 6] {
+        return Err(DropReason::NoNeighbor);
+    }
+    store(ctx, IP6_HOP_LIMIT, &(hop_limit - 1))?;
+    set_macs(ctx, &gw.nexthop_mac, &gw.mac)?;
+    nat::count_to_uplink(ctx);
+    Ok(FdbEntry {
+        ifindex: gw.uplink_ifindex,
+        port_slot: 0,
+        flags: 0,
+    })
+}
+
+/// What arrives on the uplink for a router's gateway port MAC (`GATEWAY_MACS`), IPv6
+/// (a [`Hop`]): routed by that router's routes to a port on one of its subnets. `None`:
+/// not for a router's MAC (the host's).
+#[inline(never)]
+pub fn inbound6(ctx: &TcContext) -> u64 {
+    Hop::of(routed_in6(ctx))
+}
+
+#[inline(always)]
+fn routed_in6(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
+    let (_, eth_dst) = macs(ctx)?;
+    // SAFETY: as in `interface`.
+    let Some(router_slot) = (unsafe { GATEWAY_MACS.get(&eth_dst) }).copied() else {
+        return Ok(None);
+    };
+    let ip = ipv6::parse(&mut Packet::new(ctx))?;
+    let key = RouteKey6 {
+        router_slot,
+        addr: ip.dst,
+    };
+    let route: &Route = ROUTES6
+        .get(Key::new(ROUTE_FIXED_BITS + 128, key))
+        .ok_or(DropReason::NoRoute)?;
+    // Only into the router: not out again, not to its own addresses (`uplink_xdp`
+    // answers the gateway's).
+    if route.flags & (route_flags::EXTERNAL | route_flags::LOCAL) != 0 {
+        return Err(DropReason::NoRoute);
+    }
+    let hop_limit: u8 = load(ctx, IP6_HOP_LIMIT)?;
+    if hop_limit <= 1 {
+        return Err(DropReason::TtlExceeded);
+    }
+    let nexthop = if route.flags & route_flags::VIA != 0 {
+        route.nexthop
+    } else {
+        ip.dst
+    };
+    let neigh_key = NeighKey6 {
+        network_slot: route.network_slot,
+        addr: nexthop,
+    };
+    // SAFETY: as in `interface`.
+    let neighbor: &Neighbor = unsafe { NEIGH6.get(&neigh_key) }.ok_or(DropReason::NoNeighbor)?;
+    let target = port_of(route.network_slot, &neighbor.mac)?;
+    store(ctx, IP6_HOP_LIMIT, &(hop_limit - 1))?;
+    set_macs(ctx, &neighbor.mac, &route.mac)?;
+    Ok(Some(target))
 }
 
 #[inline(always)]
@@ -416,29 +486,6 @@ fn count_expired(port: &PortInfo) {
         // SAFETY: per-CPU value, only touched by the program running on this CPU.
         drop::count(unsafe { &mut *stats }, DropReason::TtlExceeded);
     }
-}
-
-/// One's complement sum of `len` bytes (a multiple of 4) from `at`, plus `seed`, by the
-/// kernel: an unrolled loop here would spill past the stack the call chain has left.
-/// Sums in memory order; `fold` of it is stored as is.
-#[inline(always)]
-fn csum(at: *const u8, len: usize, seed: u32) -> u32 {
-    // SAFETY: `at..at + len` is inside the caller's map value; the helper only reads.
-    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, at as *mut u32, len as u32, seed) as u32 }
-}
-
-/// One's complement addition.
-#[inline(always)]
-fn add(a: u32, b: u32) -> u32 {
-    let (sum, carry) = a.overflowing_add(b);
-    sum + u32::from(carry)
-}
-
-#[inline(always)]
-fn fold(sum: u32) -> [u8; 2] {
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_ne_bytes()
 }
 
 /// Where an ICMP error is put together: kept off the stack, of which the call chain
@@ -550,10 +597,10 @@ fn time_exceeded4(
     header[9] = IPPROTO_ICMP;
     header[12..16].copy_from_slice(&rif.ip4);
     header[16..20].copy_from_slice(&src);
-    let check = fold(csum(header.as_ptr(), 20, 0));
+    let check = fold(sum(header.as_ptr(), 20, 0));
     header[10..12].copy_from_slice(&check);
     s.icmp4 = [ICMP_TIME_EXCEEDED, 0, 0, 0, 0, 0, 0, 0];
-    let check = fold(csum(s.icmp4.as_ptr(), 8 + QUOTE4, 0));
+    let check = fold(sum(s.icmp4.as_ptr(), 8 + QUOTE4, 0));
     s.icmp4[2..4].copy_from_slice(&check);
     store(ctx, ETH_HLEN, &s.header4)?;
     store(ctx, ETH_HLEN + 20, &s.icmp4)?;
@@ -596,12 +643,12 @@ fn time_exceeded6(
     header[24..40].copy_from_slice(&src);
     s.icmp6 = [ICMP6_TIME_EXCEEDED, 0, 0, 0, 0, 0, 0, 0];
     // Pseudo-header: the addresses, then length and next header as 32-bit words.
-    let pseudo = csum(s.header6[8..].as_ptr(), 32, 0);
+    let pseudo = sum(s.header6[8..].as_ptr(), 32, 0);
     let pseudo = add(
         add(pseudo, u32::from_ne_bytes(u32::from(length).to_be_bytes())),
         u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]),
     );
-    let check = fold(csum(s.icmp6.as_ptr(), 8 + QUOTE6, pseudo));
+    let check = fold(sum(s.icmp6.as_ptr(), 8 + QUOTE6, pseudo));
     s.icmp6[2..4].copy_from_slice(&check);
     store(ctx, ETH_HLEN, &s.header6)?;
     store(ctx, ETH_HLEN + 40, &s.icmp6)?;
@@ -665,7 +712,7 @@ fn answer_nd(ctx: &TcContext, port: &PortInfo, ip: &Ipv6) -> Result<Option<FdbEn
     let off = ip.l4_off;
     // Checked inside the call, not before it: before it, the checks would grow
     // `port_ingress`'s frame past what the deepest call chain leaves it.
-    if ip.next != IPPROTO_ICMPV6 || !ip.has_l4 || off + NS_LEN != ip.end {
+    if ip.next != IPPROTO_ICMPV6 || !ip.has_l4 || off + ND_LEN != ip.end {
         return Ok(None);
     }
     let head: [u8; 2] = load(ctx, off)?;
@@ -690,60 +737,11 @@ fn answer_nd(ctx: &TcContext, port: &PortInfo, ip: &Ipv6) -> Result<Option<FdbEn
     let sender = port_of(port.network_slot, &eth_src)?;
     // The advertisement: from the target to the solicitor, type and flags, the target
     // link-layer option with the router's MAC; its checksum computed anew.
-    let mut msg = NaMsg {
-        kind: ICMP6_NEIGH_ADVERT,
-        code: 0,
-        check: [0; 2],
-        flags: [NA_FLAGS, 0, 0, 0],
-        target,
-        opt_kind: ND_OPT_TARGET_LL_ADDR,
-        opt_len: 1,
-        mac: router.mac,
-    };
-    msg.check = na_checksum(&target, &ip.src, &msg).to_be_bytes();
-    store(ctx, IP6_HOP_LIMIT, &255u8)?;
+    let msg = NaMsg::answer(&target, &router.mac, &ip.src);
+    store(ctx, IP6_HOP_LIMIT, &ND_HOP_LIMIT)?;
     store(ctx, IP6_SRC, &target)?;
     store(ctx, IP6_DST, &ip.src)?;
     store(ctx, off, &msg)?;
     set_macs(ctx, &eth_src, &router.mac)?;
     Ok(Some(sender))
 }
-
-#[repr(C)]
-struct NaMsg {
-    kind: u8,
-    code: u8,
-    check: [u8; 2],
-    flags: [u8; 4],
-    target: [u8; 16],
-    opt_kind: u8,
-    opt_len: u8,
-    mac: Mac,
-}
-
-/// The ICMPv6 checksum of `msg` from `src` to `dst` (RFC 4443 2.3).
-#[inline(always)]
-fn na_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &NaMsg) -> u16 {
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        let mut i = 0;
-        while i + 1 < bytes.len() {
-            sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-            i += 2;
-        }
-    };
-    add(src);
-    add(dst);
-    add(&(NS_LEN as u32).to_be_bytes());
-    add(&[0, 0, 0, IPPROTO_ICMPV6]);
-    add(&[msg.kind, msg.code, 0, 0]);
-    add(&msg.flags);
-    add(&msg.target);
-    add(&[msg.opt_kind, msg.opt_len]);
-    add(&msg.mac);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-const _: () = assert!(core::mem::size_of::<NaMsg>() == NS_LEN);

@@ -1,20 +1,24 @@
 //! XDP on the uplink NIC, before the kernel makes an skb of the frame: answers ARP
 //! requests and pings for the external addresses this node holds (`EXT_ADDRS4`), and
+//! neighbour solicitations and pings for the gateways' IPv6 addresses (`EXT_ADDRS6`);
 //! drops what is for one of them but cannot be delivered (malformed, or for a
 //! floating IP with no port). Everything else goes on to `uplink_ingress` (tc), which
 //! translates and delivers, and the host stack, which has the rest.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_xdp_adjust_tail,
     programs::XdpContext,
 };
 use dataplane_abi::{ext_addr_flags, DropReason, ExternalAddr};
 
 use crate::{
     arp::ArpHdr,
-    eth::{EthHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
+    csum,
+    eth::{EthHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::Ipv4Hdr,
-    maps::{EXT_ADDRS4, UPLINK_STATS},
-    nat::csum_update,
+    ipv6::{self, Ipv6Hdr, ICMP6_NEIGH_SOLICIT, IPPROTO_ICMPV6, IPV6_HLEN},
+    maps::{EXT_ADDRS4, EXT_ADDRS6, UPLINK_STATS},
+    nd::{NaMsg, ND_HOP_LIMIT, ND_LEN, NS_BARE_LEN},
 };
 
 const ARP_REQUEST: u16 = 1;
@@ -22,6 +26,10 @@ const ARP_REPLY: u16 = 2;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP6_ECHO_REQUEST: u8 = 128;
+const ICMP6_ECHO_REPLY: u8 = 129;
+/// Where the ICMPv6 header of a packet without extension headers is.
+const ICMP6_OFF: usize = ETH_HLEN + IPV6_HLEN;
 /// TTL of what the router itself sends.
 const ROUTER_TTL: u8 = 64;
 
@@ -72,6 +80,7 @@ fn decide(ctx: &XdpContext) -> Result<u32, DropReason> {
     match proto {
         ETH_P_ARP => Ok(arp(ctx, eth).unwrap_or(XDP_PASS)),
         ETH_P_IP => ipv4(ctx, eth),
+        ETH_P_IPV6 => ipv6(ctx, eth),
         _ => Ok(XDP_PASS),
     }
 }
@@ -141,7 +150,7 @@ fn echo(ctx: &XdpContext, eth: *mut EthHdr, ip: &mut Ipv4Hdr, ext: &ExternalAddr
         return None;
     }
     icmp.kind = ICMP_ECHO_REPLY;
-    icmp.check = csum_update(
+    icmp.check = csum::update(
         u16::from_be_bytes(icmp.check),
         u16::from(ICMP_ECHO_REQUEST) << 8,
         u16::from(ICMP_ECHO_REPLY) << 8,
@@ -152,8 +161,106 @@ fn echo(ctx: &XdpContext, eth: *mut EthHdr, ip: &mut Ipv4Hdr, ext: &ExternalAddr
     let old = u16::from_be_bytes([ip.ttl, ip.proto]);
     ip.ttl = ROUTER_TTL;
     let new = u16::from_be_bytes([ip.ttl, ip.proto]);
-    ip.check = csum_update(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
+    ip.check = csum::update(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
     eth.dst = eth.src;
     eth.src = ext.mac;
+    Some(XDP_TX)
+}
+
+/// Which of the gateways' IPv6 addresses `addr` is, if this node holds it.
+#[inline(always)]
+fn external6(addr: &[u8; 16]) -> Option<&'static ExternalAddr> {
+    // SAFETY: the agent replaces entries with one update, never in place.
+    unsafe { EXT_ADDRS6.get(addr) }
+}
+
+/// ICMPv6 straight after the fixed header: solicitations for a gateway's address, and
+/// pings of it, are answered here. Anything else goes on (`uplink_ingress` routes what
+/// is for a gateway's MAC).
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, DropReason> {
+    let (Some(ip), Some(icmp)) = (at::<Ipv6Hdr>(ctx, ETH_HLEN), at::<IcmpHdr>(ctx, ICMP6_OFF))
+    else {
+        return Ok(XDP_PASS);
+    };
+    // SAFETY: `at` checked both headers are inside the frame; nothing else holds them.
+    let (ip, icmp) = unsafe { (&mut *ip, &mut *icmp) };
+    if ip.next != IPPROTO_ICMPV6 || icmp.code != 0 {
+        return Ok(XDP_PASS);
+    }
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    let whole =
+        ip.version_tc_flow[0] >> 4 == 6 && ICMP6_OFF + payload <= ctx.data_end() - ctx.data();
+    match icmp.kind {
+        ICMP6_NEIGH_SOLICIT => {
+            let Some(target) = at::<[u8; 16]>(ctx, ICMP6_OFF + 8) else {
+                return Ok(XDP_PASS);
+            };
+            // SAFETY: as above.
+            let target = unsafe { *target };
+            let Some(ext) = external6(&target) else {
+                return Ok(XDP_PASS);
+            };
+            // Neither a solicitation that is cut short, nor one from a router hops away
+            // (RFC 4861 7.1.1), nor duplicate address detection is answered.
+            if !whole || (payload != ND_LEN && payload != NS_BARE_LEN) {
+                return Err(DropReason::MalformedIpv6);
+            }
+            if ip.hop_limit != ND_HOP_LIMIT || ipv6::is_unspecified(&ip.src) {
+                return Ok(XDP_PASS);
+            }
+            let (mac, solicitor) = (ext.mac, ip.src);
+            Ok(advertise(ctx, target, mac, solicitor).unwrap_or(XDP_PASS))
+        }
+        ICMP6_ECHO_REQUEST => {
+            let Some(ext) = external6(&ip.dst) else {
+                return Ok(XDP_PASS);
+            };
+            if !whole || payload < 8 {
+                return Err(DropReason::MalformedIpv6);
+            }
+            // SAFETY: `at` checked the header is inside the frame.
+            let eth = unsafe { &mut *eth };
+            icmp.kind = ICMP6_ECHO_REPLY;
+            // Swapped addresses leave the pseudo-header's sum as it is.
+            icmp.check = csum::update(
+                u16::from_be_bytes(icmp.check),
+                u16::from(ICMP6_ECHO_REQUEST) << 8,
+                u16::from(ICMP6_ECHO_REPLY) << 8,
+            )
+            .to_be_bytes();
+            core::mem::swap(&mut ip.src, &mut ip.dst);
+            ip.hop_limit = ROUTER_TTL;
+            eth.dst = eth.src;
+            eth.src = ext.mac;
+            Ok(XDP_TX)
+        }
+        _ => Ok(XDP_PASS),
+    }
+}
+
+/// The solicitation becomes the advertisement of `target` at `mac`, back to
+/// `solicitor`: one without the source link-layer option first grows by it.
+#[inline(always)]
+fn advertise(ctx: &XdpContext, target: [u8; 16], mac: [u8; 6], solicitor: [u8; 16]) -> Option<u32> {
+    const LEN: usize = ICMP6_OFF + ND_LEN;
+    let grow = LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: helper on the context the kernel passed in; the pointers are taken anew
+    // after it.
+    if grow != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, grow) } != 0 {
+        return None;
+    }
+    let eth = at::<EthHdr>(ctx, 0)?;
+    let ip = at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    let msg = at::<NaMsg>(ctx, ICMP6_OFF)?;
+    // SAFETY: `at` checked the headers are inside the frame; nothing else holds them.
+    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
+    eth.dst = eth.src;
+    eth.src = mac;
+    ip.payload_len = (ND_LEN as u16).to_be_bytes();
+    ip.src = target;
+    ip.dst = solicitor;
+    // SAFETY: as above.
+    unsafe { msg.write(NaMsg::answer(&target, &mac, &solicitor)) };
     Some(XDP_TX)
 }

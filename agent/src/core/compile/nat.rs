@@ -1,12 +1,16 @@
 //! Routers' external gateways and floating IPs, compiled into the NAT maps of
-//! `dataplane_abi::nat` (IPv4: the Networking API translates IPv4 only).
+//! `dataplane_abi::nat`. The Networking API translates IPv4 only; IPv6 is routed to
+//! the external network with the tenant's addresses.
 //!
-//! A programmed router with `external_gateway_info` gets, when this node has an uplink:
+//! A programmed router with `external_gateway_info` gets, when this node has an uplink,
+//! for each address family it has an external fixed IP of (on a subnet with a
+//! `gateway_ip`):
 //! - a default route with `route_flags::EXTERNAL` (static routes and its subnets win);
-//! - `ROUTER_GW`: the way out (uplink, the gateway port's MAC, the external subnet's
-//!   gateway MAC as the kernel layer resolved it) and SNAT (`enable_snat`, the
-//!   gateway's external fixed IP, the node's port range);
-//! - `EXT_ADDRS4` for the gateway address (and a `LOCAL` route: it answers pings);
+//! - `ROUTER_GW` / `ROUTER_GW6`: the way out (uplink, the gateway port's MAC, the
+//!   external subnet's gateway MAC as the kernel layer resolved it), and for IPv4 SNAT
+//!   (`enable_snat`, the gateway's external fixed IP, the node's port range);
+//! - `EXT_ADDRS4` / `EXT_ADDRS6` for the gateway address (and a `LOCAL` route: it
+//!   answers pings; the uplink answers ARP and neighbour solicitations for it);
 //! - `GATEWAY_MACS`: what arrives on the uplink for the gateway port's MAC and no
 //!   external address is routed in untranslated (replies to ports of routers without
 //!   SNAT, traffic the upstream routes to tenant subnets).
@@ -16,13 +20,13 @@
 //! fixed), `FIP_OF4` (fixed → floating) and `EXT_ADDRS4`; the unassociated ones of the
 //! external networks this node's gateways are on get `EXT_ADDRS4` as `UNBOUND`, so
 //! what still arrives for them is dropped and counted.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dataplane_abi::{
     ext_addr_flags, gateway_flags, route_flags, ExternalAddr, FixedAddr4, FixedNat4, FloatingIp4,
-    Route, RouterGateway,
+    Route, RouterGateway, RouterGateway6,
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{router::Interface, DatapathTables, Slots, StatusKind, Uplink};
 use crate::core::model::{FloatingIp, MacAddr, Port, Router, State};
@@ -48,19 +52,31 @@ pub(super) struct NatStatuses {
 
 /// The router's way out, as the state describes it.
 struct Gateway {
-    address: Ipv4Addr,
-    nexthop: Ipv4Addr,
+    /// Per family: the router's address on the external subnet, and that subnet's
+    /// gateway (the next hop of what leaves).
+    v4: Option<(Ipv4Addr, Ipv4Addr)>,
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
     mac: MacAddr,
     network_id: String,
     snat: bool,
 }
 
+impl Gateway {
+    /// Each family's (router address, next hop).
+    fn legs(&self) -> impl Iterator<Item = (IpAddr, IpAddr)> {
+        let v4 = self.v4.map(|(a, n)| (IpAddr::V4(a), IpAddr::V4(n)));
+        let v6 = self.v6.map(|(a, n)| (IpAddr::V6(a), IpAddr::V6(n)));
+        v4.into_iter().chain(v6)
+    }
+}
+
 /// What the kernel layer must resolve on the uplink: the MAC of each external subnet
-/// gateway a router uses, asked from the router's own address and MAC.
+/// gateway a router uses (ARP for IPv4, neighbour discovery for IPv6), asked from the
+/// router's own address and MAC.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GatewayNeighbor {
-    pub nexthop: Ipv4Addr,
-    pub source: Ipv4Addr,
+    pub nexthop: IpAddr,
+    pub source: IpAddr,
     pub source_mac: MacAddr,
 }
 
@@ -71,10 +87,14 @@ pub fn gateway_neighbors(state: &State) -> Vec<GatewayNeighbor> {
         .values()
         .filter(|router| router.admin_state_up)
         .filter_map(|router| gateway(state, router).ok())
-        .map(|gw| GatewayNeighbor {
-            nexthop: gw.nexthop,
-            source: gw.address,
-            source_mac: gw.mac,
+        .flat_map(|gw| {
+            gw.legs()
+                .map(|(source, nexthop)| GatewayNeighbor {
+                    nexthop,
+                    source,
+                    source_mac: gw.mac,
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     out.sort();
@@ -82,27 +102,31 @@ pub fn gateway_neighbors(state: &State) -> Vec<GatewayNeighbor> {
     out
 }
 
-/// The router's gateway: its IPv4 external fixed IP, the subnet's gateway as next hop,
-/// its gateway port's MAC. `Err`: why it has none.
+/// The router's gateway: per family its first external fixed IP on a subnet with a
+/// `gateway_ip`, which is the next hop; its gateway port's MAC. `Err`: why it has none
+/// (empty: no external gateway at all).
 fn gateway(state: &State, router: &Router) -> Result<Gateway, String> {
     let info = router
         .external_gateway_info
         .as_ref()
         .ok_or_else(String::new)?;
-    let (subnet, address) = info
-        .external_fixed_ips
-        .iter()
-        .find_map(|fixed| match fixed.ip_address {
-            IpAddr::V4(v4) => Some((state.subnets.get(&fixed.subnet_id)?, v4)),
-            IpAddr::V6(_) => None,
-        })
-        .ok_or("external gateway: no IPv4 external fixed IP")?;
-    let Some(IpAddr::V4(nexthop)) = subnet.gateway_ip else {
-        return Err(format!(
-            "external gateway: subnet {} has no IPv4 gateway_ip",
-            subnet.id
-        ));
-    };
+    let mut legs = info.external_fixed_ips.iter().filter_map(|fixed| {
+        let subnet = state.subnets.get(&fixed.subnet_id)?;
+        Some((fixed.ip_address, subnet.gateway_ip?))
+    });
+    let v4 = legs.clone().find_map(|leg| match leg {
+        (IpAddr::V4(address), IpAddr::V4(nexthop)) => Some((address, nexthop)),
+        _ => None,
+    });
+    let v6 = legs.find_map(|leg| match leg {
+        (IpAddr::V6(address), IpAddr::V6(nexthop)) => Some((address, nexthop)),
+        _ => None,
+    });
+    if v4.is_none() && v6.is_none() {
+        return Err(
+            "external gateway: no external fixed IP on a subnet with a gateway_ip".to_owned(),
+        );
+    }
     let port = state
         .ports
         .values()
@@ -111,8 +135,8 @@ fn gateway(state: &State, router: &Router) -> Result<Gateway, String> {
             format!("external gateway: no port with device_owner {ROUTER_GATEWAY_OWNER}")
         })?;
     Ok(Gateway {
-        address,
-        nexthop,
+        v4,
+        v6,
         mac: port.mac_address,
         network_id: info.network_id.clone(),
         snat: info.enable_snat,
@@ -147,42 +171,76 @@ pub(super) fn compile_gateways(
                 .push((router.id.clone(), StatusKind::Error, NO_UPLINK.to_owned()));
             continue;
         };
-        let nexthop_mac = uplink.gateway_macs.get(&gw.nexthop);
-        if nexthop_mac.is_none() {
+        let unresolved: Vec<String> = gw
+            .legs()
+            .filter(|(_, nexthop)| !uplink.gateway_macs.contains_key(nexthop))
+            .map(|(_, nexthop)| nexthop.to_string())
+            .collect();
+        if !unresolved.is_empty() {
             statuses.routers.push((
                 router.id.clone(),
                 StatusKind::Build,
                 format!(
                     "resolving the external gateway {} on the uplink",
-                    gw.nexthop
+                    unresolved.join(" and ")
                 ),
             ));
         }
-        tables.router_gw.insert(
-            programmed.slot,
-            RouterGateway {
-                uplink_ifindex: uplink.ifindex,
-                flags: if gw.snat { gateway_flags::SNAT } else { 0 },
-                ip4: gw.address.octets(),
-                port_min: uplink.snat_port_min,
-                port_count: uplink.snat_port_count,
-                mac: gw.mac.0,
-                nexthop_mac: nexthop_mac.map_or([0; 6], |mac| mac.0),
-            },
-        );
-        super::router::add_route(
-            tables,
-            programmed.slot,
-            IpNet::V4(Ipv4Net::default()),
-            Route {
-                flags: route_flags::EXTERNAL,
-                ..Route::default()
-            },
-        );
-        tables.ext_addrs4.insert(
-            gw.address.octets(),
-            external_addr(gw.mac, ext_addr_flags::GATEWAY),
-        );
+        let nexthop_mac = |nexthop: IpAddr| {
+            uplink
+                .gateway_macs
+                .get(&nexthop)
+                .map_or([0; 6], |mac| mac.0)
+        };
+        let external = Route {
+            flags: route_flags::EXTERNAL,
+            ..Route::default()
+        };
+        if let Some((address, nexthop)) = gw.v4 {
+            tables.router_gw.insert(
+                programmed.slot,
+                RouterGateway {
+                    uplink_ifindex: uplink.ifindex,
+                    flags: if gw.snat { gateway_flags::SNAT } else { 0 },
+                    ip4: address.octets(),
+                    port_min: uplink.snat_port_min,
+                    port_count: uplink.snat_port_count,
+                    mac: gw.mac.0,
+                    nexthop_mac: nexthop_mac(IpAddr::V4(nexthop)),
+                },
+            );
+            super::router::add_route(
+                tables,
+                programmed.slot,
+                IpNet::V4(Ipv4Net::default()),
+                external,
+            );
+            tables.ext_addrs4.insert(
+                address.octets(),
+                external_addr(gw.mac, ext_addr_flags::GATEWAY),
+            );
+        }
+        if let Some((address, nexthop)) = gw.v6 {
+            tables.router_gw6.insert(
+                programmed.slot,
+                RouterGateway6 {
+                    uplink_ifindex: uplink.ifindex,
+                    ip6: address.octets(),
+                    mac: gw.mac.0,
+                    nexthop_mac: nexthop_mac(IpAddr::V6(nexthop)),
+                },
+            );
+            super::router::add_route(
+                tables,
+                programmed.slot,
+                IpNet::V6(Ipv6Net::default()),
+                external,
+            );
+            tables.ext_addrs6.insert(
+                address.octets(),
+                external_addr(gw.mac, ext_addr_flags::GATEWAY),
+            );
+        }
         // What arrives for the router's MAC and no external address is routed in.
         tables.gateway_macs.insert(gw.mac.0, programmed.slot);
         gateways.push((programmed, gw));
@@ -200,15 +258,17 @@ pub(super) fn compile_gateways(
             } else {
                 route_flags::BEYOND
             };
-            super::router::add_route(
-                tables,
-                programmed.slot,
-                IpNet::V4(Ipv4Net::from(other.address)),
-                Route {
-                    flags: route_flags::LOCAL | route_flags::EXTERNAL | beyond,
-                    ..Route::default()
-                },
-            );
+            for (address, _) in other.legs() {
+                super::router::add_route(
+                    tables,
+                    programmed.slot,
+                    IpNet::from(address),
+                    Route {
+                        flags: route_flags::LOCAL | route_flags::EXTERNAL | beyond,
+                        ..Route::default()
+                    },
+                );
+            }
         }
     }
     for fip in state.floating_ips.values() {
@@ -234,6 +294,8 @@ fn floating_ip(
     let IpAddr::V4(floating) = fip.floating_ip_address else {
         return Err("IPv6 floating IPs are not translated (the Networking API has none)".into());
     };
+    // Floating IPs are IPv4: only routers with an IPv4 way out translate them.
+    let gateways: Vec<_> = gateways.iter().filter(|(_, gw)| gw.v4.is_some()).collect();
     let on_network = gateways
         .iter()
         .find(|(_, gw)| gw.network_id == fip.floating_network_id);

@@ -825,6 +825,10 @@ fn routers_compile_to_interfaces_routes_and_neighbours() {
 /// `routed_state` with r1's gateway on external network `ext` (SNAT on) and floating
 /// IPs: `fip-1` on p1, `fip-free` unassociated, `fip-away` on a port of another node.
 fn nat_state() -> State {
+    State::replace(&nat_resources()).expect("valid test state")
+}
+
+fn nat_resources() -> Vec<Resource> {
     let mut state_resources: Vec<Resource> = Vec::new();
     let routed = routed_state(true);
     state_resources.extend(routed.networks.values().cloned().map(Resource::from));
@@ -862,7 +866,153 @@ fn nat_state() -> State {
         floating_ip("fip-free", "ext", "203.0.113.102").into(),
         fip_away.into(),
     ]);
-    State::replace(&state_resources).expect("valid test state")
+    state_resources
+}
+
+/// `nat_state` with an IPv6 subnet on `ext` too (`v6_only`: r1 has no IPv4 on it), where r1
+/// has 2001:db8:e::10 behind the gateway 2001:db8:e::1.
+fn dual_stack_nat_state(v6_only: bool) -> State {
+    let mut resources = nat_resources();
+    let mut ext6 = subnet("ext-v6", "ext", "2001:db8:e::/64");
+    ext6.gateway_ip = Some(ip("2001:db8:e::1"));
+    resources.push(ext6.into());
+    let v6 = ExternalFixedIp {
+        subnet_id: "ext-v6".to_owned(),
+        ip_address: ip("2001:db8:e::10"),
+    };
+    for resource in &mut resources {
+        match resource {
+            Resource::Router(router) if router.id == "r1" => {
+                let info = router.external_gateway_info.as_mut().unwrap();
+                if v6_only {
+                    info.external_fixed_ips.clear();
+                }
+                info.external_fixed_ips.push(v6.clone());
+            }
+            Resource::Port(port) if port.id == "r1-gw" => {
+                port.fixed_ips.push(fixed_ip("ext-v6", "2001:db8:e::10"));
+            }
+            _ => {}
+        }
+    }
+    State::replace(&resources).expect("valid test state")
+}
+
+#[test]
+fn ipv6_external_gateways_are_routed_without_translation() {
+    let devices = interfaces(&[("tap1", 11), ("tap2", 12)]);
+    let mut slots = new_slots(16, 16);
+    let mut uplink = Uplink {
+        ifindex: 40,
+        snat_port_min: 20000,
+        snat_port_count: 100,
+        gateway_macs: BTreeMap::new(),
+    };
+    let compile_with = |state: &State, uplink: &Uplink, slots: &mut Slots| {
+        compile(
+            state,
+            &NodeView {
+                node_name: NODE,
+                interfaces: &devices,
+                peer_devices: &BTreeSet::new(),
+                uplink: Some(uplink),
+            },
+            slots,
+        )
+    };
+    let state = dual_stack_nat_state(false);
+    assert_eq!(
+        nat::gateway_neighbors(&state),
+        vec![
+            nat::GatewayNeighbor {
+                nexthop: ip("203.0.113.1"),
+                source: ip("203.0.113.10"),
+                source_mac: mac("fa:16:3e:00:0e:01"),
+            },
+            nat::GatewayNeighbor {
+                nexthop: ip("2001:db8:e::1"),
+                source: ip("2001:db8:e::10"),
+                source_mac: mac("fa:16:3e:00:0e:01"),
+            },
+        ]
+    );
+
+    // Only IPv4's gateway answered: still BUILD, naming the one it waits for.
+    uplink
+        .gateway_macs
+        .insert(ip("203.0.113.1"), mac("02:00:00:00:00:01"));
+    let compiled = compile_with(&state, &uplink, &mut slots);
+    let r1 = slots.router_slot("r1").unwrap();
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1"),
+        (
+            StatusKind::Build,
+            "resolving the external gateway 2001:db8:e::1 on the uplink".to_owned()
+        )
+    );
+    assert_eq!(compiled.tables.router_gw6[&r1].nexthop_mac, [0; 6]);
+
+    uplink
+        .gateway_macs
+        .insert(ip("2001:db8:e::1"), mac("02:00:00:00:00:06"));
+    let compiled = compile_with(&state, &uplink, &mut slots);
+    let t = &compiled.tables;
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1").0,
+        StatusKind::Active
+    );
+    let gw6: [u8; 16] = "2001:db8:e::10".parse::<Ipv6Addr>().unwrap().octets();
+    assert_eq!(
+        t.router_gw6[&r1],
+        RouterGateway6 {
+            uplink_ifindex: 40,
+            ip6: gw6,
+            mac: mac("fa:16:3e:00:0e:01").0,
+            nexthop_mac: mac("02:00:00:00:00:06").0,
+        }
+    );
+    let route6 = |len: u32, addr: [u8; 16]| {
+        t.routes6.get(&(
+            ROUTE_FIXED_BITS + len,
+            RouteKey6 {
+                router_slot: r1,
+                addr,
+            },
+        ))
+    };
+    assert_eq!(route6(0, [0; 16]).unwrap().flags, route_flags::EXTERNAL);
+    assert_eq!(
+        route6(128, gw6).unwrap().flags,
+        route_flags::LOCAL | route_flags::EXTERNAL,
+        "the gateway address answers pings from inside"
+    );
+    assert_eq!(
+        t.ext_addrs6.get(&gw6).map(|e| (e.mac, e.flags)),
+        Some((mac("fa:16:3e:00:0e:01").0, ext_addr_flags::GATEWAY))
+    );
+    // IPv4 is as without IPv6: translated.
+    assert_eq!(t.router_gw[&r1].ip4, [203, 0, 113, 10]);
+    assert!(t.fips4.contains_key(&[203, 0, 113, 101]));
+
+    // IPv6 only: routed out, no IPv4 way out, and floating IPs have no router to
+    // translate them.
+    let state = dual_stack_nat_state(true);
+    let compiled = compile_with(&state, &uplink, &mut slots);
+    let t = &compiled.tables;
+    assert!(t.router_gw.is_empty() && t.fips4.is_empty());
+    assert!(!t.ext_addrs4.contains_key(&[203, 0, 113, 10]));
+    assert_eq!(t.router_gw6[&r1].ip6, gw6);
+    assert_eq!(
+        status_of(&compiled, ResourceKind::Router, "r1").0,
+        StatusKind::Active
+    );
+    assert_eq!(
+        status_of(&compiled, ResourceKind::FloatingIp, "fip-1"),
+        (
+            StatusKind::Down,
+            "no router with an external gateway here reaches its port".to_owned()
+        )
+    );
 }
 
 #[test]
@@ -908,7 +1058,7 @@ fn gateways_and_floating_ips_compile_to_the_nat_tables() {
 
     uplink
         .gateway_macs
-        .insert(Ipv4Addr::new(203, 0, 113, 1), mac("02:00:00:00:00:01"));
+        .insert(ip("203.0.113.1"), mac("02:00:00:00:00:01"));
     let compiled = compile_with(Some(&uplink), &mut slots);
     let t = &compiled.tables;
     let n1 = slots.network_slot("n1").unwrap();
@@ -976,8 +1126,8 @@ fn gateways_and_floating_ips_compile_to_the_nat_tables() {
     assert_eq!(
         nat::gateway_neighbors(&state),
         vec![nat::GatewayNeighbor {
-            nexthop: Ipv4Addr::new(203, 0, 113, 1),
-            source: Ipv4Addr::new(203, 0, 113, 10),
+            nexthop: ip("203.0.113.1"),
+            source: ip("203.0.113.10"),
             source_mac: mac("fa:16:3e:00:0e:01"),
         }]
     );

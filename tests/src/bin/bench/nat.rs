@@ -151,7 +151,7 @@ impl Lab {
             ifindex: uplink,
             snat_port_min: 1024,
             snat_port_count: 64512,
-            gateway_macs: BTreeMap::from([(OUTSIDE, MacAddr(OUTSIDE_MAC))]),
+            gateway_macs: BTreeMap::from([(OUTSIDE.into(), MacAddr(OUTSIDE_MAC))]),
         };
         let compiled = self.program_with(state, devices, peers, Some(&uplink))?;
         let measured = compiled.statuses.iter().find(|(r, _)| r.id == "fip-0");
