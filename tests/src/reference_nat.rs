@@ -620,6 +620,7 @@ impl<'a> Node<'a> {
             state: self.state,
             node_name: self.node_name,
             devices: self.devices,
+            uplink: None,
         }
     }
 

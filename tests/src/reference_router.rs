@@ -5,17 +5,28 @@
 //! echo requests for its interface addresses, and decrements the TTL of what it
 //! forwards. The differential test holds `port_ingress` to it.
 //!
+//! IPv6 to and from external networks is routed too (the Networking API translates
+//! only IPv4, held to `reference_nat`): a router with an IPv6 external fixed IP on a
+//! subnet with a gateway has a default route out of the node's uplink to that gateway,
+//! its gateway address (and those of the other routers on that network, one hop
+//! further) answers pings, and what arrives on the uplink for its gateway port's MAC is
+//! routed to its subnets.
+//!
 //! Scope: what a port sends to a router interface's MAC, and ARP requests for router
-//! addresses, on this node (the router runs where the sender is). Ports in the states
-//! it is used with have no port security and no allowed address pairs, so switching
-//! and port security (held to `reference`) stay out of the way.
+//! addresses, on this node (the router runs where the sender is); IPv6 arriving on the
+//! uplink. Ports in the states it is used with have no port security and no allowed
+//! address pairs, so switching and port security (held to `reference`) stay out of the
+//! way; their external networks have IPv6 subnets only.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
 };
 
 use dataplane_abi::DropReason;
-use dataplane_agent::core::model::{MacAddr, Port, Router, State};
+use dataplane_agent::core::{
+    compile::nat::ROUTER_GATEWAY_OWNER,
+    model::{MacAddr, Port, Router, State},
+};
 use ipnet::IpNet;
 
 /// What the sender put on the wire, as the generator made it.
@@ -52,24 +63,51 @@ pub enum Routed {
     TimeExceeded {
         from: MacAddr,
     },
-    /// Not the router's business: switched on the network as usual.
+    /// Out of the uplink, to the external gateway's MAC from the router's gateway port's.
+    Uplink {
+        dst_mac: MacAddr,
+        src_mac: MacAddr,
+        ttl: u8,
+    },
+    /// Not the router's business: switched on the network as usual (arriving on the
+    /// uplink: the host's).
     Switched,
 }
 
-/// The node: the state, this node's name, its port devices.
+/// The node: the state, this node's name, its port devices and its uplink.
 pub struct RouterReference<'a> {
     pub state: &'a State,
     pub node_name: &'a str,
     pub devices: &'a BTreeMap<String, u32>,
+    /// `None`: the node has no uplink, no external gateway is programmed.
+    pub uplink: Option<&'a ExternalUplink>,
+}
+
+/// The uplink as the routing needs it: the external gateways' MACs resolved so far.
+pub struct ExternalUplink {
+    pub gateway_macs: BTreeMap<IpAddr, MacAddr>,
 }
 
 /// Where a route leads.
 enum Via<'a> {
-    /// The router's own address.
-    Local,
+    /// An address of the router's (`beyond`: another router's gateway, one hop on).
+    Local {
+        beyond: bool,
+    },
     OnLink(&'a Interface<'a>),
     /// A static route: out of this interface, to this next hop.
     Static(&'a Interface<'a>, IpAddr),
+    /// Out of the router's IPv6 external gateway.
+    External(&'a Gateway6),
+}
+
+/// A router's IPv6 way out: its address on the external network, that subnet's
+/// gateway, its gateway port's MAC.
+pub(crate) struct Gateway6 {
+    network_id: String,
+    address: IpAddr,
+    nexthop: IpAddr,
+    mac: MacAddr,
 }
 
 /// Keeps `via` if its prefix is longer than the best so far.
@@ -125,6 +163,27 @@ impl RouterReference<'_> {
             .collect()
     }
 
+    /// The router's IPv6 way out, if the node has an uplink and the router an IPv6
+    /// external fixed IP on a subnet with a gateway, and a gateway port.
+    fn gateway6(&self, router: &Router) -> Option<Gateway6> {
+        self.uplink?;
+        let info = router.external_gateway_info.as_ref()?;
+        let port = self
+            .state
+            .ports
+            .values()
+            .find(|p| p.device_owner == ROUTER_GATEWAY_OWNER && p.device_id == router.id)?;
+        info.external_fixed_ips.iter().find_map(|fixed| {
+            let nexthop = self.state.subnets.get(&fixed.subnet_id)?.gateway_ip?;
+            (fixed.ip_address.is_ipv6() && nexthop.is_ipv6()).then(|| Gateway6 {
+                network_id: info.network_id.clone(),
+                address: fixed.ip_address,
+                nexthop,
+                mac: port.mac_address,
+            })
+        })
+    }
+
     /// Routers that run here: admin up, with an interface programmed.
     fn routers(&self) -> impl Iterator<Item = (&Router, Vec<Interface<'_>>)> {
         self.state
@@ -162,15 +221,91 @@ impl RouterReference<'_> {
         }) else {
             return Routed::Switched;
         };
-        // Longest prefix: the router's own addresses, its subnets, then static routes
-        // (an entry there first wins a tie).
+        let gateways = self.gateways6();
+        let Some(via) = self.route(router, &interfaces, &gateways, dst) else {
+            return Routed::Drop(DropReason::NoRoute);
+        };
+        let ttl = match sent {
+            Sent::Udp { ttl, .. } => *ttl,
+            _ => 64,
+        };
+        let echo = matches!(sent, Sent::Echo { .. });
+        let (out, nexthop) = match via {
+            Via::Local { beyond } if !beyond || ttl > 1 => {
+                return if echo {
+                    Routed::Answer { from: dst_mac }
+                } else {
+                    Routed::Drop(DropReason::NoRoute)
+                };
+            }
+            // Another router's gateway, a hop further than the TTL reaches.
+            Via::Local { .. } => return self.expired(&interfaces, sender, dst_mac, dst),
+            _ if ttl <= 1 => return self.expired(&interfaces, sender, dst_mac, dst),
+            Via::External(gw) => {
+                let resolved = self.uplink.and_then(|u| u.gateway_macs.get(&gw.nexthop));
+                return match resolved {
+                    Some(&mac) => Routed::Uplink {
+                        dst_mac: mac,
+                        src_mac: gw.mac,
+                        ttl: ttl - 1,
+                    },
+                    None => Routed::Drop(DropReason::NoNeighbor),
+                };
+            }
+            Via::OnLink(out) => (out, dst),
+            Via::Static(out, nexthop) => (out, nexthop),
+        };
+        self.to_neighbor(out, nexthop, ttl)
+    }
+
+    /// The routers whose IPv6 gateway is programmed, with it.
+    fn gateways6(&self) -> Vec<(&Router, Gateway6)> {
+        self.routers()
+            .filter_map(|(r, _)| Some((r, self.gateway6(r)?)))
+            .collect()
+    }
+
+    /// The route `router` takes to `dst`, longest prefix first: its own addresses, its
+    /// subnets, static routes (an entry there first wins a tie), then its external
+    /// default route.
+    fn route<'s>(
+        &self,
+        router: &Router,
+        interfaces: &'s [Interface<'s>],
+        gateways: &'s [(&Router, Gateway6)],
+        dst: IpAddr,
+    ) -> Option<Via<'s>> {
         let mut best: Option<(u8, Via)> = None;
-        for i in &interfaces {
+        for i in interfaces {
             if IpNet::from(i.address).contains(&dst) {
-                better(&mut best, IpNet::from(i.address).prefix_len(), Via::Local);
+                better(
+                    &mut best,
+                    IpNet::from(i.address).prefix_len(),
+                    Via::Local { beyond: false },
+                );
             }
         }
-        for i in &interfaces {
+        let own = gateways
+            .iter()
+            .find(|(r, _)| r.id == router.id)
+            .map(|(_, gw)| gw);
+        if let Some(own) = own {
+            for (other, gw) in gateways
+                .iter()
+                .filter(|(_, gw)| gw.network_id == own.network_id)
+            {
+                if gw.address == dst {
+                    better(
+                        &mut best,
+                        128,
+                        Via::Local {
+                            beyond: other.id != router.id,
+                        },
+                    );
+                }
+            }
+        }
+        for i in interfaces {
             if i.subnet.contains(&dst) {
                 better(&mut best, i.subnet.prefix_len(), Via::OnLink(i));
             }
@@ -186,36 +321,58 @@ impl RouterReference<'_> {
                 }
             }
         }
-        let Some((_, via)) = best else {
-            return Routed::Drop(DropReason::NoRoute);
-        };
-        let (out, nexthop) = match via {
-            Via::Local => {
-                return match sent {
-                    Sent::Echo { .. } => Routed::Answer { from: dst_mac },
-                    _ => Routed::Drop(DropReason::NoRoute),
-                }
-            }
-            Via::OnLink(out) => (out, dst),
-            Via::Static(out, nexthop) => (out, nexthop),
-        };
-        let ttl = match sent {
-            Sent::Udp { ttl, .. } => *ttl,
-            _ => 64,
-        };
-        if ttl <= 1 {
-            // From the interface's address of the packet's family (else only counted).
-            let has_address = interfaces.iter().any(|i| {
-                i.port.mac_address == dst_mac
-                    && i.port.network_id == sender.network_id
-                    && i.address.is_ipv4() == dst.is_ipv4()
-            });
-            return if has_address {
-                Routed::TimeExceeded { from: dst_mac }
-            } else {
-                Routed::Drop(DropReason::TtlExceeded)
-            };
+        if let Some(own) = own.filter(|_| dst.is_ipv6()) {
+            better(&mut best, 0, Via::External(own));
         }
+        best.map(|(_, via)| via)
+    }
+
+    /// An expired packet: a time-exceeded error from the interface's address of the
+    /// packet's family, else only counted.
+    fn expired(
+        &self,
+        interfaces: &[Interface<'_>],
+        sender: &Port,
+        dst_mac: MacAddr,
+        dst: IpAddr,
+    ) -> Routed {
+        let has_address = interfaces.iter().any(|i| {
+            i.port.mac_address == dst_mac
+                && i.port.network_id == sender.network_id
+                && i.address.is_ipv4() == dst.is_ipv4()
+        });
+        if has_address {
+            Routed::TimeExceeded { from: dst_mac }
+        } else {
+            Routed::Drop(DropReason::TtlExceeded)
+        }
+    }
+
+    /// What becomes of an IPv6 packet to `dst` with hop limit `ttl` arriving on the
+    /// uplink in a frame for `dst_mac` (`echo`: an echo request, else UDP).
+    pub fn judge_inbound(&self, dst_mac: MacAddr, dst: IpAddr, ttl: u8, echo: bool) -> Routed {
+        let gateways = self.gateways6();
+        // `uplink_xdp` answers pings of the gateways' addresses, whatever the MAC.
+        if let Some((_, gw)) = gateways.iter().find(|(_, gw)| echo && gw.address == dst) {
+            return Routed::Answer { from: gw.mac };
+        }
+        let Some((router, interfaces)) = self.routers().find(|(r, _)| {
+            gateways
+                .iter()
+                .any(|(g, gw)| g.id == r.id && gw.mac == dst_mac)
+        }) else {
+            return Routed::Switched;
+        };
+        match self.route(router, &interfaces, &gateways, dst) {
+            None | Some(Via::Local { .. } | Via::External(_)) => Routed::Drop(DropReason::NoRoute),
+            Some(_) if ttl <= 1 => Routed::Drop(DropReason::TtlExceeded),
+            Some(Via::OnLink(out)) => self.to_neighbor(out, dst, ttl),
+            Some(Via::Static(out, nexthop)) => self.to_neighbor(out, nexthop, ttl),
+        }
+    }
+
+    /// Forwarded out of `out` to `nexthop`'s port, one TTL less.
+    fn to_neighbor(&self, out: &Interface<'_>, nexthop: IpAddr, ttl: u8) -> Routed {
         // The next hop's MAC: a port of that network with that address (a router's own
         // address answers with its interface's MAC).
         let network = &out.port.network_id;

@@ -1,9 +1,11 @@
 //! Randomized differential test of distributed routing: random networks, subnets,
-//! ports, routers (interfaces, admin state, static routes), compiled and written by the
-//! agent's own layers; random frames to router MACs (UDP with random TTLs, echo
-//! requests, either family) and ARP requests, run through the sender's `port_ingress`.
-//! Every verdict, and the addresses and TTL of every forwarded frame, must equal the
-//! plain-Rust reference (`dataplane_tests::reference_router`). Needs root.
+//! ports, routers (interfaces, admin state, static routes, IPv6 external gateways),
+//! compiled and written by the agent's own layers; random frames to router MACs (UDP
+//! with random TTLs, echo requests, either family) and ARP requests, run through the
+//! sender's `port_ingress`, and random IPv6 frames arriving on the uplink, run through
+//! `uplink_xdp` and `uplink_ingress`. Every verdict, and the addresses and TTL of every
+//! forwarded frame, must equal the plain-Rust reference
+//! (`dataplane_tests::reference_router`). Needs root.
 //!
 //! Reproducible: `DP_DIFF_SEED`, `DP_DIFF_STATES` (default 40), `DP_DIFF_FRAMES`
 //! (default 80 per state).
@@ -16,24 +18,32 @@ use anyhow::{ensure, Result};
 use dataplane_abi::{program_names, verdict_action, DropReason};
 use dataplane_agent::{
     core::{
-        compile::{compile, NodeView, SlotLimits, Slots},
+        compile::{compile, NodeView, SlotLimits, Slots, Uplink},
         model::{MacAddr, Port, Resource, State},
     },
+    kernel::datapath::TestRunOutcome,
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
-    api::{network, port, router, router_port, subnet, IntoResource},
+    api::{
+        external_network, gateway_port, network, port, router, router_port, subnet, IntoResource,
+    },
     frames::{self, ethertype, proto, BROADCAST, ETH_HLEN},
     netns::{device_lab, env_number},
-    reference_router::{Routed, RouterReference, Sent},
-    testrun::traced_datapath,
+    reference_router::{ExternalUplink, Routed, RouterReference, Sent},
+    testrun::{arrive_on_uplink, traced_datapath, UplinkArrival, TC_ACT_OK},
 };
 use rand::{rngs::StdRng, seq::IndexedRandom, Rng, SeedableRng};
 
 const NODE: &str = "route-diff";
 const NETWORKS: usize = 3;
 const DEVICES: usize = 6;
+const UPLINK: &str = "up0";
+/// The external IPv6 subnet's gateway: next hop of what leaves, source of what arrives.
+const NEXTHOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 1];
+/// A host beyond the external network.
+const REMOTE6: &str = "2001:db8:ff::7";
 
 fn port_mac(i: usize) -> [u8; 6] {
     [0xfa, 0x16, 0x3e, 0, 0, i as u8 + 1]
@@ -55,11 +65,33 @@ fn v6(network: usize, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, network as u16, 0, 0, 0, 0, 0, host)
 }
 
+/// On the external network: 1 its gateway, 0x10 + r router r's gateway address.
+fn external6(host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, host)
+}
+
+fn gateway_mac(router: usize) -> [u8; 6] {
+    [0xfa, 0x16, 0x3e, 0x0e, 0, router as u8]
+}
+
 /// Networks n0..n2 with a v4 and a v6 subnet each; ports p0..p5 (some on missing
 /// devices, some on another node); routers r0 and r1 on random subnets (a subnet on one
-/// router at most), random admin state and static routes.
+/// router at most), random admin state and static routes, and mostly a gateway on the
+/// external network `ext` (IPv6 only; its subnet mostly with a gateway, the router's
+/// gateway port mostly there).
 fn random_state(rng: &mut StdRng) -> State {
-    let mut resources = Vec::new();
+    let mut resources = vec![external_network("ext").into_resource()];
+    resources.push(
+        pb::Subnet {
+            gateway_ip: if rng.random_bool(0.9) {
+                external6(1).to_string()
+            } else {
+                String::new()
+            },
+            ..subnet("ext-v6", "ext", "2001:db8:e::/64")
+        }
+        .into_resource(),
+    );
     for n in 0..NETWORKS {
         resources.push(network(&format!("n{n}")).into_resource());
         resources.push(
@@ -136,6 +168,29 @@ fn random_state(rng: &mut StdRng) -> State {
             .collect();
         let mut r_msg = router(&format!("r{r}"), &pairs);
         r_msg.admin_state_up = rng.random_bool(0.85);
+        if rng.random_bool(0.75) {
+            let address = external6(0x10 + r as u16).to_string();
+            r_msg.external_gateway_info = Some(pb::ExternalGatewayInfo {
+                network_id: "ext".to_owned(),
+                enable_snat: rng.random_bool(0.5),
+                external_fixed_ips: vec![pb::ExternalFixedIp {
+                    subnet_id: "ext-v6".to_owned(),
+                    ip_address: address.clone(),
+                }],
+            });
+            if rng.random_bool(0.9) {
+                resources.push(
+                    gateway_port(
+                        &format!("r{r}-gw"),
+                        &format!("r{r}"),
+                        "ext",
+                        &mac_text(gateway_mac(r)),
+                        &[("ext-v6", &address)],
+                    )
+                    .into_resource(),
+                );
+            }
+        }
         if let Some((&n, _)) = owner.iter().find(|(_, &o)| o == r) {
             if rng.random_bool(0.6) {
                 r_msg.routes.push(pb::Route {
@@ -154,17 +209,22 @@ fn random_state(rng: &mut StdRng) -> State {
 /// A destination: a port's, a router's, an unknown host of a subnet, or outside.
 fn random_destination(rng: &mut StdRng, v6_family: bool) -> IpAddr {
     let n = rng.random_range(0..NETWORKS);
-    let host = match rng.random_range(0..4) {
-        0 => 1,
-        1 | 2 => 10 + rng.random_range(0..DEVICES as u8),
-        _ => 200,
+    // A router's, a port's (port i has host 10 + i, 0x10 + i in IPv6), or nobody's.
+    let (host4, host6) = match rng.random_range(0..4) {
+        0 => (1, 1),
+        1 | 2 => {
+            let i = rng.random_range(0..DEVICES as u8);
+            (10 + i, 0x10 + u16::from(i))
+        }
+        _ => (200, 200),
     };
-    match (v6_family, rng.random_range(0..6)) {
+    match (v6_family, rng.random_range(0..8)) {
         (false, 0) => IpAddr::V4(Ipv4Addr::new(192, 168, 3, 4)),
         (false, 1) => IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
-        (false, _) => IpAddr::V4(v4(n, host)),
-        (true, 0) => IpAddr::V6("2001:db8::1".parse().unwrap()),
-        (true, _) => IpAddr::V6(v6(n, u16::from(host))),
+        (false, _) => IpAddr::V4(v4(n, host4)),
+        (true, 0) => IpAddr::V6(REMOTE6.parse().unwrap()),
+        (true, 1) => IpAddr::V6(external6(*[1, 0x10, 0x11, 0x99].choose(rng).unwrap())),
+        (true, _) => IpAddr::V6(v6(n, host6)),
     }
 }
 
@@ -212,13 +272,113 @@ fn frame_of(sender: &Port, sent: &Sent) -> Vec<u8> {
                 ethertype::IPV4,
                 &frames::ipv4(src4.unwrap(), dst, proto::ICMP, &frames::icmp4_echo(3, 1)),
             ),
-            IpAddr::V6(dst) => frames::ethernet(
-                dst_mac.0,
-                src_mac,
-                ethertype::IPV6,
-                &frames::ipv6(src6.unwrap(), dst, proto::ICMPV6, &frames::icmp6_echo(3, 1)),
-            ),
+            IpAddr::V6(dst) => {
+                let mut p =
+                    frames::ipv6(src6.unwrap(), dst, proto::ICMPV6, &frames::icmp6_echo(3, 1));
+                // Echo requests go with hop limit 64, as the reference has them.
+                p[7] = 64;
+                frames::ethernet(dst_mac.0, src_mac, ethertype::IPV6, &p)
+            }
         },
+    }
+}
+
+/// What arrives on the uplink: from the external gateway, a remote host's UDP or echo
+/// request to `dst` with hop limit `ttl`, in a frame for `dst_mac`.
+fn inbound_frame(dst_mac: [u8; 6], dst: Ipv6Addr, ttl: u8, echo: bool) -> Vec<u8> {
+    let remote: Ipv6Addr = REMOTE6.parse().unwrap();
+    let mut p = if echo {
+        frames::ipv6(remote, dst, proto::ICMPV6, &frames::icmp6_echo(5, 1))
+    } else {
+        frames::ipv6(remote, dst, proto::UDP, &frames::udp(5000, 53, b"x"))
+    };
+    p[7] = ttl;
+    frames::ethernet(dst_mac, NEXTHOP_MAC, ethertype::IPV6, &p)
+}
+
+/// The device a unicast verdict sends to.
+fn unicast_to<'m>(out: &TestRunOutcome, devices: &'m BTreeMap<u32, String>) -> Option<&'m str> {
+    (out.verdict.action == verdict_action::UNICAST)
+        .then(|| devices.get(&out.verdict.ifindexes[0]).map(String::as_str))
+        .flatten()
+}
+
+/// Whether the datapath did with `frame` what the reference expected. `sender`: the
+/// sending port's device and MAC (answers and errors go back to it).
+fn agrees(
+    expected: &Routed,
+    out: &TestRunOutcome,
+    frame: &[u8],
+    state: &State,
+    sender: (&str, [u8; 6]),
+    devices: &BTreeMap<u32, String>,
+) -> bool {
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let ttl_at = if v6 { ETH_HLEN + 7 } else { ETH_HLEN + 8 };
+    let to = unicast_to(out, devices);
+    let (sender_device, sender_mac) = sender;
+    match expected {
+        Routed::Drop(reason) => {
+            out.verdict.action == verdict_action::DROP
+                && DropReason::from_u32(out.verdict.reason) == Some(*reason)
+        }
+        Routed::Forward {
+            port,
+            dst_mac,
+            src_mac,
+            ttl,
+        } => {
+            to == Some(state.ports[port].binding.interface_name.as_str())
+                && out.frame[0..6] == dst_mac.0
+                && out.frame[6..12] == src_mac.0
+                && out.frame[ttl_at] == *ttl
+        }
+        Routed::Uplink {
+            dst_mac,
+            src_mac,
+            ttl,
+        } => {
+            to == Some(UPLINK)
+                && out.frame[0..6] == dst_mac.0
+                && out.frame[6..12] == src_mac.0
+                && out.frame[ttl_at] == *ttl
+                && out.frame[ETH_HLEN..ttl_at] == frame[ETH_HLEN..ttl_at]
+                && out.frame[ttl_at + 1..] == frame[ttl_at + 1..]
+        }
+        Routed::Answer { from } => {
+            to == Some(sender_device) && out.frame[0..6] == sender_mac && out.frame[6..12] == from.0
+        }
+        Routed::TimeExceeded { from } => {
+            let (kind_at, kind) = if v6 {
+                (ETH_HLEN + 40, 3)
+            } else {
+                (ETH_HLEN + 20, 11)
+            };
+            to == Some(sender_device)
+                && out.frame[0..6] == sender_mac
+                && out.frame[6..12] == from.0
+                && out.frame.get(kind_at) == Some(&kind)
+        }
+        Routed::Switched => {
+            to != Some(sender_device)
+                && (out.verdict.action == verdict_action::FLOOD
+                    || (out.verdict.action == verdict_action::DROP
+                        && matches!(
+                            DropReason::from_u32(out.verdict.reason),
+                            Some(DropReason::UnknownDestination | DropReason::NoFloodTarget)
+                        )))
+        }
+    }
+}
+
+fn outcome_name(expected: &Routed) -> String {
+    match expected {
+        Routed::Drop(reason) => reason.name().to_owned(),
+        Routed::Forward { .. } => "forward".to_owned(),
+        Routed::Uplink { .. } => "uplink".to_owned(),
+        Routed::Answer { .. } => "answer".to_owned(),
+        Routed::TimeExceeded { .. } => "time_exceeded".to_owned(),
+        Routed::Switched => "switched".to_owned(),
     }
 }
 
@@ -227,7 +387,8 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
     let seed = env_number("DP_DIFF_SEED", 0x0007_0a7e);
     let states = env_number("DP_DIFF_STATES", 40);
     let frames_per_state = env_number("DP_DIFF_FRAMES", 80);
-    let names: Vec<String> = (0..DEVICES).map(|i| format!("d{i}")).collect();
+    let mut names: Vec<String> = (0..DEVICES).map(|i| format!("d{i}")).collect();
+    names.push(UPLINK.to_owned());
     let (ns, devices) = device_lab("routediff", &names)?;
 
     let outcomes = ns.run(move || -> Result<BTreeMap<String, u64>> {
@@ -243,13 +404,26 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
             devices.iter().map(|(name, &i)| (i, name.clone())).collect();
         for scenario in 0..states {
             let state = random_state(&mut rng);
+            // Mostly an uplink, and the external gateway mostly resolved on it.
+            let has_uplink = rng.random_bool(0.9);
+            let mut gateway_macs = BTreeMap::new();
+            if rng.random_bool(0.85) {
+                gateway_macs.insert(IpAddr::V6(external6(1)), MacAddr(NEXTHOP_MAC));
+            }
+            let uplink = Uplink {
+                ifindex: devices[UPLINK],
+                snat_port_min: 20_000,
+                snat_port_count: 16,
+                gateway_macs: gateway_macs.clone(),
+            };
+            let external = ExternalUplink { gateway_macs };
             let compiled = compile(
                 &state,
                 &NodeView {
                     node_name: NODE,
                     interfaces: &devices,
                     peer_devices: &BTreeSet::new(),
-                    uplink: None,
+                    uplink: has_uplink.then_some(&uplink),
                 },
                 &mut slots,
             );
@@ -258,6 +432,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
                 state: &state,
                 node_name: NODE,
                 devices: &devices,
+                uplink: has_uplink.then_some(&external),
             };
             let senders: Vec<&Port> = state
                 .ports
@@ -268,6 +443,54 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
                 continue;
             }
             for case in 0..frames_per_state {
+                if rng.random_bool(0.25) {
+                    // From outside: mostly for a gateway port's MAC.
+                    let dst_mac = match rng.random_range(0..5) {
+                        0 | 1 => gateway_mac(0),
+                        2 | 3 => gateway_mac(1),
+                        _ => [0x02, 0, 0, 0, 0, 0x99],
+                    };
+                    let dst = match random_destination(&mut rng, true) {
+                        IpAddr::V6(a) => a,
+                        IpAddr::V4(_) => unreachable!(),
+                    };
+                    let ttl = *[1u8, 2, 64].choose(&mut rng).unwrap();
+                    let echo = rng.random_bool(0.3);
+                    let frame = inbound_frame(dst_mac, dst, ttl, echo);
+                    let expected = reference.judge_inbound(MacAddr(dst_mac), dst.into(), ttl, echo);
+                    let arrival = arrive_on_uplink(&mut datapath, devices[UPLINK], &frame)?;
+                    let agreed = match (&expected, &arrival) {
+                        (Routed::Answer { from }, UplinkArrival::Tx(answer)) => {
+                            answer[0..6] == NEXTHOP_MAC && answer[6..12] == from.0
+                        }
+                        (Routed::Switched, UplinkArrival::Passed(out)) => {
+                            out.return_code == TC_ACT_OK && out.verdict.action == 0
+                        }
+                        (_, UplinkArrival::Passed(out)) => {
+                            agrees(&expected, out, &frame, &state, (UPLINK, NEXTHOP_MAC), &port_of_ifindex)
+                        }
+                        _ => false,
+                    };
+                    let got = match &arrival {
+                        UplinkArrival::Tx(_) => "answered by uplink_xdp".to_owned(),
+                        UplinkArrival::Dropped(reasons) => format!("dropped by uplink_xdp: {reasons:?}"),
+                        UplinkArrival::Passed(out) => format!(
+                            "uplink_ingress returned {} action {} reason {:?} to {:?}",
+                            out.return_code,
+                            out.verdict.action,
+                            DropReason::from_u32(out.verdict.reason),
+                            unicast_to(out, &port_of_ifindex),
+                        ),
+                    };
+                    ensure!(
+                        agreed,
+                        "seed {seed:#x} state {scenario} frame {case}: from the uplink to {dst} \
+                         for {dst_mac:02x?}, hop limit {ttl}, echo {echo}\nexpected {expected:?}, \
+                         {got}\nstate {state:#?}"
+                    );
+                    *outcomes.entry(format!("in:{}", outcome_name(&expected))).or_insert(0) += 1;
+                    continue;
+                }
                 let sender = *senders.choose(&mut rng).unwrap();
                 // Mostly a router interface of the sender's network (of a router up or
                 // down), else any router's MAC for that network, attached or not.
@@ -309,69 +532,17 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
                     &frame,
                     1,
                 )?;
-                let context = || {
-                    format!(
-                        "seed {seed:#x} state {scenario} frame {case}: {} sent {sent:?}\n\
-                         expected {expected:?}, verdict action {} reason {:?} to {:?}\nstate {state:#?}",
-                        sender.id,
-                        out.verdict.action,
-                        DropReason::from_u32(out.verdict.reason),
-                        port_of_ifindex.get(&out.verdict.ifindexes[0]),
-                    )
-                };
-                let unicast_to = (out.verdict.action == verdict_action::UNICAST)
-                    .then(|| port_of_ifindex.get(&out.verdict.ifindexes[0]).cloned())
-                    .flatten();
-                let agrees = match &expected {
-                    Routed::Drop(reason) => {
-                        out.verdict.action == verdict_action::DROP
-                            && DropReason::from_u32(out.verdict.reason) == Some(*reason)
-                    }
-                    Routed::Forward {
-                        port,
-                        dst_mac,
-                        src_mac,
-                        ttl,
-                    } => {
-                        let device = &state.ports[port].binding.interface_name;
-                        let ttl_at = if frame[12..14] == [0x86, 0xdd] { ETH_HLEN + 7 } else { ETH_HLEN + 8 };
-                        unicast_to.as_ref() == Some(device)
-                            && out.frame[0..6] == dst_mac.0
-                            && out.frame[6..12] == src_mac.0
-                            && out.frame[ttl_at] == *ttl
-                    }
-                    Routed::Answer { from } => {
-                        unicast_to.as_ref() == Some(&sender.binding.interface_name)
-                            && out.frame[0..6] == sender.mac_address.0
-                            && out.frame[6..12] == from.0
-                    }
-                    Routed::TimeExceeded { from } => {
-                        let v6 = frame[12..14] == [0x86, 0xdd];
-                        let (kind_at, kind) = if v6 { (ETH_HLEN + 40, 3) } else { (ETH_HLEN + 20, 11) };
-                        unicast_to.as_ref() == Some(&sender.binding.interface_name)
-                            && out.frame[0..6] == sender.mac_address.0
-                            && out.frame[6..12] == from.0
-                            && out.frame.get(kind_at) == Some(&kind)
-                    }
-                    Routed::Switched => {
-                        unicast_to.as_ref() != Some(&sender.binding.interface_name)
-                            && (out.verdict.action == verdict_action::FLOOD
-                                || (out.verdict.action == verdict_action::DROP
-                                    && matches!(
-                                        DropReason::from_u32(out.verdict.reason),
-                                        Some(DropReason::UnknownDestination | DropReason::NoFloodTarget)
-                                    )))
-                    }
-                };
-                ensure!(agrees, "{}", context());
-                let name = match &expected {
-                    Routed::Drop(reason) => reason.name().to_owned(),
-                    Routed::Forward { .. } => "forward".to_owned(),
-                    Routed::Answer { .. } => "answer".to_owned(),
-                    Routed::TimeExceeded { .. } => "time_exceeded".to_owned(),
-                    Routed::Switched => "switched".to_owned(),
-                };
-                *outcomes.entry(name).or_insert(0) += 1;
+                let device = sender.binding.interface_name.as_str();
+                ensure!(
+                    agrees(&expected, &out, &frame, &state, (device, sender.mac_address.0), &port_of_ifindex),
+                    "seed {seed:#x} state {scenario} frame {case}: {} sent {sent:?}\n\
+                     expected {expected:?}, verdict action {} reason {:?} to {:?}\nstate {state:#?}",
+                    sender.id,
+                    out.verdict.action,
+                    DropReason::from_u32(out.verdict.reason),
+                    unicast_to(&out, &port_of_ifindex),
+                );
+                *outcomes.entry(outcome_name(&expected)).or_insert(0) += 1;
             }
         }
         Ok(outcomes)
@@ -384,6 +555,12 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
         "no_route",
         "no_neighbor",
         "time_exceeded",
+        "uplink",
+        "in:forward",
+        "in:answer",
+        "in:switched",
+        "in:no_route",
+        "in:ttl_exceeded",
     ] {
         ensure!(
             outcomes.contains_key(needed),
