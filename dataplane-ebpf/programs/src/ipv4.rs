@@ -1,7 +1,7 @@
-//! IPv4 header validation.
+//! IPv4 header validation, and its rewrite by a router.
 use dataplane_abi::DropReason;
 
-use crate::{eth::ETH_HLEN, packet::Packet};
+use crate::{csum, eth::ETH_HLEN, packet::Packet};
 
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -85,4 +85,32 @@ pub fn quoted(pkt: &mut Packet, off: usize, end: usize) -> Option<Ipv4> {
         end,
         first_fragment: u16::from_be_bytes(h.frag_off) & 0x1fff == 0,
     })
+}
+
+/// The IPv4 header as the router forwards the packet: one TTL less, from `src` to
+/// `dst`, the checksum updated word by word (RFC 1624). Written in place, where the
+/// checksum helpers would take a call per field; the header's own sum stays what it
+/// was, so a `CHECKSUM_COMPLETE` skb's sum stays right.
+#[inline(always)]
+pub fn forward(pkt: &mut Packet, src: [u8; 4], dst: [u8; 4]) -> Result<(), DropReason> {
+    let h: &mut Ipv4Hdr = pkt.at_mut(ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
+    let ttl = h.ttl;
+    if ttl <= 1 {
+        return Err(DropReason::TtlExceeded);
+    }
+    let word = |b: &[u8; 4], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let mut check = csum::update(
+        u16::from_be_bytes(h.check),
+        u16::from_be_bytes([ttl, h.proto]),
+        u16::from_be_bytes([ttl - 1, h.proto]),
+    );
+    for i in [0, 2] {
+        check = csum::update(check, word(&h.src, i), word(&src, i));
+        check = csum::update(check, word(&h.dst, i), word(&dst, i));
+    }
+    h.ttl = ttl - 1;
+    h.check = check.to_be_bytes();
+    h.src = src;
+    h.dst = dst;
+    Ok(())
 }

@@ -139,6 +139,14 @@ pub fn parse(pkt: &mut Packet) -> Result<Ipv6, DropReason> {
     }
 }
 
+/// Sets the hop limit in place (IPv6 has no header checksum).
+#[inline(always)]
+pub fn set_hop_limit(pkt: &mut Packet, hop_limit: u8) -> Result<(), DropReason> {
+    let h: &mut Ipv6Hdr = pkt.at_mut(ETH_HLEN).ok_or(DropReason::MalformedIpv6)?;
+    h.hop_limit = hop_limit;
+    Ok(())
+}
+
 /// `::`. Compared as two words: array `==` may become a `bcmp` call.
 #[inline(always)]
 pub fn is_unspecified(a: &[u8; 16]) -> bool {

@@ -71,9 +71,13 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     // IPv6 is routed in, IPv4 translated (or routed in when for no external address).
-    let hop = match ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes) {
-        Ok(ETH_P_IPV6) => router::inbound6(&ctx),
-        _ => nat::inbound(&ctx),
+    let ipv6 = Packet::new(&ctx)
+        .at::<[u8; 2]>(12)
+        .is_some_and(|proto| u16::from_be_bytes(*proto) == ETH_P_IPV6);
+    let hop = if ipv6 {
+        router::inbound6(&ctx)
+    } else {
+        nat::inbound(&ctx)
     };
     match Hop(hop).decode() {
         Ok(Some(target)) => {

@@ -29,7 +29,7 @@ use crate::{
         SNAT4_IN, SNAT4_OUT, UPLINK_STATS,
     },
     packet::Packet,
-    router::{nexthop4, Hop, IP4_CHECK, IP4_DST, IP4_SRC, IP4_TTL},
+    router::{nexthop4, set_macs, Hop},
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -132,30 +132,25 @@ fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), DropReason> {
         .map_err(|_| DropReason::RedirectFailed)
 }
 
-/// Writes `new` over the address at `off` (`IP4_SRC`/`IP4_DST`), with both checksums.
+/// The transport checksum after an address went from `old` to `new`, through the
+/// pseudo-header (the helper keeps every `ip_summed` state right).
 #[inline(always)]
-fn set_addr(
+fn set_pseudo(
     ctx: &TcContext,
     ip: &Ipv4,
     l4: &L4,
-    off: usize,
     old: [u8; 4],
     new: [u8; 4],
 ) -> Result<(), DropReason> {
-    if old == new {
+    let Some((check, flags)) = pseudo_checksum(ip, l4).filter(|_| old != new) else {
         return Ok(());
-    }
+    };
     let (from, to) = (
         u64::from(u32::from_ne_bytes(old)),
         u64::from(u32::from_ne_bytes(new)),
     );
-    if let Some((check, flags)) = pseudo_checksum(ip, l4) {
-        ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | flags | 4)
-            .map_err(|_| DropReason::MalformedL4)?;
-    }
-    ctx.l3_csum_replace(IP4_CHECK, from, to, 4)
-        .map_err(|_| DropReason::MalformedIpv4)?;
-    store(ctx, off, &new)
+    ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | flags | 4)
+        .map_err(|_| DropReason::MalformedL4)
 }
 
 /// Writes `new` over the source (or destination) port, or the echo identifier.
@@ -180,24 +175,6 @@ fn set_port(
     store(ctx, off, &new.to_be_bytes())
 }
 
-/// One less TTL: the packet crosses the router.
-#[inline(always)]
-fn decrement_ttl(ctx: &TcContext) -> Result<(), DropReason> {
-    let word: [u8; 2] = ctx.load(IP4_TTL).map_err(|_| DropReason::MalformedIpv4)?;
-    if word[0] <= 1 {
-        return Err(DropReason::TtlExceeded);
-    }
-    let new = [word[0] - 1, word[1]];
-    ctx.l3_csum_replace(
-        IP4_CHECK,
-        u64::from(u16::from_ne_bytes(word)),
-        u64::from(u16::from_ne_bytes(new)),
-        2,
-    )
-    .map_err(|_| DropReason::MalformedIpv4)?;
-    store(ctx, IP4_TTL, &new[0])
-}
-
 /// The packet's addresses and ports after translation.
 #[derive(Clone, Copy)]
 struct Rewrite {
@@ -216,9 +193,9 @@ fn apply(ctx: &TcContext, ip: &Ipv4, l4: &L4, to: &Rewrite) -> Result<(), DropRe
         set_port(ctx, ip, l4, true, l4.src, to.sport)?;
         set_port(ctx, ip, l4, false, l4.dst, to.dport)?;
     }
-    set_addr(ctx, ip, l4, IP4_SRC, ip.src, to.src)?;
-    set_addr(ctx, ip, l4, IP4_DST, ip.dst, to.dst)?;
-    decrement_ttl(ctx)
+    set_pseudo(ctx, ip, l4, ip.src, to.src)?;
+    set_pseudo(ctx, ip, l4, ip.dst, to.dst)?;
+    ipv4::forward(&mut Packet::new(ctx), to.src, to.dst)
 }
 
 /// The quote of an ICMP error about a translated connection: the packet the other
@@ -433,8 +410,7 @@ fn to_inside(ctx: &TcContext, inside: &Inside) -> Result<FdbEntry, DropReason> {
     let target = unsafe { FDB.get(&fdb_key) }
         .copied()
         .ok_or(DropReason::UnknownDestination)?;
-    store(ctx, 0, &neighbor.mac)?;
-    store(ctx, 6, &inside.router_mac)?;
+    set_macs(ctx, &neighbor.mac, &inside.router_mac)?;
     Ok(target)
 }
 
@@ -507,7 +483,7 @@ fn route_in(ctx: &TcContext, ip: &Ipv4) -> Result<Option<FdbEntry>, DropReason> 
         router_mac: route.mac,
     };
     let target = to_inside(ctx, &inside)?;
-    decrement_ttl(ctx)?;
+    ipv4::forward(&mut Packet::new(ctx), ip.src, ip.dst)?;
     Ok(Some(target))
 }
 
@@ -568,8 +544,7 @@ fn translate_outbound(
         dport: l4.dst,
     };
     apply(ctx, &ip, &l4, &s.rewrite)?;
-    store(ctx, 0, &gw.nexthop_mac)?;
-    store(ctx, 6, &gw.mac)?;
+    set_macs(ctx, &gw.nexthop_mac, &gw.mac)?;
     count_to_uplink(ctx);
     Ok(FdbEntry {
         ifindex: gw.uplink_ifindex,

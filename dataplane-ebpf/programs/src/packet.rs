@@ -53,6 +53,17 @@ impl<'a> Packet<'a> {
         Some(unsafe { &*(p as *const T) })
     }
 
+    /// As [`Packet::at`], to write the header in place. Only for what no checksum of
+    /// the skb covers, or what keeps the sums it is part of (the verifier then makes
+    /// the program unclone the skb before it runs, as `bpf_skb_store_bytes` would).
+    #[inline(always)]
+    pub fn at_mut<T>(&mut self, off: usize) -> Option<&mut T> {
+        let p: *const T = self.at::<T>(off)?;
+        // SAFETY: as in `at`; the frame is the program's to write, and the borrow of
+        // `self` keeps any other reference into it from living past a pull.
+        Some(unsafe { &mut *p.cast_mut() })
+    }
+
     /// Makes the first `len` bytes linear. Cold: taps and veths hand over the headers
     /// linear; only odd GSO/frag layouts get here.
     #[inline(always)]

@@ -20,7 +20,7 @@ use dataplane_abi::{
 use crate::{
     csum::{add, fold, sum},
     drop,
-    eth::{self, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
+    eth::{self, EthHdr, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::{self, Ipv4},
     ipv6::{self, Ipv6, ICMP6_NEIGH_SOLICIT, IPPROTO_ICMPV6, ND_OPT_SOURCE_LL_ADDR},
     maps::{
@@ -43,10 +43,10 @@ const ARP_REPLY: u16 = 2;
 const ROUTER_TTL: u8 = 64;
 
 /// Offsets in the IPv4 header.
-pub(crate) const IP4_TTL: usize = ETH_HLEN + 8;
-pub(crate) const IP4_CHECK: usize = ETH_HLEN + 10;
-pub(crate) const IP4_SRC: usize = ETH_HLEN + 12;
-pub(crate) const IP4_DST: usize = ETH_HLEN + 16;
+const IP4_TTL: usize = ETH_HLEN + 8;
+const IP4_CHECK: usize = ETH_HLEN + 10;
+const IP4_SRC: usize = ETH_HLEN + 12;
+const IP4_DST: usize = ETH_HLEN + 16;
 /// Offsets in the IPv6 header.
 const IP6_HOP_LIMIT: usize = ETH_HLEN + 7;
 const IP6_SRC: usize = ETH_HLEN + 8;
@@ -75,11 +75,15 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, DropReason> {
     ctx.load(off).map_err(|_| DropReason::MalformedL4)
 }
 
-/// Ethernet addresses of a frame the router sends: to `dst`, from `src`.
+/// Ethernet addresses of a frame the router sends: to `dst`, from `src`. Written in
+/// place: no checksum covers them.
 #[inline(always)]
-fn set_macs(ctx: &TcContext, dst: &Mac, src: &Mac) -> Result<(), DropReason> {
-    store(ctx, 0, dst)?;
-    store(ctx, 6, src)
+pub(crate) fn set_macs(ctx: &TcContext, dst: &Mac, src: &Mac) -> Result<(), DropReason> {
+    let mut pkt = Packet::new(ctx);
+    let eth: &mut EthHdr = pkt.at_mut(0).ok_or(DropReason::MalformedEthernet)?;
+    eth.dst = *dst;
+    eth.src = *src;
+    Ok(())
 }
 
 /// The FDB entry of `mac` on network `network_slot`.
@@ -237,13 +241,7 @@ fn routed4(
     // SAFETY: as in `interface`.
     let neighbor: &Neighbor = unsafe { NEIGH4.get(&neigh_key) }.ok_or(DropReason::NoNeighbor)?;
     let target = port_of(route.network_slot, &neighbor.mac)?;
-    // TTL and protocol are one 16-bit word of the header checksum.
-    let proto: u8 = load(ctx, IP4_TTL + 1)?;
-    let old = u16::from_be_bytes([ttl, proto]);
-    let new = u16::from_be_bytes([ttl - 1, proto]);
-    ctx.l3_csum_replace(IP4_CHECK, u64::from(old.to_be()), u64::from(new.to_be()), 2)
-        .map_err(|_| DropReason::MalformedIpv4)?;
-    store(ctx, IP4_TTL, &(ttl - 1))?;
+    ipv4::forward(&mut Packet::new(ctx), ip.src, ip.dst)?;
     set_macs(ctx, &neighbor.mac, &route.mac)?;
     Ok(Some(target))
 }
@@ -360,7 +358,7 @@ fn routed6(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> Result<FdbEntry,
     let neighbor: &Neighbor = unsafe { NEIGH6.get(&neigh_key) }.ok_or(DropReason::NoNeighbor)?;
     let target = port_of(route.network_slot, &neighbor.mac)?;
     // IPv6 has no header checksum.
-    store(ctx, IP6_HOP_LIMIT, &(hop_limit - 1))?;
+    ipv6::set_hop_limit(&mut Packet::new(ctx), hop_limit - 1)?;
     set_macs(ctx, &neighbor.mac, &route.mac)?;
     Ok(target)
 }
@@ -375,7 +373,7 @@ fn external6(ctx: &TcContext, rif: &RouterIf, hop_limit: u8) -> Result<FdbEntry,
     if gw.nexthop_mac == [0; 6] {
         return Err(DropReason::NoNeighbor);
     }
-    store(ctx, IP6_HOP_LIMIT, &(hop_limit - 1))?;
+    ipv6::set_hop_limit(&mut Packet::new(ctx), hop_limit - 1)?;
     set_macs(ctx, &gw.nexthop_mac, &gw.mac)?;
     nat::count_to_uplink(ctx);
     Ok(FdbEntry {
@@ -429,7 +427,7 @@ fn routed_in6(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
     // SAFETY: as in `interface`.
     let neighbor: &Neighbor = unsafe { NEIGH6.get(&neigh_key) }.ok_or(DropReason::NoNeighbor)?;
     let target = port_of(route.network_slot, &neighbor.mac)?;
-    store(ctx, IP6_HOP_LIMIT, &(hop_limit - 1))?;
+    ipv6::set_hop_limit(&mut Packet::new(ctx), hop_limit - 1)?;
     set_macs(ctx, &neighbor.mac, &route.mac)?;
     Ok(Some(target))
 }
