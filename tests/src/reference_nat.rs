@@ -1328,9 +1328,33 @@ impl NatReference {
             ttl: packet.ttl.saturating_sub(1),
             ..packet.clone()
         };
-        let deliver = |out: Packet, port: &Port, router_mac: MacAddr| {
+        // Expiring in the router `gw` is the gateway of: a time-exceeded error from the
+        // gateway address back out of the uplink, quoting the packet as it came (not
+        // about a later fragment or an ICMP error: those are only counted).
+        let deliver = |out: Packet, port: &Port, router_mac: MacAddr, gw: &Gateway| {
             if packet.ttl <= 1 {
-                return Outcome::Drop(DropReason::TtlExceeded);
+                if packet.frag_offset != 0 || matches!(packet.l4, L4::Error { .. }) {
+                    return Outcome::Drop(DropReason::TtlExceeded);
+                }
+                return Outcome::ToUplink {
+                    frame: Expect {
+                        dst_mac: src_mac,
+                        src_mac: gw.mac,
+                        packet: Packet {
+                            src: gw.address,
+                            dst: packet.src,
+                            ttl: ROUTER_TTL,
+                            frag_offset: 0,
+                            more_fragments: false,
+                            l4: L4::Error {
+                                kind: ICMP_TIME_EXCEEDED,
+                                code: 0,
+                                rest: 0,
+                                quote: Box::new(packet.clone()),
+                            },
+                        },
+                    },
+                };
             }
             Outcome::ToPort {
                 port: port.id.clone(),
@@ -1354,7 +1378,13 @@ impl NatReference {
                         quote.src = fixed;
                     }
                 }
-                deliver(out, port, Node::iface_mac(&routers, router, port, fixed))
+                let gw = routers[router].gateway.as_ref().unwrap();
+                deliver(
+                    out,
+                    port,
+                    Node::iface_mac(&routers, router, port, fixed),
+                    gw,
+                )
             }
             Some(Held::Gateway(g)) => {
                 let gw = routers[g].gateway.as_ref().unwrap();
@@ -1416,7 +1446,7 @@ impl NatReference {
                     out.set_ports(sport, origin.internal_port);
                 }
                 let port = &node.state.ports[&origin.port];
-                deliver(out, port, origin.router_mac)
+                deliver(out, port, origin.router_mac, gw)
             }
             None => {
                 // Sent to a router's gateway port for no address it holds: routed by
@@ -1443,7 +1473,10 @@ impl NatReference {
                             .iter()
                             .any(|f| f.ip_address == IpAddr::V4(packet.dst))
                 }) {
-                    Some(port) if node.local(port) => deliver(out, port, iface.port.mac_address),
+                    Some(port) if node.local(port) => {
+                        let gw = router.gateway.as_ref().unwrap();
+                        deliver(out, port, iface.port.mac_address, gw)
+                    }
                     Some(_) => Outcome::Drop(DropReason::UnknownDestination),
                     None => Outcome::Drop(DropReason::NoNeighbor),
                 }

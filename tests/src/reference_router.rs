@@ -63,6 +63,11 @@ pub enum Routed {
     TimeExceeded {
         from: MacAddr,
     },
+    /// Arrived on the uplink and expired in the router: a time-exceeded error from its
+    /// gateway address back out of the uplink, from its gateway port's MAC `from`.
+    UplinkTimeExceeded {
+        from: MacAddr,
+    },
     /// Out of the uplink, to the external gateway's MAC from the router's gateway port's.
     Uplink {
         dst_mac: MacAddr,
@@ -363,9 +368,17 @@ impl RouterReference<'_> {
         }) else {
             return Routed::Switched;
         };
+        let gw = gateways
+            .iter()
+            .find(|(g, _)| g.id == router.id)
+            .map(|(_, gw)| gw);
         match self.route(router, &interfaces, &gateways, dst) {
             None | Some(Via::Local { .. } | Via::External(_)) => Routed::Drop(DropReason::NoRoute),
-            Some(_) if ttl <= 1 => Routed::Drop(DropReason::TtlExceeded),
+            // The frames it is used with are all long enough to quote, and no errors.
+            Some(_) if ttl <= 1 => match gw {
+                Some(gw) => Routed::UplinkTimeExceeded { from: gw.mac },
+                None => Routed::Drop(DropReason::TtlExceeded),
+            },
             Some(Via::OnLink(out)) => self.to_neighbor(out, dst, ttl),
             Some(Via::Static(out, nexthop)) => self.to_neighbor(out, nexthop, ttl),
         }

@@ -845,6 +845,8 @@ fn outcome_name(judged: &Judged, input: &Input) -> String {
                 (false, _, false) => "routed_in".into(),
             }
         }
+        // Back out where it came from: expired in the router.
+        Outcome::ToUplink { .. } if !hairpin => "expired_in".into(),
         Outcome::ToUplink { frame } => match (&judged.snat, &frame.packet.l4) {
             (_, L4::Error { .. }) => "error_out".into(),
             (Some(_), _) => "snat_out".into(),
@@ -1056,6 +1058,7 @@ fn nat_agrees_with_the_reference_model() -> Result<()> {
         "host",
         "routed_inside",
         "time_exceeded",
+        "expired_in",
         "no_nat_binding",
         "nat_unsupported",
         "no_neighbor",

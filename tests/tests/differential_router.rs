@@ -345,6 +345,12 @@ fn agrees(
                 && out.frame[ETH_HLEN..ttl_at] == frame[ETH_HLEN..ttl_at]
                 && out.frame[ttl_at + 1..] == frame[ttl_at + 1..]
         }
+        Routed::UplinkTimeExceeded { from } => {
+            to == Some(UPLINK)
+                && out.frame[0..6] == sender_mac
+                && out.frame[6..12] == from.0
+                && out.frame.get(ETH_HLEN + 40) == Some(&3)
+        }
         Routed::Answer { from } => {
             to == Some(sender_device) && out.frame[0..6] == sender_mac && out.frame[6..12] == from.0
         }
@@ -378,6 +384,7 @@ fn outcome_name(expected: &Routed) -> String {
         Routed::Uplink { .. } => "uplink".to_owned(),
         Routed::Answer { .. } => "answer".to_owned(),
         Routed::TimeExceeded { .. } => "time_exceeded".to_owned(),
+        Routed::UplinkTimeExceeded { .. } => "uplink_time_exceeded".to_owned(),
         Routed::Switched => "switched".to_owned(),
     }
 }
@@ -560,7 +567,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
         "in:answer",
         "in:switched",
         "in:no_route",
-        "in:ttl_exceeded",
+        "in:uplink_time_exceeded",
     ] {
         ensure!(
             outcomes.contains_key(needed),

@@ -249,6 +249,15 @@ async fn ipv6_is_routed_to_and_from_the_outside_with_the_tenants_address() -> Re
 
     // In from the outside, through a's security group.
     assert!(ping(&t.outside, A6)?, "outside -> a over IPv6");
+    // A packet that expires in the router is answered from the gateway's address.
+    let expired = t
+        .outside
+        .exec(&["ping", "-n", "-c", "1", "-t", "1", "-W", "1", A6])?;
+    let text = String::from_utf8_lossy(&expired.stdout);
+    assert!(
+        text.contains(&format!("From {GATEWAY6} icmp_seq=1 Time exceeded")),
+        "ping -t 1: {text}"
+    );
     let _open = EchoServer::tcp(&t.a.ns, at(A6, 7000))?;
     assert!(tcp_works(&t.outside, at(A6, 7000)), "TCP 7000 is let in");
     let before = counters(&mut t.client, "port-a").await?;

@@ -307,6 +307,15 @@ async fn an_outside_host_reaches_a_vm_by_its_floating_ip_and_the_vm_leaves_as_it
             .success())
     };
     assert!(ping(&t.outside, FIP_A)?, "outside -> a's floating IP");
+    // A packet that expires in the router is answered from the gateway's address.
+    let expired = t
+        .outside
+        .exec(&["ping", "-n", "-c", "1", "-t", "1", "-W", "1", FIP_A])?;
+    let text = String::from_utf8_lossy(&expired.stdout);
+    assert!(
+        text.contains(&format!("From {GATEWAY} icmp_seq=1 Time to live exceeded")),
+        "ping -t 1: {text}"
+    );
     let _server = EchoServer::tcp(&t.a.ns, at("10.0.1.5", 7000))?;
     assert!(
         tcp_works(&t.outside, at(FIP_A, 7000)),

@@ -416,11 +416,28 @@ fn ipv6_for_a_gateway_mac_is_routed_to_the_port() -> Result<()> {
             DropReason::NoNeighbor,
             "no port at the address",
         )?;
-        lab.inbound_drop(
-            &udp6(R1_GW, NEXTHOP_MAC, REMOTE6, A6, 1),
-            DropReason::TtlExceeded,
-            "hop limit 1",
-        )?;
+        // Expiring in the router: a time-exceeded error from its gateway address, back
+        // out of the uplink, quoting the packet as it came.
+        for (gateway_mac, gateway, dst) in [(R1_GW, GW1_6, A6), (R2_GW, GW2_6, D6)] {
+            let expired = udp6(gateway_mac, NEXTHOP_MAC, REMOTE6, dst, 1);
+            let error = lab.inbound_to(&expired, UPLINK, "hop limit 1")?;
+            // The header and 8 bytes, as the router's own errors quote.
+            let about = &expired[ETH_HLEN..ETH_HLEN + 48];
+            let icmp = frames::icmp6_error(icmp6_type::TIME_EXCEEDED, 0, 0, about);
+            same(
+                &error,
+                &frame6(
+                    NEXTHOP_MAC,
+                    gateway_mac,
+                    gateway,
+                    REMOTE6,
+                    64,
+                    proto::ICMPV6,
+                    &icmp,
+                ),
+                "time exceeded",
+            )?;
+        }
         lab.inbound_drop(
             &udp6(R1_GW, NEXTHOP_MAC, REMOTE6, GW1_6, 64),
             DropReason::NoRoute,

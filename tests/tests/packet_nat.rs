@@ -437,13 +437,63 @@ fn floating_ip_inbound_is_translated_to_the_fixed_address() -> Result<()> {
             let expected = eth(MAC_A, R1_N1, &ip4(REMOTE, A, 56, protocol, &l4));
             same(&out, &expected, &what)?;
         }
-        // TTL 1 does not cross the router.
-        let frame = eth(
+        Ok(())
+    })
+}
+
+/// The time-exceeded error `gateway` sends back out of the uplink about `expired`
+/// (identification 0, as the router's own packets have it).
+fn expired_at(gateway: &str, gateway_mac: Mac, expired: &[u8]) -> Vec<u8> {
+    let error = frames::icmp4_error(icmp4_type::TIME_EXCEEDED, 0, 0, expired);
+    let mut packet = ip4(gateway, REMOTE, 64, proto::ICMP, &error);
+    packet[4..6].fill(0);
+    packet[10..12].fill(0);
+    let check = frames::checksum(&[&packet[..IPV4_HLEN]]);
+    packet[10..12].copy_from_slice(&check.to_be_bytes());
+    eth(NEXTHOP_MAC, gateway_mac, &packet)
+}
+
+#[test]
+fn what_expires_on_the_way_in_is_answered_from_the_gateway_address() -> Result<()> {
+    with_lab(|lab| {
+        // b's binding, for its reply below.
+        let request = eth(
+            R1_N1,
+            MAC_B,
+            &ip4(B, REMOTE, 64, proto::UDP, &udp(40000, 53)),
+        );
+        let out = lab.expect_to("tb", &request, UPLINK, "udp out")?;
+        let port = snat_port(&out, "udp")?;
+        let before = lab.uplink_drops(DropReason::TtlExceeded)?;
+        for (what, gateway, gateway_mac, dst, l4) in [
+            ("to a's floating IP", GW1, R1_GW, FIP_A, udp(5353, 7000)),
+            ("b's SNAT reply", GW1, R1_GW, GW1, udp(53, port)),
+            (
+                "to d behind r2, untranslated",
+                GW2,
+                R2_GW,
+                D,
+                udp(5353, 7000),
+            ),
+        ] {
+            let packet = ip4(REMOTE, dst, 1, proto::UDP, &l4);
+            let mac = if gateway == GW2 { R2_GW } else { R1_GW };
+            let error = lab.inbound_to(&eth(mac, NEXTHOP_MAC, &packet), UPLINK, what)?;
+            // Quoting the packet as it came: nothing of it was translated yet.
+            same(&error, &expired_at(gateway, gateway_mac, &packet), what)?;
+        }
+        ensure!(
+            lab.uplink_drops(DropReason::TtlExceeded)? == before + 3,
+            "each expiry is counted"
+        );
+        // An ICMP error is not answered with one: only counted.
+        let about = ip4(FIP_A, REMOTE, 64, proto::UDP, &udp(7000, 5353));
+        let unreachable = eth(
             R1_GW,
             NEXTHOP_MAC,
-            &ip4(REMOTE, FIP_A, 1, proto::UDP, &udp(1, 2)),
+            &port_unreachable(REMOTE, FIP_A, 1, &about),
         );
-        lab.inbound_drop(&frame, DropReason::TtlExceeded, "ttl 1")
+        lab.inbound_drop(&unreachable, DropReason::TtlExceeded, "expired error")
     })
 }
 

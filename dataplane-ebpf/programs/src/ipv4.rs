@@ -87,6 +87,17 @@ pub fn quoted(pkt: &mut Packet, off: usize, end: usize) -> Option<Ipv4> {
     })
 }
 
+/// `Err(TtlExceeded)` if the packet cannot cross a router. Checked before a router
+/// rewrites anything, so that its time-exceeded error quotes the packet as it came.
+#[inline(always)]
+pub fn check_ttl(pkt: &mut Packet) -> Result<(), DropReason> {
+    let h: &Ipv4Hdr = pkt.at(ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
+    if h.ttl <= 1 {
+        return Err(DropReason::TtlExceeded);
+    }
+    Ok(())
+}
+
 /// The IPv4 header as the router forwards the packet: one TTL less, from `src` to
 /// `dst`, the checksum updated word by word (RFC 1624). Written in place, where the
 /// checksum helpers would take a call per field; the header's own sum stays what it

@@ -79,7 +79,13 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
     } else {
         nat::inbound(&ctx)
     };
-    match Hop(hop).decode() {
+    let decided = match Hop(hop).decode() {
+        // Expired in the router, before anything was rewritten: answered by a function
+        // of its own (beside the translation on the stack, not below it).
+        Err(DropReason::TtlExceeded) => Hop(router::expired_on_uplink(&ctx)).decode(),
+        other => other,
+    };
+    match decided {
         Ok(Some(target)) => {
             // From no port: slot 0.
             ctx.set_mark(MARK_FROM_DATAPATH);

@@ -391,10 +391,9 @@ fn lifetime(proto: u8, flags: u8, current: u64) -> u64 {
     }
 }
 
-/// The port of the inside host with `addr` on `network_slot`, with the frame's MACs set
-/// for it: from the router's interface, to the host.
+/// The port of the inside host with `addr` on `network_slot`, and its MAC.
 #[inline(always)]
-fn to_inside(ctx: &TcContext, inside: &Inside) -> Result<FdbEntry, DropReason> {
+fn inside_port(inside: &Inside) -> Result<(FdbEntry, Mac), DropReason> {
     let key = NeighKey4 {
         network_slot: inside.network_slot,
         addr: inside.addr,
@@ -410,7 +409,15 @@ fn to_inside(ctx: &TcContext, inside: &Inside) -> Result<FdbEntry, DropReason> {
     let target = unsafe { FDB.get(&fdb_key) }
         .copied()
         .ok_or(DropReason::UnknownDestination)?;
-    set_macs(ctx, &neighbor.mac, &inside.router_mac)?;
+    Ok((target, neighbor.mac))
+}
+
+/// As [`inside_port`], with the frame's MACs set for it: from the router's interface,
+/// to the host.
+#[inline(always)]
+fn to_inside(ctx: &TcContext, inside: &Inside) -> Result<FdbEntry, DropReason> {
+    let (target, mac) = inside_port(inside)?;
+    set_macs(ctx, &mac, &inside.router_mac)?;
     Ok(target)
 }
 
@@ -441,6 +448,7 @@ fn translate_inbound(ctx: &TcContext) -> Result<Option<FdbEntry>, DropReason> {
         (ip.proto, ip.src, l4.dst, l4.src)
     };
     let inside = inside(ext, ip.dst, dport, remote, sport, proto, l4.tcp_flags)?;
+    ipv4::check_ttl(&mut Packet::new(ctx))?;
     let to = Rewrite {
         src: ip.src,
         dst: inside.addr,
@@ -482,8 +490,11 @@ fn route_in(ctx: &TcContext, ip: &Ipv4) -> Result<Option<FdbEntry>, DropReason> 
         network_slot: route.network_slot,
         router_mac: route.mac,
     };
-    let target = to_inside(ctx, &inside)?;
-    ipv4::forward(&mut Packet::new(ctx), ip.src, ip.dst)?;
+    let (target, mac) = inside_port(&inside)?;
+    let mut pkt = Packet::new(ctx);
+    ipv4::check_ttl(&mut pkt)?;
+    ipv4::forward(&mut pkt, ip.src, ip.dst)?;
+    set_macs(ctx, &mac, &inside.router_mac)?;
     Ok(Some(target))
 }
 

@@ -24,8 +24,8 @@ use crate::{
     ipv4::{self, Ipv4},
     ipv6::{self, Ipv6, ICMP6_NEIGH_SOLICIT, IPPROTO_ICMPV6, ND_OPT_SOURCE_LL_ADDR},
     maps::{
-        ERROR_SCRATCH, FDB, GATEWAY_MACS, NEIGH4, NEIGH6, PORT_STATS, ROUTER_GW6, ROUTER_IFS,
-        ROUTES4, ROUTES6,
+        ERROR_SCRATCH, EXT_ADDRS4, FDB, GATEWAY_MACS, NEIGH4, NEIGH6, PORT_STATS, ROUTER_GW,
+        ROUTER_GW6, ROUTER_IFS, ROUTES4, ROUTES6, UPLINK_STATS,
     },
     nat,
     nd::{NaMsg, ND_HOP_LIMIT, ND_LEN},
@@ -165,8 +165,18 @@ impl Hop {
     #[inline(always)]
     pub(crate) fn of(result: Result<Option<FdbEntry>, DropReason>) -> u64 {
         match result {
-            Ok(Some(fdb)) => u64::from(fdb.ifindex) | (u64::from(fdb.flags & 0xffff) << 32),
-            Ok(None) => 0,
+            Ok(target) => {
+                // No target is ifindex 0, with every field defined: with `None`'s left
+                // undefined the compiler may compute with whatever register it likes,
+                // and the verifier rejects arithmetic on a stale packet pointer even
+                // when the result goes unused.
+                let fdb = target.unwrap_or(FdbEntry {
+                    ifindex: 0,
+                    port_slot: 0,
+                    flags: 0,
+                });
+                u64::from(fdb.ifindex) | (u64::from(fdb.flags & 0xffff) << 32)
+            }
             Err(reason) => (reason as u64 & 0xff) << 48,
         }
     }
@@ -557,9 +567,8 @@ fn time_exceeded6_hop(ctx: &TcContext, port: &PortInfo, rif: &RouterIf) -> u64 {
 }
 
 /// An expired IPv4 packet becomes a time-exceeded error from the router's address on
-/// the sender's network, back to the sender. None for packets with IP options, later
-/// fragments, ICMP errors (errors are not answered with errors), or when the interface has no IPv4
-/// address: those are only counted.
+/// the sender's network, back to the sender. None when the interface has no IPv4
+/// address, or the packet is not answered (see [`error4`]): those are only counted.
 #[inline(always)]
 fn time_exceeded4(
     ctx: &TcContext,
@@ -569,12 +578,22 @@ fn time_exceeded4(
     eth_src: &Mac,
     eth_dst: &Mac,
 ) -> Result<FdbEntry, DropReason> {
-    // Never about a fragment after the first (RFC 1812 4.3.2.7).
-    if rif.ip4 == [0; 4]
-        || !ip.first_fragment
-        || ip.l4_off != ETH_HLEN + 20
-        || ip.l4_off + 8 > ip.end
-    {
+    if rif.ip4 == [0; 4] {
+        return Err(DropReason::TtlExceeded);
+    }
+    answerable4(ctx, ip)?;
+    let sender = port_of(port.network_slot, eth_src)?;
+    error4(ctx, ip, &rif.ip4, eth_src, eth_dst)?;
+    count_expired(port);
+    Ok(sender)
+}
+
+/// Whether an expired IPv4 packet is answered: not with IP options, not about a
+/// fragment after the first (RFC 1812 4.3.2.7), not an ICMP error (errors are not
+/// answered with errors). `Err(TtlExceeded)` if not.
+#[inline(always)]
+fn answerable4(ctx: &TcContext, ip: &Ipv4) -> Result<(), DropReason> {
+    if !ip.first_fragment || ip.l4_off != ETH_HLEN + 20 || ip.l4_off + 8 > ip.end {
         return Err(DropReason::TtlExceeded);
     }
     if ip.proto == IPPROTO_ICMP {
@@ -583,7 +602,19 @@ fn time_exceeded4(
             return Err(DropReason::TtlExceeded);
         }
     }
-    let sender = port_of(port.network_slot, eth_src)?;
+    Ok(())
+}
+
+/// Turns the frame into a time-exceeded error about the packet, from `source` to the
+/// packet's source, in a frame to `to` from `from`.
+#[inline(always)]
+fn error4(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    source: &[u8; 4],
+    to: &Mac,
+    from: &Mac,
+) -> Result<(), DropReason> {
     let src = ip.src;
     let s = scratch()?;
     make_room(ctx, ERROR4_HEADERS, &mut s.quote4)?;
@@ -593,7 +624,7 @@ fn time_exceeded4(
     header[2..4].copy_from_slice(&((ERROR4_HEADERS + QUOTE4) as u16).to_be_bytes());
     header[8] = ROUTER_TTL;
     header[9] = IPPROTO_ICMP;
-    header[12..16].copy_from_slice(&rif.ip4);
+    header[12..16].copy_from_slice(source);
     header[16..20].copy_from_slice(&src);
     let check = fold(sum(header.as_ptr(), 20, 0));
     header[10..12].copy_from_slice(&check);
@@ -602,12 +633,10 @@ fn time_exceeded4(
     s.icmp4[2..4].copy_from_slice(&check);
     store(ctx, ETH_HLEN, &s.header4)?;
     store(ctx, ETH_HLEN + 20, &s.icmp4)?;
-    set_macs(ctx, eth_src, eth_dst)?;
-    count_expired(port);
-    Ok(sender)
+    set_macs(ctx, to, from)
 }
 
-/// As [`time_exceeded4`] for IPv6 (ICMPv6 errors, type below 128, are not answered).
+/// As [`time_exceeded4`] for IPv6.
 #[inline(always)]
 fn time_exceeded6(
     ctx: &TcContext,
@@ -617,7 +646,21 @@ fn time_exceeded6(
     eth_src: &Mac,
     eth_dst: &Mac,
 ) -> Result<FdbEntry, DropReason> {
-    if rif.ip6 == [0; 16] || ETH_HLEN + QUOTE6 > ip.end {
+    if rif.ip6 == [0; 16] {
+        return Err(DropReason::TtlExceeded);
+    }
+    answerable6(ctx, ip)?;
+    let sender = port_of(port.network_slot, eth_src)?;
+    error6(ctx, ip, &rif.ip6, eth_src, eth_dst)?;
+    count_expired(port);
+    Ok(sender)
+}
+
+/// As [`answerable4`] for IPv6: long enough to quote, not an ICMPv6 error (type below
+/// 128).
+#[inline(always)]
+fn answerable6(ctx: &TcContext, ip: &Ipv6) -> Result<(), DropReason> {
+    if ETH_HLEN + QUOTE6 > ip.end {
         return Err(DropReason::TtlExceeded);
     }
     if ip.next == IPPROTO_ICMPV6 && ip.has_l4 {
@@ -626,7 +669,18 @@ fn time_exceeded6(
             return Err(DropReason::TtlExceeded);
         }
     }
-    let sender = port_of(port.network_slot, eth_src)?;
+    Ok(())
+}
+
+/// As [`error4`] for IPv6.
+#[inline(always)]
+fn error6(
+    ctx: &TcContext,
+    ip: &Ipv6,
+    source: &[u8; 16],
+    to: &Mac,
+    from: &Mac,
+) -> Result<(), DropReason> {
     let src = ip.src;
     let s = scratch()?;
     make_room(ctx, ERROR6_HEADERS, &mut s.quote6)?;
@@ -637,7 +691,7 @@ fn time_exceeded6(
     header[4..6].copy_from_slice(&length.to_be_bytes());
     header[6] = IPPROTO_ICMPV6;
     header[7] = ROUTER_TTL;
-    header[8..24].copy_from_slice(&rif.ip6);
+    header[8..24].copy_from_slice(source);
     header[24..40].copy_from_slice(&src);
     s.icmp6 = [ICMP6_TIME_EXCEEDED, 0, 0, 0, 0, 0, 0, 0];
     // Pseudo-header: the addresses, then length and next header as 32-bit words.
@@ -650,9 +704,61 @@ fn time_exceeded6(
     s.icmp6[2..4].copy_from_slice(&check);
     store(ctx, ETH_HLEN, &s.header6)?;
     store(ctx, ETH_HLEN + 40, &s.icmp6)?;
-    set_macs(ctx, eth_src, eth_dst)?;
-    count_expired(port);
-    Ok(sender)
+    set_macs(ctx, to, from)
+}
+
+/// A packet that arrived on the uplink and expired in the router it was for (a
+/// [`Hop`]): a time-exceeded error from the router's gateway address, back out of the
+/// uplink to the MAC it came from. The router is the one whose gateway port the
+/// external address it was for is answered with (`EXT_ADDRS4`), else whose gateway
+/// MAC the frame was for. The expiry is counted either way.
+#[inline(never)]
+pub fn expired_on_uplink(ctx: &TcContext) -> u64 {
+    Hop::of(uplink_error(ctx).map(Some))
+}
+
+#[inline(always)]
+fn uplink_error(ctx: &TcContext) -> Result<FdbEntry, DropReason> {
+    let (eth_src, eth_dst) = macs(ctx)?;
+    let mut pkt = Packet::new(ctx);
+    if eth::parse(&mut pkt)?.proto == ETH_P_IPV6 {
+        let ip = ipv6::parse(&mut pkt)?;
+        let slot = gateway_router(&eth_dst)?;
+        // SAFETY: as in `interface`.
+        let gw = unsafe { ROUTER_GW6.get(&slot) }.ok_or(DropReason::TtlExceeded)?;
+        answerable6(ctx, &ip)?;
+        error6(ctx, &ip, &gw.ip6, &eth_src, &gw.mac)?;
+    } else {
+        let ip = ipv4::parse(&mut pkt)?;
+        // SAFETY: as in `interface`.
+        let mac = unsafe { EXT_ADDRS4.get(&ip.dst) }.map_or(eth_dst, |ext| ext.mac);
+        let slot = gateway_router(&mac)?;
+        // SAFETY: as in `interface`.
+        let gw = unsafe { ROUTER_GW.get(&slot) }.ok_or(DropReason::TtlExceeded)?;
+        answerable4(ctx, &ip)?;
+        error4(ctx, &ip, &gw.ip4, &eth_src, &gw.mac)?;
+    }
+    if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only touched by the program running on this CPU.
+        drop::count(unsafe { &mut *stats }, DropReason::TtlExceeded);
+    }
+    nat::count_to_uplink(ctx);
+    // SAFETY: `skb` is the context the kernel passed in.
+    let uplink = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(FdbEntry {
+        ifindex: uplink,
+        port_slot: 0,
+        flags: 0,
+    })
+}
+
+/// The router whose gateway port has `mac`.
+#[inline(always)]
+fn gateway_router(mac: &Mac) -> Result<u32, DropReason> {
+    // SAFETY: as in `interface`.
+    unsafe { GATEWAY_MACS.get(mac) }
+        .copied()
+        .ok_or(DropReason::TtlExceeded)
 }
 
 /// Which router answers for `addr` on the port's network, if one does.
