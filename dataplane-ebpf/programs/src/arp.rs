@@ -7,6 +7,8 @@ use crate::{
 };
 
 const ARPHRD_ETHER: u16 = 1;
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
 
 /// The header as it is in the frame (also read and written in place by `uplink`).
 #[repr(C, align(2))]

@@ -23,7 +23,10 @@ use crate::{
     csum,
     eth::{self, Mac, ETH_P_IP},
     ipv4::{self, Ipv4},
-    l4::{self, tcp_flags, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    l4::{
+        self, tcp_flags, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP,
+    },
     maps::{
         EXT_ADDRS4, FDB, FIPS4, FIP_OF4, GATEWAY_MACS, NAT_SCRATCH, NEIGH4, ROUTER_GW, ROUTES4,
         SNAT4_IN, SNAT4_OUT, UPLINK_STATS,
@@ -32,8 +35,6 @@ use crate::{
     router::{nexthop4, set_macs, Hop},
 };
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;

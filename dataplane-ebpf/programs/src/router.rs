@@ -18,11 +18,13 @@ use dataplane_abi::{
 };
 
 use crate::{
+    arp::{ARP_REPLY, ARP_REQUEST},
     csum::{add, fold, sum},
     drop,
     eth::{self, EthHdr, Mac, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::{self, Ipv4},
     ipv6::{self, Ipv6, ICMP6_NEIGH_SOLICIT, IPPROTO_ICMPV6, ND_OPT_SOURCE_LL_ADDR},
+    l4::{ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP},
     maps::{
         ERROR_SCRATCH, EXT_ADDRS4, FDB, GATEWAY_MACS, NEIGH4, NEIGH6, PORT_STATS, ROUTER_GW,
         ROUTER_GW6, ROUTER_IFS, ROUTES4, ROUTES6, UPLINK_STATS,
@@ -32,15 +34,8 @@ use crate::{
     packet::Packet,
 };
 
-const IPPROTO_ICMP: u8 = 1;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP6_ECHO_REQUEST: u8 = 128;
-const ICMP6_ECHO_REPLY: u8 = 129;
-const ARP_REQUEST: u16 = 1;
-const ARP_REPLY: u16 = 2;
 /// TTL of what the router itself sends.
-const ROUTER_TTL: u8 = 64;
+pub(crate) const ROUTER_TTL: u8 = 64;
 
 /// Offsets in the IPv4 header.
 const IP4_TTL: usize = ETH_HLEN + 8;

@@ -12,26 +12,19 @@ use aya_ebpf::{
 use dataplane_abi::{ext_addr_flags, DropReason, ExternalAddr};
 
 use crate::{
-    arp::ArpHdr,
+    arp::{ArpHdr, ARP_REPLY, ARP_REQUEST},
     csum,
     eth::{EthHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     ipv4::Ipv4Hdr,
     ipv6::{self, Ipv6Hdr, ICMP6_NEIGH_SOLICIT, IPPROTO_ICMPV6, IPV6_HLEN},
+    l4::{ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP},
     maps::{EXT_ADDRS4, EXT_ADDRS6, UPLINK_STATS},
     nd::{NaMsg, ND_HOP_LIMIT, ND_LEN, NS_BARE_LEN},
+    router::ROUTER_TTL,
 };
 
-const ARP_REQUEST: u16 = 1;
-const ARP_REPLY: u16 = 2;
-const IPPROTO_ICMP: u8 = 1;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP6_ECHO_REQUEST: u8 = 128;
-const ICMP6_ECHO_REPLY: u8 = 129;
 /// Where the ICMPv6 header of a packet without extension headers is.
 const ICMP6_OFF: usize = ETH_HLEN + IPV6_HLEN;
-/// TTL of what the router itself sends.
-const ROUTER_TTL: u8 = 64;
 
 #[repr(C, align(2))]
 struct IcmpHdr {
