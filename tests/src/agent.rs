@@ -214,6 +214,44 @@ pub async fn wait_status(
     }
 }
 
+/// A resource that `wait_active` can wait for, by id.
+#[derive(Clone, Copy, Debug)]
+pub enum Awaited<'a> {
+    Router(&'a str),
+    FloatingIp(&'a str),
+}
+
+/// Waits up to 10 s until the router or floating IP is ACTIVE.
+pub async fn wait_active(client: &mut DataplaneClient<Channel>, what: Awaited<'_>) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = match what {
+            Awaited::Router(id) => {
+                client
+                    .get_router(pb::GetRequest { id: id.to_owned() })
+                    .await?
+                    .into_inner()
+                    .status
+            }
+            Awaited::FloatingIp(id) => {
+                client
+                    .get_floating_ip(pb::GetRequest { id: id.to_owned() })
+                    .await?
+                    .into_inner()
+                    .status
+            }
+        }
+        .unwrap_or_default();
+        if status.status == pb::Status::Active as i32 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what:?} is {:?} ({})", status.status, status.reason);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn counters(
     client: &mut DataplaneClient<Channel>,
     port_id: &str,

@@ -15,3 +15,4 @@ pub mod reference_sg;
 pub mod testrun;
 pub mod topology;
 pub mod traffic;
+pub mod uplink_lab;

@@ -113,3 +113,38 @@ pub fn udp_socket(ns: &NetNs, address: SocketAddr) -> Result<UdpSocket> {
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     Ok(socket)
 }
+
+/// Sends one datagram from `from` (in `ns`) to `to` in `server_ns`, has the receiver
+/// answer it and the answer come back, and returns the source the receiver saw.
+pub fn udp_exchange(
+    ns: &NetNs,
+    from: SocketAddr,
+    server_ns: &NetNs,
+    to: SocketAddr,
+) -> Result<SocketAddr> {
+    udp_exchange_via(ns, from, server_ns, to, to)
+}
+
+/// As [`udp_exchange`], to a server listening on `listen` that the sender knows as `to`
+/// (a floating IP of it).
+pub fn udp_exchange_via(
+    ns: &NetNs,
+    from: SocketAddr,
+    server_ns: &NetNs,
+    listen: SocketAddr,
+    to: SocketAddr,
+) -> Result<SocketAddr> {
+    let server = udp_socket(server_ns, listen)?;
+    let client = udp_socket(ns, from)?;
+    client.send_to(b"hello", to)?;
+    let mut buf = [0u8; 64];
+    let (len, seen) = server
+        .recv_from(&mut buf)
+        .context("the datagram did not arrive")?;
+    server.send_to(&buf[..len], seen)?;
+    let (_, back) = client
+        .recv_from(&mut buf)
+        .context("the answer did not come back")?;
+    anyhow::ensure!(back == to, "the answer came from {back}, not {to}");
+    Ok(seen)
+}

@@ -10,19 +10,19 @@
 //!   203.0.113.10 and 2001:db8:e::10, SNAT on.
 //! - VM a (10.0.1.5, 2001:db8:1::5) is in group `web6`: everything out; in, ICMPv6 and
 //!   TCP 7000 over IPv6 only.
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
-    agent::{counters, drops, wait_status, Agent},
+    agent::{counters, drops, wait_active, wait_status, Agent, Awaited},
     api::{
         apply, external_network, gateway_port, network, port, router, router_port, rule,
         security_group, subnet, upsert, with_gateway,
     },
     netns::NetNs,
     topology::{Vm, VM_DEV},
-    traffic::{tcp_works, udp_socket, EchoServer},
+    traffic::{tcp_works, udp_exchange, EchoServer},
 };
 use tonic::transport::Channel;
 
@@ -152,7 +152,7 @@ impl External6 {
         wait_status(&mut client, "port-a", pb::Status::Active).await?;
         // ACTIVE only once both external gateways answered: ARP and neighbour
         // discovery on the uplink both work.
-        wait_router_active(&mut client, "r1").await?;
+        wait_active(&mut client, Awaited::Router("r1")).await?;
         Ok(External6 {
             _agent: agent,
             client,
@@ -181,26 +181,6 @@ fn dual_stack_gateway() -> pb::Router {
     r1
 }
 
-async fn wait_router_active(client: &mut DataplaneClient<Channel>, id: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let request = pb::GetRequest { id: id.to_owned() };
-        let status = client
-            .get_router(request)
-            .await?
-            .into_inner()
-            .status
-            .unwrap_or_default();
-        if status.status == pb::Status::Active as i32 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{id} is {:?} ({})", status.status, status.reason);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn ping(ns: &NetNs, to: &str) -> Result<bool> {
     Ok(ns
         .exec(&[
@@ -208,29 +188,6 @@ fn ping(ns: &NetNs, to: &str) -> Result<bool> {
         ])?
         .status
         .success())
-}
-
-/// Sends one datagram from `from` (in `ns`) to `to` in `server_ns`, has it answered,
-/// and returns the source the receiver saw.
-fn udp_exchange(
-    ns: &NetNs,
-    from: SocketAddr,
-    server_ns: &NetNs,
-    to: SocketAddr,
-) -> Result<SocketAddr> {
-    let server = udp_socket(server_ns, to)?;
-    let client = udp_socket(ns, from)?;
-    client.send_to(b"hello", to)?;
-    let mut buf = [0u8; 64];
-    let (len, seen) = server
-        .recv_from(&mut buf)
-        .context("the datagram did not arrive")?;
-    server.send_to(&buf[..len], seen)?;
-    let (_, back) = client
-        .recv_from(&mut buf)
-        .context("the answer did not come back")?;
-    anyhow::ensure!(back == to, "the answer came from {back}, not {to}");
-    Ok(seen)
 }
 
 #[tokio::test]
@@ -290,7 +247,7 @@ async fn removing_the_ipv6_leg_stops_ipv6_and_keeps_ipv4() -> Result<()> {
     }
     r1.revision_number += 1;
     t.client.apply(apply(vec![upsert(r1)])).await?;
-    wait_router_active(&mut t.client, "r1").await?;
+    wait_active(&mut t.client, Awaited::Router("r1")).await?;
     assert!(!ping(&t.a.ns, OUTSIDE6)?, "no IPv6 way out any more");
     assert!(
         !ping(&t.outside, GATEWAY6)?,

@@ -17,14 +17,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
-    agent::{counters, drops, wait_status, Agent},
+    agent::{counters, drops, wait_active, wait_status, Agent, Awaited},
     api::{
         apply, external_network, floating_ip, gateway_port, network, port, router, router_port,
         rule, security_group, subnet, upsert, with_gateway,
     },
     netns::NetNs,
     topology::Vm,
-    traffic::{tcp_works, udp_socket, EchoServer},
+    traffic::{tcp_works, udp_exchange, udp_exchange_via, udp_socket, EchoServer},
 };
 use tonic::transport::Channel;
 
@@ -208,9 +208,9 @@ impl Nat {
         for (id, ..) in VMS {
             wait_status(&mut client, id, pb::Status::Active).await?;
         }
-        wait_active(&mut client, true, "r1").await?;
+        wait_active(&mut client, Awaited::Router("r1")).await?;
         for id in ["fip-a", "fip-c"] {
-            wait_active(&mut client, false, id).await?;
+            wait_active(&mut client, Awaited::FloatingIp(id)).await?;
         }
         let mut vms = vms.into_iter();
         Ok(Nat {
@@ -233,62 +233,6 @@ impl Nat {
             .uplink
             .context("no uplink counters")
     }
-}
-
-/// Waits until router (`router`) or floating IP `id` is ACTIVE.
-async fn wait_active(client: &mut DataplaneClient<Channel>, router: bool, id: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let request = pb::GetRequest { id: id.to_owned() };
-        let status = if router {
-            client.get_router(request).await?.into_inner().status
-        } else {
-            client.get_floating_ip(request).await?.into_inner().status
-        }
-        .unwrap_or_default();
-        if status.status == pb::Status::Active as i32 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{id} is {:?} ({})", status.status, status.reason);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Sends one datagram from `from` (in `ns`) to `to` and returns the source the
-/// receiver saw, after the receiver answered it and the answer came back.
-fn udp_exchange(
-    ns: &NetNs,
-    from: SocketAddr,
-    server_ns: &NetNs,
-    to: SocketAddr,
-) -> Result<SocketAddr> {
-    udp_via(ns, from, server_ns, to, to)
-}
-
-/// As [`udp_exchange`], to a server listening on `listen` that the sender knows as `to`
-/// (a floating IP of it).
-fn udp_via(
-    ns: &NetNs,
-    from: SocketAddr,
-    server_ns: &NetNs,
-    listen: SocketAddr,
-    to: SocketAddr,
-) -> Result<SocketAddr> {
-    let server = udp_socket(server_ns, listen)?;
-    let client = udp_socket(ns, from)?;
-    client.send_to(b"hello", to)?;
-    let mut buf = [0u8; 64];
-    let (len, seen) = server
-        .recv_from(&mut buf)
-        .context("the datagram did not arrive")?;
-    server.send_to(&buf[..len], seen)?;
-    let (_, back) = client
-        .recv_from(&mut buf)
-        .context("the answer did not come back")?;
-    anyhow::ensure!(back == to, "the answer came from {back}, not {to}");
-    Ok(seen)
 }
 
 #[tokio::test]
@@ -519,7 +463,7 @@ async fn vms_reach_floating_ips_from_inside_hairpin() -> Result<()> {
     // By its floating IP, c sees a as a's, b as the gateway; by its fixed one, a is
     // routed without translation.
     let c_server = at("10.0.2.5", 7100);
-    let seen = udp_via(
+    let seen = udp_exchange_via(
         &t.a.ns,
         at("10.0.1.5", 40000),
         &t.c.ns,
@@ -527,7 +471,7 @@ async fn vms_reach_floating_ips_from_inside_hairpin() -> Result<()> {
         at(FIP_C, 7100),
     )?;
     assert_eq!(seen, at(FIP_A, 40000));
-    let seen = udp_via(
+    let seen = udp_exchange_via(
         &t.b.ns,
         at("10.0.1.6", 40000),
         &t.c.ns,

@@ -13,19 +13,15 @@
 //!
 //! The external network has 203.0.113.0/24 (gateway .1) and 2001:db8:e::/64 (gateway
 //! 2001:db8:e::1, MAC resolved unless a test says otherwise).
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
-};
+use std::net::{IpAddr, Ipv6Addr};
 
-use anyhow::{bail, ensure, Result};
-use dataplane_abi::{program_names, verdict_action, DropReason};
+use anyhow::{ensure, Result};
+use dataplane_abi::DropReason;
 use dataplane_agent::{
     core::{
-        compile::{compile, NodeView, SlotLimits, Slots, Uplink},
+        compile::{SlotLimits, Slots, Uplink},
         model::{MacAddr, Resource, State},
     },
-    kernel::datapath::{Datapath, TestRunOutcome},
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
@@ -36,7 +32,7 @@ use dataplane_tests::{
     },
     frames::{self, ethertype, icmp6_type, proto, Mac, ETH_HLEN},
     netns::device_lab,
-    testrun::{arrive_on_uplink, UplinkArrival as Arrival, TC_ACT_OK},
+    uplink_lab::UplinkLab as Lab,
 };
 
 const NODE: &str = "ext6-node";
@@ -163,126 +159,6 @@ fn state() -> Result<State> {
     Ok(State::replace(&resources)?)
 }
 
-struct Lab {
-    datapath: Datapath,
-    devices: BTreeMap<String, u32>,
-    slots: Slots,
-    uplink: Uplink,
-}
-
-impl Lab {
-    fn compile(&mut self) -> Result<()> {
-        let compiled = compile(
-            &state()?,
-            &NodeView {
-                node_name: NODE,
-                interfaces: &self.devices,
-                peer_devices: &Default::default(),
-                uplink: Some(&self.uplink),
-            },
-            &mut self.slots,
-        );
-        self.datapath.sync(&compiled)?;
-        Ok(())
-    }
-
-    fn port_ingress(&mut self, from: &str, frame: &[u8]) -> Result<TestRunOutcome> {
-        Ok(self
-            .datapath
-            .test_run(program_names::PORT_INGRESS, self.devices[from], 0, frame, 1)?)
-    }
-
-    /// `frame` from device `from` is sent to device `to`; returns it as it leaves.
-    fn expect_to(&mut self, from: &str, frame: &[u8], to: &str, what: &str) -> Result<Vec<u8>> {
-        let out = self.port_ingress(from, frame)?;
-        self.delivered(out, to, what)
-    }
-
-    fn delivered(&self, out: TestRunOutcome, to: &str, what: &str) -> Result<Vec<u8>> {
-        ensure!(
-            out.verdict.action == verdict_action::UNICAST
-                && out.verdict.ifindexes[0] == self.devices[to],
-            "{what}: action {} reason {:?} to ifindex {}, expected unicast to {to}",
-            out.verdict.action,
-            DropReason::from_u32(out.verdict.reason),
-            out.verdict.ifindexes[0],
-        );
-        Ok(out.frame)
-    }
-
-    fn expect_drop(
-        &mut self,
-        from: &str,
-        frame: &[u8],
-        reason: DropReason,
-        what: &str,
-    ) -> Result<()> {
-        let out = self.port_ingress(from, frame)?;
-        dropped(&out, reason, what)
-    }
-
-    fn arrive(&mut self, frame: &[u8]) -> Result<Arrival> {
-        arrive_on_uplink(&mut self.datapath, self.devices[UPLINK], frame)
-    }
-
-    /// `frame` from outside reaches device `to`; returns it as delivered.
-    fn inbound_to(&mut self, frame: &[u8], to: &str, what: &str) -> Result<Vec<u8>> {
-        match self.arrive(frame)? {
-            Arrival::Passed(out) => self.delivered(*out, to, what),
-            Arrival::Tx(_) => bail!("{what}: uplink_xdp answered it"),
-            Arrival::Dropped(r) => bail!("{what}: uplink_xdp dropped it ({r:?})"),
-        }
-    }
-
-    fn inbound_drop(&mut self, frame: &[u8], reason: DropReason, what: &str) -> Result<()> {
-        match self.arrive(frame)? {
-            Arrival::Passed(out) => dropped(&out, reason, what),
-            Arrival::Tx(_) => bail!("{what}: uplink_xdp answered it"),
-            Arrival::Dropped(r) => {
-                ensure!(r == [reason], "{what}: uplink_xdp dropped it as {r:?}");
-                Ok(())
-            }
-        }
-    }
-
-    /// `frame` from outside is answered by `uplink_xdp`; returns the answer.
-    fn answered(&mut self, frame: &[u8], what: &str) -> Result<Vec<u8>> {
-        match self.arrive(frame)? {
-            Arrival::Tx(answer) => Ok(answer),
-            Arrival::Passed(_) => bail!("{what}: passed on, not answered"),
-            Arrival::Dropped(r) => bail!("{what}: dropped ({r:?})"),
-        }
-    }
-
-    /// `frame` from outside passes both uplink programs untouched, to the host.
-    fn passes_to_host(&mut self, frame: &[u8], what: &str) -> Result<()> {
-        match self.arrive(frame)? {
-            Arrival::Passed(out) => {
-                ensure!(
-                    out.return_code == TC_ACT_OK && out.verdict.action == 0,
-                    "{what}: uplink_ingress returned {} with action {}",
-                    out.return_code,
-                    out.verdict.action
-                );
-                Ok(())
-            }
-            Arrival::Tx(_) => bail!("{what}: uplink_xdp answered it"),
-            Arrival::Dropped(r) => bail!("{what}: uplink_xdp dropped it ({r:?})"),
-        }
-    }
-}
-
-fn dropped(out: &TestRunOutcome, reason: DropReason, what: &str) -> Result<()> {
-    ensure!(
-        out.verdict.action == verdict_action::DROP
-            && DropReason::from_u32(out.verdict.reason) == Some(reason),
-        "{what}: action {} reason {:?}, expected drop {reason:?}",
-        out.verdict.action,
-        DropReason::from_u32(out.verdict.reason)
-    );
-    Ok(())
-}
-
 fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
     let names: Vec<String> = ["ta", "td", UPLINK].map(str::to_owned).to_vec();
     let (ns, devices) = device_lab("ext6", &names)?;
@@ -306,8 +182,10 @@ fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
                 max_rules: 1024,
             }),
             uplink,
+            node_name: NODE,
+            uplink_device: UPLINK,
         };
-        lab.compile()?;
+        lab.compile(&state()?)?;
         body(&mut lab)
     })?
 }
@@ -612,7 +490,7 @@ fn a_vm_pings_ipv6_gateway_addresses() -> Result<()> {
 fn an_unresolved_ipv6_gateway_drops_what_leaves_as_no_neighbor() -> Result<()> {
     with_lab(|lab| {
         lab.uplink.gateway_macs.remove(&IpAddr::V6(ip6(NEXTHOP6)));
-        lab.compile()?;
+        lab.compile(&state()?)?;
         lab.expect_drop(
             "ta",
             &udp6(R1_N1, MAC_A, A6, REMOTE6, 64),

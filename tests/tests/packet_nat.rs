@@ -16,16 +16,15 @@
 //! (n3), gateway 203.0.113.20. The external subnet 203.0.113.0/24 has its gateway at
 //! 203.0.113.1 (MAC resolved unless a test says otherwise). Floating IP 203.0.113.103
 //! is not associated. SNAT ports: 20000-20015.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Context, Result};
-use dataplane_abi::{program_names, verdict_action, DropReason};
+use dataplane_abi::{program_names, DropReason};
 use dataplane_agent::{
     core::{
         compile::{compile, NodeView, SlotLimits, Slots, Uplink},
         model::{MacAddr, Resource, State},
     },
-    kernel::datapath::{Datapath, TestRunOutcome},
     service::convert::resources_from_proto,
 };
 use dataplane_proto::v1 as pb;
@@ -36,7 +35,8 @@ use dataplane_tests::{
     },
     frames::{self, ethertype, icmp4_type, proto, tcp_flags, Mac, ETH_HLEN, IPV4_HLEN},
     netns::device_lab,
-    testrun::{arrive_on_uplink, UplinkArrival as Arrival, TC_ACT_OK, XDP_DROP, XDP_TX},
+    testrun::{UplinkArrival as Arrival, TC_ACT_OK, XDP_DROP, XDP_TX},
+    uplink_lab::UplinkLab as Lab,
 };
 
 const NODE: &str = "nat-node";
@@ -162,115 +162,6 @@ fn state(gateway1: &str) -> Result<State> {
     Ok(State::replace(&resources)?)
 }
 
-struct Lab {
-    datapath: Datapath,
-    devices: BTreeMap<String, u32>,
-    slots: Slots,
-    uplink: Uplink,
-}
-
-impl Lab {
-    fn compile(&mut self, state: &State) -> Result<()> {
-        let compiled = compile(
-            state,
-            &NodeView {
-                node_name: NODE,
-                interfaces: &self.devices,
-                peer_devices: &Default::default(),
-                uplink: Some(&self.uplink),
-            },
-            &mut self.slots,
-        );
-        self.datapath.sync(&compiled)?;
-        Ok(())
-    }
-
-    fn port_ingress(&mut self, from: &str, frame: &[u8]) -> Result<TestRunOutcome> {
-        Ok(self
-            .datapath
-            .test_run(program_names::PORT_INGRESS, self.devices[from], 0, frame, 1)?)
-    }
-
-    /// `frame` from device `from` goes to device `to`; returns the frame as it leaves.
-    fn expect_to(&mut self, from: &str, frame: &[u8], to: &str, what: &str) -> Result<Vec<u8>> {
-        let out = self.port_ingress(from, frame)?;
-        self.delivered(out, to, what)
-    }
-
-    fn delivered(&self, out: TestRunOutcome, to: &str, what: &str) -> Result<Vec<u8>> {
-        ensure!(
-            out.verdict.action == verdict_action::UNICAST
-                && out.verdict.ifindexes[0] == self.devices[to],
-            "{what}: action {} reason {:?} to ifindex {} (devices {:?}), expected unicast to {to}",
-            out.verdict.action,
-            DropReason::from_u32(out.verdict.reason),
-            out.verdict.ifindexes[0],
-            self.devices,
-        );
-        Ok(out.frame)
-    }
-
-    fn expect_drop(
-        &mut self,
-        from: &str,
-        frame: &[u8],
-        reason: DropReason,
-        what: &str,
-    ) -> Result<()> {
-        let out = self.port_ingress(from, frame)?;
-        dropped(&out, reason, what)
-    }
-
-    fn uplink_drops(&self, reason: DropReason) -> Result<u64> {
-        Ok(self
-            .datapath
-            .uplink_counters()?
-            .drops
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, n)| *n))
-    }
-
-    /// `frame` arriving on the uplink (see `testrun::arrive_on_uplink`).
-    fn arrive(&mut self, frame: &[u8]) -> Result<Arrival> {
-        arrive_on_uplink(&mut self.datapath, self.devices[UPLINK], frame)
-    }
-
-    /// `frame` from the outside reaches device `to`; returns it as delivered.
-    fn inbound_to(&mut self, frame: &[u8], to: &str, what: &str) -> Result<Vec<u8>> {
-        match self.arrive(frame)? {
-            Arrival::Passed(out) => self.delivered(*out, to, what),
-            Arrival::Tx(_) => anyhow::bail!("{what}: uplink_xdp answered it"),
-            Arrival::Dropped(r) => anyhow::bail!("{what}: uplink_xdp dropped it ({r:?})"),
-        }
-    }
-
-    fn inbound_drop(&mut self, frame: &[u8], reason: DropReason, what: &str) -> Result<()> {
-        match self.arrive(frame)? {
-            Arrival::Passed(out) => dropped(&out, reason, what),
-            Arrival::Tx(_) => anyhow::bail!("{what}: uplink_xdp answered it"),
-            Arrival::Dropped(r) => {
-                ensure!(
-                    r == [reason],
-                    "{what}: uplink_xdp dropped it as {r:?}, not {reason:?}"
-                );
-                Ok(())
-            }
-        }
-    }
-}
-
-fn dropped(out: &TestRunOutcome, reason: DropReason, what: &str) -> Result<()> {
-    ensure!(
-        out.verdict.action == verdict_action::DROP
-            && DropReason::from_u32(out.verdict.reason) == Some(reason),
-        "{what}: action {} reason {:?}, expected drop {reason:?}",
-        out.verdict.action,
-        DropReason::from_u32(out.verdict.reason)
-    );
-    Ok(())
-}
-
 fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
     let names: Vec<String> = ["ta", "tb", "tc", "td", UPLINK].map(str::to_owned).to_vec();
     let (ns, devices) = device_lab("nat", &names)?;
@@ -291,6 +182,8 @@ fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {
                 max_rules: 1024,
             }),
             uplink,
+            node_name: NODE,
+            uplink_device: UPLINK,
         };
         lab.compile(&state(GW1)?)?;
         body(&mut lab)

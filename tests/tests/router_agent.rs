@@ -4,21 +4,17 @@
 //! VMs a (n1: 10.0.1.5, fd00:1::5) and b (n2: 10.0.2.5, fd00:2::5) are on router r1's
 //! subnets; c (n3: 10.0.3.5) is on router r2's. Each VM's default route is its
 //! subnet's gateway, which the datapath answers ARP and neighbour solicitations for.
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
-use anyhow::{bail, Result};
-use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
+use anyhow::Result;
+use dataplane_proto::v1::{self as pb};
 use dataplane_tests::{
-    agent::{counters, drops, wait_status, Agent},
+    agent::{counters, drops, wait_active, wait_status, Agent, Awaited},
     api::{apply, default_security_group, network, port, router, router_port, subnet, upsert},
     netns::NetNs,
     topology::{Vm, VM_DEV},
     traffic::{tcp_works, EchoServer},
 };
-use tonic::transport::Channel;
 
 const NODE: &str = "compute-1";
 
@@ -67,25 +63,6 @@ const VMS: [VmSpec; 3] = [
         [0xfa, 0x16, 0x3e, 0, 0, 0x0c],
     ),
 ];
-
-async fn wait_router(client: &mut DataplaneClient<Channel>, id: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = client
-            .get_router(pb::GetRequest { id: id.to_owned() })
-            .await?
-            .into_inner()
-            .status
-            .unwrap_or_default();
-        if status.status == pb::Status::Active as i32 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("router {id} is {:?} ({})", status.status, status.reason);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 impl Routed {
     async fn start(tag: &str) -> Result<Routed> {
@@ -161,8 +138,8 @@ impl Routed {
         for (id, ..) in VMS {
             wait_status(&mut client, id, pb::Status::Active).await?;
         }
-        wait_router(&mut client, "r1").await?;
-        wait_router(&mut client, "r2").await?;
+        wait_active(&mut client, Awaited::Router("r1")).await?;
+        wait_active(&mut client, Awaited::Router("r2")).await?;
         let mut vms = vms.into_iter();
         Ok(Routed {
             agent,
