@@ -18,6 +18,8 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     /// Also serve the API on this TCP address (unauthenticated: loopback only, please).
     pub grpc_tcp: Option<SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+    pub metrics: Option<SocketAddr>,
     /// Directory under a bpffs mount where this agent pins its maps.
     pub bpffs_dir: Option<PathBuf>,
     /// Ports this node can program at once.
@@ -45,6 +47,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub grpc_tcp: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
     pub bpffs_dir: PathBuf,
     pub max_ports: u32,
     pub conntrack_entries: u32,
@@ -132,6 +135,7 @@ impl Config {
             state_dir,
             socket,
             grpc_tcp: overrides.grpc_tcp.or(file.grpc_tcp),
+            metrics: overrides.metrics.or(file.metrics),
             bpffs_dir,
             max_ports,
         })

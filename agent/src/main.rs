@@ -20,7 +20,7 @@ use dataplane_agent::{
         links::LinkEvents,
     },
     node::{Node, UplinkConfig},
-    service::server,
+    service::{metrics, server},
 };
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use nix::fcntl::{Flock, FlockArg};
@@ -38,7 +38,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: serve the API and keep the datapath programmed.
-    Run(RunArgs),
+    // Boxed: its flags dwarf `ctl`'s.
+    Run(Box<RunArgs>),
     /// Query a running agent.
     Ctl(CtlArgs),
 }
@@ -57,6 +58,9 @@ struct RunArgs {
     /// Also serve on this TCP address, without authentication.
     #[arg(long)]
     grpc_tcp: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     #[arg(long)]
     bpffs_dir: Option<PathBuf>,
     #[arg(long)]
@@ -126,7 +130,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => runtime.block_on(run(*args)),
         Command::Ctl(args) => runtime.block_on(ctl(args)),
     }
 }
@@ -150,6 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir,
             socket: args.socket,
             grpc_tcp: args.grpc_tcp,
+            metrics: args.metrics,
             bpffs_dir: args.bpffs_dir,
             max_ports: args.max_ports,
             conntrack_entries: args.conntrack_entries,
@@ -194,6 +199,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let devices = tokio::spawn(watch_devices(node.clone()));
     let logs = tokio::spawn(forward_datapath_logs(node.clone()));
     let expiry = tokio::spawn(expire_connections(node.clone()));
+    let metrics = match config.metrics {
+        Some(address) => Some(tokio::spawn(metrics::serve(
+            node.clone(),
+            metrics::bind(address).await?,
+        ))),
+        None => None,
+    };
 
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -207,6 +219,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     devices.abort();
     logs.abort();
     expiry.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     node.flush_datapath_logs().await;
     info!("stopped");
     served

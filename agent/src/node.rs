@@ -14,6 +14,7 @@ use std::{
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dataplane_abi::{ct_flags, ct_stat, CtEntry, CtKey, DropReason, RuleStats};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::{broadcast, Mutex};
 use tracing::{debug, info, warn};
 
@@ -116,6 +117,8 @@ struct GatewayMac {
 
 pub struct Node {
     node_name: String,
+    /// How long each accepted Apply and Sync took, until the datapath was programmed.
+    apply_seconds: Histogram,
     uplink: Option<UplinkConfig>,
     /// Connections the expiry sweep removed since start.
     expired_connections: AtomicU64,
@@ -157,6 +160,8 @@ impl Node {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Self {
             node_name,
+            // 100 us to about 6.5 s.
+            apply_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 17)),
             uplink,
             expired_connections: AtomicU64::new(0),
             inner: Mutex::new(Inner {
@@ -178,6 +183,7 @@ impl Node {
 
     /// Applies a batch of changes, all or nothing.
     pub async fn apply(&self, changes: &[Change]) -> Result<Committed, NodeError> {
+        let started = Instant::now();
         let mut inner = self.inner.lock().await;
         let next = inner.state.apply(changes)?;
         let named: Vec<ResourceRef> = changes
@@ -187,15 +193,30 @@ impl Node {
                 Change::Delete(_) => None,
             })
             .collect();
-        self.commit(&mut inner, next, Operation::Apply, changes.len(), &named)
+        let committed = self.commit(&mut inner, next, Operation::Apply, changes.len(), &named)?;
+        self.apply_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(committed)
     }
 
     /// Replaces the whole desired state.
     pub async fn sync(&self, resources: &[Resource]) -> Result<Committed, NodeError> {
+        let started = Instant::now();
         let mut inner = self.inner.lock().await;
         let next = State::replace(resources)?;
         let named: Vec<ResourceRef> = resources.iter().map(Resource::reference).collect();
-        self.commit(&mut inner, next, Operation::Sync, resources.len(), &named)
+        let committed = self.commit(&mut inner, next, Operation::Sync, resources.len(), &named)?;
+        self.apply_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(committed)
+    }
+
+    /// The durations of accepted Applies and Syncs, in seconds.
+    pub fn apply_latency(&self) -> &Histogram {
+        &self.apply_seconds
+    }
+
+    /// How many SNAT bindings there are, and room for how many.
+    pub async fn snat_fill(&self) -> Result<(u64, u64), NodeError> {
+        Ok(self.inner.lock().await.datapath.snat_fill()?)
     }
 
     /// Re-resolves port devices after link events; recompiles if any came or went.

@@ -273,3 +273,27 @@ pub fn drops(counters: &pb::PortCounters, reason: pb::DropReason) -> u64 {
         .map(|d| d.packets)
         .sum()
 }
+
+/// The body of `GET /metrics` from an agent's metrics address, fetched inside `ns`.
+pub fn scrape_metrics(ns: &NetNs, address: std::net::SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        ns.run(move || std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)))??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no end of the HTTP headers")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
+    Ok(body.to_owned())
+}
+
+/// The value of the sample `series` (name and labels as exposed) in a scrape.
+pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
-    agent::{counters, drops, wait_active, wait_status, Agent, Awaited},
+    agent::{counters, drops, metric, scrape_metrics, wait_active, wait_status, Agent, Awaited},
     api::{
         apply, external_network, gateway_port, network, port, router, router_port, rule,
         security_group, subnet, upsert, with_gateway,
@@ -34,6 +34,9 @@ const GATEWAY: &str = "203.0.113.10";
 const GATEWAY6: &str = "2001:db8:e::10";
 const A: &str = "10.0.1.5";
 const A6: &str = "2001:db8:1::5";
+/// Where the agent serves Prometheus metrics, in the node namespace.
+const METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
 fn at(address: &str, port: u16) -> SocketAddr {
     SocketAddr::new(address.parse().unwrap(), port)
@@ -45,7 +48,7 @@ struct External6 {
     client: DataplaneClient<Channel>,
     a: Vm,
     outside: NetNs,
-    _node: NetNs,
+    node: NetNs,
 }
 
 fn web6_group() -> pb::SecurityGroup {
@@ -86,7 +89,12 @@ impl External6 {
         outside.set_up("ext0", true)?;
         outside.ip(&["-6", "route", "add", "2001:db8:1::/64", "via", GATEWAY6])?;
 
-        let agent = Agent::start_with(&node, NODE, &["--uplink", UPLINK]).await?;
+        let agent = Agent::start_with(
+            &node,
+            NODE,
+            &["--uplink", UPLINK, "--metrics", &METRICS.to_string()],
+        )
+        .await?;
         let mac = [0xfa, 0x16, 0x3e, 0, 0, 0x0a];
         let a = Vm::create(
             &node,
@@ -158,7 +166,7 @@ impl External6 {
             client,
             a,
             outside,
-            _node: node,
+            node,
         })
     }
 }
@@ -224,8 +232,7 @@ async fn ipv6_is_routed_to_and_from_the_outside_with_the_tenants_address() -> Re
         "TCP 7001 is not let in"
     );
     let after = counters(&mut t.client, "port-a").await?;
-    let denied = |c: &pb::PortCounters| drops(c, pb::DropReason::PolicyDenied);
-    assert!(denied(&after) > denied(&before), "{after:?}");
+    assert!(denied_count(&after) > denied_count(&before), "{after:?}");
     let uplink = t
         .client
         .get_port_counters(pb::GetPortCountersRequest::default())
@@ -234,7 +241,55 @@ async fn ipv6_is_routed_to_and_from_the_outside_with_the_tenants_address() -> Re
         .uplink
         .context("no uplink counters")?;
     assert!(uplink.rx_packets > 0 && uplink.tx_packets > 0, "{uplink:?}");
+
+    // The same figures on the metrics endpoint, beside the tables' fill and this
+    // agent's build and apply latency.
+    let scrape = scrape_metrics(&t.node, METRICS)?;
+    let value = |series: &str| metric(&scrape, series);
+    let version = env!("CARGO_PKG_VERSION");
+    let abi = dataplane_abi::ABI_VERSION;
+    assert_eq!(
+        value(&format!(
+            "dataplane_build_info{{version=\"{version}\",abi_version=\"{abi}\"}}"
+        )),
+        Some(1.0),
+        "{scrape}"
+    );
+    let denied = value("dataplane_port_drops_total{port=\"port-a\",reason=\"policy_denied\"}");
+    assert!(
+        denied >= Some(denied_count(&after) as f64) && denied > Some(0.0),
+        "{scrape}"
+    );
+    assert!(
+        value("dataplane_port_rx_packets_total{port=\"port-a\"}") > Some(0.0),
+        "{scrape}"
+    );
+    assert!(
+        value("dataplane_uplink_tx_packets_total") > Some(0.0),
+        "{scrape}"
+    );
+    assert!(
+        value("dataplane_snat_bindings") >= Some(1.0),
+        "IPv4 went through SNAT: {scrape}"
+    );
+    assert!(value("dataplane_snat_capacity") > Some(0.0), "{scrape}");
+    assert!(
+        value("dataplane_conntrack_capacity{table=\"confirmed\"}") > Some(0.0),
+        "{scrape}"
+    );
+    assert!(
+        value("dataplane_conntrack_entries{table=\"confirmed\"}") >= Some(1.0),
+        "{scrape}"
+    );
+    assert!(
+        value("dataplane_apply_duration_seconds_count") >= Some(1.0),
+        "{scrape}"
+    );
     Ok(())
+}
+
+fn denied_count(counters: &pb::PortCounters) -> u64 {
+    drops(counters, pb::DropReason::PolicyDenied)
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
     },
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
@@ -785,6 +785,18 @@ impl Datapath {
     /// Counters of the uplink: rx from outside, tx to it, drops by reason.
     pub fn uplink_counters(&self) -> Result<Counters, DatapathError> {
         summed(&self.maps.uplink_stats, 0)
+    }
+
+    /// How many SNAT bindings there are, and room for how many.
+    pub fn snat_fill(&self) -> Result<(u64, u64), DatapathError> {
+        let capacity = self
+            .maps
+            .snat4_in
+            .map()
+            .info()
+            .map_err(map_err(map_names::SNAT4_IN))?
+            .max_entries();
+        Ok((self.snat_bindings()?.len() as u64, u64::from(capacity)))
     }
 
     /// SNAT bindings: (key as replies see it, where they go).

@@ -2,4 +2,5 @@
 pub mod convert;
 pub mod errors;
 pub mod grpc;
+pub mod metrics;
 pub mod server;
