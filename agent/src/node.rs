@@ -214,6 +214,11 @@ impl Node {
         &self.apply_seconds
     }
 
+    /// The agent-written maps: (name, entries, room for how many).
+    pub async fn map_fill(&self) -> Result<Vec<(&'static str, u64, u64)>, NodeError> {
+        Ok(self.inner.lock().await.datapath.map_fill()?)
+    }
+
     /// How many SNAT bindings there are, and room for how many.
     pub async fn snat_fill(&self) -> Result<(u64, u64), NodeError> {
         Ok(self.inner.lock().await.datapath.snat_fill()?)

@@ -787,6 +787,139 @@ impl Datapath {
         summed(&self.maps.uplink_stats, 0)
     }
 
+    /// The maps the agent writes: (name, entries, room for how many), the entries as
+    /// last programmed.
+    pub fn map_fill(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        fn room<K: aya::Pod, V>(
+            map: &impl IterableMap<K, V>,
+            name: &'static str,
+        ) -> Result<u64, DatapathError> {
+            Ok(u64::from(
+                map.map().info().map_err(map_err(name))?.max_entries(),
+            ))
+        }
+        let (m, t) = (&self.maps, &self.programmed);
+        let len = |n: usize| n as u64;
+        let fill = [
+            (
+                map_names::PORTS,
+                len(t.ports.len()),
+                room(&m.ports, map_names::PORTS)?,
+            ),
+            (
+                map_names::PORT_MACS,
+                len(t.port_macs.len()),
+                room(&m.port_macs, map_names::PORT_MACS)?,
+            ),
+            (
+                map_names::PORT_IP4,
+                len(t.port_ip4.len()),
+                room(&m.port_ip4, map_names::PORT_IP4)?,
+            ),
+            (
+                map_names::PORT_NET4,
+                len(t.port_net4.len()),
+                room(&m.port_net4, map_names::PORT_NET4)?,
+            ),
+            (
+                map_names::PORT_IP6,
+                len(t.port_ip6.len()),
+                room(&m.port_ip6, map_names::PORT_IP6)?,
+            ),
+            (
+                map_names::PORT_NET6,
+                len(t.port_net6.len()),
+                room(&m.port_net6, map_names::PORT_NET6)?,
+            ),
+            (
+                map_names::FDB,
+                len(t.fdb.len()),
+                room(&m.fdb, map_names::FDB)?,
+            ),
+            (
+                map_names::FLOOD,
+                len(t.flood.len()),
+                room(&m.flood, map_names::FLOOD)?,
+            ),
+            (
+                map_names::SG_REMOTE4,
+                len(t.sg_remote4.len()),
+                room(&m.sg_remote4, map_names::SG_REMOTE4)?,
+            ),
+            (
+                map_names::SG_REMOTE6,
+                len(t.sg_remote6.len()),
+                room(&m.sg_remote6, map_names::SG_REMOTE6)?,
+            ),
+            (
+                map_names::SG_RULES,
+                len(t.sg_rules.len()),
+                room(&m.sg_rules, map_names::SG_RULES)?,
+            ),
+            (
+                map_names::ROUTER_IFS,
+                len(t.router_ifs.len()),
+                room(&m.router_ifs, map_names::ROUTER_IFS)?,
+            ),
+            (
+                map_names::ROUTES4,
+                len(t.routes4.len()),
+                room(&m.routes4, map_names::ROUTES4)?,
+            ),
+            (
+                map_names::ROUTES6,
+                len(t.routes6.len()),
+                room(&m.routes6, map_names::ROUTES6)?,
+            ),
+            (
+                map_names::NEIGH4,
+                len(t.neigh4.len()),
+                room(&m.neigh4, map_names::NEIGH4)?,
+            ),
+            (
+                map_names::NEIGH6,
+                len(t.neigh6.len()),
+                room(&m.neigh6, map_names::NEIGH6)?,
+            ),
+            (
+                map_names::ROUTER_GW,
+                len(t.router_gw.len()),
+                room(&m.router_gw, map_names::ROUTER_GW)?,
+            ),
+            (
+                map_names::ROUTER_GW6,
+                len(t.router_gw6.len()),
+                room(&m.router_gw6, map_names::ROUTER_GW6)?,
+            ),
+            (
+                map_names::GATEWAY_MACS,
+                len(t.gateway_macs.len()),
+                room(&m.gateway_macs, map_names::GATEWAY_MACS)?,
+            ),
+            (
+                map_names::EXT_ADDRS4,
+                len(t.ext_addrs4.len()),
+                room(&m.ext_addrs4, map_names::EXT_ADDRS4)?,
+            ),
+            (
+                map_names::EXT_ADDRS6,
+                len(t.ext_addrs6.len()),
+                room(&m.ext_addrs6, map_names::EXT_ADDRS6)?,
+            ),
+            (
+                map_names::FIPS4,
+                len(t.fips4.len()),
+                room(&m.fips4, map_names::FIPS4)?,
+            ),
+            (
+                map_names::FIP_OF4,
+                len(t.fip_of4.len()),
+                room(&m.fip_of4, map_names::FIP_OF4)?,
+            ),
+        ];
+        Ok(fill.into())
+    }
+
     /// How many SNAT bindings there are, and room for how many.
     pub fn snat_fill(&self) -> Result<(u64, u64), DatapathError> {
         let capacity = self

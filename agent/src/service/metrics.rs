@@ -1,6 +1,6 @@
 //! Prometheus metrics, `GET /metrics` on the configured TCP address (text exposition
 //! format). Each scrape reads the node afresh: per-port and uplink counters, drops by
-//! reason, conntrack and SNAT table fill, the latency of accepted Applies and Syncs,
+//! reason, conntrack, SNAT and map fill, the latency of accepted Applies and Syncs,
 //! and what this agent is.
 use std::{net::SocketAddr, sync::Arc};
 
@@ -97,6 +97,8 @@ pub struct Snapshot {
     pub conntrack: ConntrackStats,
     /// SNAT bindings, and room for how many.
     pub snat: (u64, u64),
+    /// The agent-written maps: (name, entries, room for how many).
+    pub maps: Vec<(&'static str, u64, u64)>,
 }
 
 async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
@@ -104,6 +106,7 @@ async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
         counters: node.counters(None).await?,
         conntrack: node.conntrack_stats().await?,
         snat: node.snat_fill().await?,
+        maps: node.map_fill().await?,
     })
 }
 
@@ -126,6 +129,11 @@ struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TableLabel {
     table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -328,6 +336,26 @@ pub fn render(snapshot: &Snapshot, apply_latency: &Histogram) -> String {
         snapshot.snat.1,
     );
 
+    let map_entries = Family::<MapLabel, Gauge>::default();
+    let map_capacity = Family::<MapLabel, Gauge>::default();
+    for (map, entries, capacity) in &snapshot.maps {
+        let label = MapLabel {
+            map: (*map).to_owned(),
+        };
+        map_entries
+            .get_or_create(&label)
+            .set(i64::try_from(*entries).unwrap_or(i64::MAX));
+        map_capacity
+            .get_or_create(&label)
+            .set(i64::try_from(*capacity).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "map_entries",
+        "Entries the agent wrote into each map",
+        map_entries,
+    );
+    registry.register("map_capacity", "Entries each map holds", map_capacity);
+
     registry.register(
         "apply_duration_seconds",
         "Time from an accepted Apply or Sync to the datapath programmed",
@@ -383,6 +411,7 @@ mod tests {
                 expired: 5,
             },
             snat: (6, 262_144),
+            maps: vec![("FDB", 40, 65_536), ("PORTS", 3, 4096)],
         }
     }
 
@@ -411,6 +440,8 @@ mod tests {
             "dataplane_snat_bindings 6".to_owned(),
             "dataplane_snat_capacity 262144".to_owned(),
             "dataplane_apply_duration_seconds_count 1".to_owned(),
+            "dataplane_map_entries{map=\"FDB\"} 40".to_owned(),
+            "dataplane_map_capacity{map=\"PORTS\"} 4096".to_owned(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),
