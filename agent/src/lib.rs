@@ -11,3 +11,4 @@ pub mod core;
 pub mod kernel;
 pub mod node;
 pub mod service;
+pub mod store;

@@ -21,6 +21,7 @@ use dataplane_agent::{
     },
     node::{Node, UplinkConfig},
     service::{metrics, server},
+    store::Store,
 };
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use nix::fcntl::{Flock, FlockArg};
@@ -182,6 +183,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .context("loading the datapath")?;
+    let store_path = config.state_dir.join("state.redb");
+    let store = Store::open(&store_path)?;
+    let stored = store
+        .load()
+        .with_context(|| format!("reading the stored state in {}", store_path.display()))?;
     let node = Arc::new(Node::new(
         config.node_name.clone(),
         config.uplink.clone().map(|interface| UplinkConfig {
@@ -194,7 +200,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_networks: config.max_ports,
             max_rules: limits.max_rules,
         }),
+        Some(store),
     ));
+    // What the last run was told, programmed before the API server is heard again.
+    if !stored.is_empty() {
+        let restored = node
+            .restore(&stored)
+            .await
+            .context("programming the stored state")?;
+        info!(
+            resources = stored.len(),
+            generation = restored.generation,
+            "restored the stored state"
+        );
+    }
 
     let devices = tokio::spawn(watch_devices(node.clone()));
     let logs = tokio::spawn(forward_datapath_logs(node.clone()));

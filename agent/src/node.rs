@@ -31,6 +31,7 @@ use crate::{
         datapath::{Counters, Datapath, DatapathError},
         links, neighbor,
     },
+    store::{Store, StoreError},
 };
 
 /// What watchers are told.
@@ -48,6 +49,8 @@ pub enum NodeEvent {
 pub enum Operation {
     Apply,
     Sync,
+    /// The stored state, at start.
+    Restore,
     /// Port devices appeared or went away.
     Devices,
 }
@@ -57,6 +60,7 @@ impl Operation {
         match self {
             Operation::Apply => "apply",
             Operation::Sync => "sync",
+            Operation::Restore => "restore",
             Operation::Devices => "devices",
         }
     }
@@ -70,6 +74,8 @@ pub enum NodeError {
     Datapath(#[from] DatapathError),
     #[error("port {port_id} is not programmed on this node")]
     PortNotProgrammed { port_id: String },
+    #[error("storing the desired state failed; the previous state stays in force")]
+    Store(#[from] StoreError),
 }
 
 /// Result of an accepted Apply or Sync.
@@ -119,6 +125,8 @@ pub struct Node {
     node_name: String,
     /// How long each accepted Apply and Sync took, until the datapath was programmed.
     apply_seconds: Histogram,
+    /// Where accepted desired state is kept across restarts; `None`: nowhere.
+    store: Option<Store>,
     uplink: Option<UplinkConfig>,
     /// Connections the expiry sweep removed since start.
     expired_connections: AtomicU64,
@@ -156,12 +164,14 @@ impl Node {
         uplink: Option<UplinkConfig>,
         datapath: Datapath,
         slots: Slots,
+        store: Option<Store>,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Self {
             node_name,
             // 100 us to about 6.5 s.
             apply_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 17)),
+            store,
             uplink,
             expired_connections: AtomicU64::new(0),
             inner: Mutex::new(Inner {
@@ -207,6 +217,14 @@ impl Node {
         let committed = self.commit(&mut inner, next, Operation::Sync, resources.len(), &named)?;
         self.apply_seconds.observe(started.elapsed().as_secs_f64());
         Ok(committed)
+    }
+
+    /// Programs `resources`, the state stored by an earlier run, at start: before the
+    /// API server syncs, the datapath already does what it did.
+    pub async fn restore(&self, resources: &[Resource]) -> Result<Committed, NodeError> {
+        let mut inner = self.inner.lock().await;
+        let next = State::replace(resources)?;
+        self.commit(&mut inner, next, Operation::Restore, resources.len(), &[])
     }
 
     /// The durations of accepted Applies and Syncs, in seconds.
@@ -527,10 +545,16 @@ impl Node {
             }
         }
         if let Err(e) = inner.datapath.sync(&compiled) {
-            if let Err(rollback) = inner.datapath.sync(&inner.compiled) {
-                warn!(error = ?rollback, "rolling the datapath back failed too");
-            }
+            self.roll_back(inner);
             return Err(e.into());
+        }
+        // Stored once the datapath took it: a crash before this restarts with the old
+        // state, which the datapath is then programmed back to.
+        if let (Some(store), Operation::Apply | Operation::Sync) = (&self.store, operation) {
+            if let Err(e) = store.save(&inner.state.changes_to(&next)) {
+                self.roll_back(inner);
+                return Err(e.into());
+            }
         }
 
         let (created, updated, deleted) = inner.state.count_differences(&next);
@@ -571,6 +595,13 @@ impl Node {
             updated,
             deleted,
         })
+    }
+
+    /// Programs the datapath back to the tables in force after a commit failed.
+    fn roll_back(&self, inner: &mut Inner) {
+        if let Err(rollback) = inner.datapath.sync(&inner.compiled) {
+            warn!(error = ?rollback, "rolling the datapath back failed too");
+        }
     }
 
     /// Sends an event for every status that changed, and a DOWN "deleted" for every

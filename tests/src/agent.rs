@@ -56,6 +56,10 @@ pub struct Agent {
     state_dir: PathBuf,
     socket: PathBuf,
     log: PathBuf,
+    /// What `run` is started with, again by [`Agent::restart`].
+    namespace: String,
+    bpffs_dir: String,
+    flags: Vec<String>,
 }
 
 impl Agent {
@@ -71,47 +75,63 @@ impl Agent {
         let state_dir =
             std::env::temp_dir().join(format!("dp-agent-{}-{n}-{node_name}", std::process::id()));
         std::fs::create_dir_all(&state_dir)?;
-        let socket = state_dir.join("agent.sock");
-        let log = state_dir.join("agent.log");
-        let log_file = File::create(&log)?;
+        let mut agent = Agent {
+            child: None,
+            node_name: node_name.to_owned(),
+            socket: state_dir.join("agent.sock"),
+            log: state_dir.join("agent.log"),
+            state_dir,
+            namespace: node.name().to_owned(),
+            bpffs_dir: format!(
+                "/sys/fs/bpf/dataplane-test/{node_name}-{}-{n}",
+                std::process::id()
+            ),
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
+        };
+        agent.spawn()?;
+        agent.wait_ready().await?;
+        Ok(agent)
+    }
+
+    /// Stops the agent (SIGTERM) and starts it again with the same state directory,
+    /// bpffs directory and flags; waits until its API answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.terminate()?;
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        // Appended: a restart's log follows the first run's.
+        let log_file = File::options().create(true).append(true).open(&self.log)?;
         let child = Command::new("ip")
-            .args(["netns", "exec", node.name()])
+            .args(["netns", "exec", &self.namespace])
             .arg(agent_binary()?)
             .args([
                 "run",
                 "--node-name",
-                node_name,
+                &self.node_name,
                 "--log",
                 "info,dataplane_agent=debug",
             ])
             .arg("--state-dir")
-            .arg(&state_dir)
+            .arg(&self.state_dir)
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("--bpffs-dir")
-            .arg(format!(
-                "/sys/fs/bpf/dataplane-test/{node_name}-{}-{n}",
-                std::process::id()
-            ))
+            .arg(&self.bpffs_dir)
             .arg("--max-ports")
             .arg("256")
             .arg("--conntrack-entries")
             .arg("4096")
-            .args(flags)
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
             .context("spawning the agent")?;
-        let mut agent = Agent {
-            child: Some(child),
-            node_name: node_name.to_owned(),
-            state_dir,
-            socket,
-            log,
-        };
-        agent.wait_ready().await?;
-        Ok(agent)
+        self.child = Some(child);
+        Ok(())
     }
 
     async fn wait_ready(&mut self) -> Result<()> {

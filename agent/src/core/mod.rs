@@ -5,6 +5,6 @@ pub mod model;
 pub mod validate;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod scale_tests;

@@ -757,6 +757,40 @@ impl State {
         counts
     }
 
+    /// What changed from this state to `next`: each new or changed resource as it is in
+    /// `next`, each removed one as `None`.
+    pub fn changes_to(&self, next: &State) -> Vec<(ResourceRef, Option<Resource>)> {
+        let mut out = Vec::new();
+        changes_of(
+            &mut out,
+            ResourceKind::Network,
+            &self.networks,
+            &next.networks,
+        );
+        changes_of(&mut out, ResourceKind::Subnet, &self.subnets, &next.subnets);
+        changes_of(&mut out, ResourceKind::Port, &self.ports, &next.ports);
+        changes_of(
+            &mut out,
+            ResourceKind::SecurityGroup,
+            &self.security_groups,
+            &next.security_groups,
+        );
+        changes_of(&mut out, ResourceKind::Router, &self.routers, &next.routers);
+        changes_of(
+            &mut out,
+            ResourceKind::FloatingIp,
+            &self.floating_ips,
+            &next.floating_ips,
+        );
+        changes_of(
+            &mut out,
+            ResourceKind::QosPolicy,
+            &self.qos_policies,
+            &next.qos_policies,
+        );
+        out
+    }
+
     /// Inserts or replaces; no checks (the caller validates the resulting state).
     pub(crate) fn insert(&mut self, resource: Resource) {
         match resource {
@@ -795,6 +829,26 @@ impl State {
             ResourceKind::FloatingIp => self.floating_ips.remove(id).is_some(),
             ResourceKind::QosPolicy => self.qos_policies.remove(id).is_some(),
         }
+    }
+}
+
+fn changes_of<T: PartialEq + Clone + Into<Resource>>(
+    out: &mut Vec<(ResourceRef, Option<Resource>)>,
+    kind: ResourceKind,
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+) {
+    let reference = |id: &String| ResourceRef {
+        kind,
+        id: id.clone(),
+    };
+    for (id, resource) in new {
+        if old.get(id) != Some(resource) {
+            out.push((reference(id), Some(resource.clone().into())));
+        }
+    }
+    for id in old.keys().filter(|id| !new.contains_key(*id)) {
+        out.push((reference(id), None));
     }
 }
 

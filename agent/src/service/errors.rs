@@ -72,6 +72,11 @@ pub fn query_status(error: NodeError) -> Status {
             Status::internal(format!("{error}: {}", chain(datapath)))
         }
         NodeError::Invalid(ref invalid) => Status::invalid_argument(invalid.to_string()),
+        NodeError::Store(ref store) => {
+            // Valid, and the datapath took it, but it could not be made durable: undone.
+            error!(error = ?store, "storing the desired state failed");
+            Status::unavailable(format!("{error}: {}", chain(store)))
+        }
     }
 }
 
