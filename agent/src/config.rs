@@ -16,8 +16,15 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// The API's unix socket (mode 0600).
     pub socket: Option<PathBuf>,
-    /// Also serve the API on this TCP address (unauthenticated: loopback only, please).
+    /// Also serve the API on this TCP address, with mutual TLS (`tls_*`).
     pub grpc_tcp: Option<SocketAddr>,
+    /// With `grpc_tcp`: this agent's certificate chain and key, and the CA that clients'
+    /// certificates must chain to (PEM files).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve `grpc_tcp` without TLS: anyone who reaches it can program this node.
+    pub grpc_tcp_insecure: Option<bool>,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     pub metrics: Option<SocketAddr>,
     /// Directory under a bpffs mount where this agent pins its maps.
@@ -46,7 +53,7 @@ pub struct Config {
     pub node_name: String,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
-    pub grpc_tcp: Option<SocketAddr>,
+    pub grpc_tcp: Option<TcpApi>,
     pub metrics: Option<SocketAddr>,
     pub bpffs_dir: PathBuf,
     pub max_ports: u32,
@@ -54,6 +61,26 @@ pub struct Config {
     pub uplink: Option<String>,
     /// First SNAT port and how many.
     pub snat_ports: (u16, u16),
+}
+
+/// The API on TCP: where, and how clients prove who they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpApi {
+    pub address: SocketAddr,
+    pub auth: TcpAuth,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TcpAuth {
+    /// Clients present a certificate that chains to `client_ca`; the agent presents
+    /// `cert` (with `key`).
+    MutualTls {
+        cert: PathBuf,
+        key: PathBuf,
+        client_ca: PathBuf,
+    },
+    /// No TLS, no client authentication (`grpc_tcp_insecure`).
+    Insecure,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dataplane";
@@ -80,6 +107,32 @@ fn parse_port_range(text: &str) -> anyhow::Result<(u16, u16)> {
         _ => anyhow::bail!(
             "snat_ports must be `first-last` with 1 <= first <= last <= 65535, got {text:?}"
         ),
+    }
+}
+
+/// How the TCP API authenticates: mutual TLS with all three files, or nothing when
+/// asked for explicitly; anything in between is a mistake to report.
+fn tcp_auth(tls: [Option<PathBuf>; 3], insecure: bool) -> anyhow::Result<TcpAuth> {
+    match (tls, insecure) {
+        ([None, None, None], true) => Ok(TcpAuth::Insecure),
+        ([Some(cert), Some(key), Some(client_ca)], false) => Ok(TcpAuth::MutualTls {
+            cert,
+            key,
+            client_ca,
+        }),
+        (_, true) => anyhow::bail!("grpc_tcp_insecure and tls_* exclude each other"),
+        (tls, false) => {
+            let missing: Vec<&str> = ["tls_cert", "tls_key", "tls_client_ca"]
+                .into_iter()
+                .zip(&tls)
+                .filter(|(_, given)| given.is_none())
+                .map(|(name, _)| name)
+                .collect();
+            anyhow::bail!(
+                "grpc_tcp needs mutual TLS (missing {}), or grpc_tcp_insecure to serve without it",
+                missing.join(", ")
+            )
+        }
     }
 }
 
@@ -127,6 +180,22 @@ impl Config {
             Some(text) => parse_port_range(&text)?,
             None => DEFAULT_SNAT_PORTS,
         };
+        let tls = [
+            overrides.tls_cert.or(file.tls_cert),
+            overrides.tls_key.or(file.tls_key),
+            overrides.tls_client_ca.or(file.tls_client_ca),
+        ];
+        let insecure = overrides
+            .grpc_tcp_insecure
+            .or(file.grpc_tcp_insecure)
+            .unwrap_or(false);
+        let grpc_tcp = match overrides.grpc_tcp.or(file.grpc_tcp) {
+            None => None,
+            Some(address) => Some(TcpApi {
+                address,
+                auth: tcp_auth(tls, insecure)?,
+            }),
+        };
         Ok(Self {
             uplink: overrides.uplink.or(file.uplink),
             snat_ports,
@@ -134,7 +203,7 @@ impl Config {
             conntrack_entries,
             state_dir,
             socket,
-            grpc_tcp: overrides.grpc_tcp.or(file.grpc_tcp),
+            grpc_tcp,
             metrics: overrides.metrics.or(file.metrics),
             bpffs_dir,
             max_ports,
@@ -163,6 +232,41 @@ mod tests {
             config.bpffs_dir,
             PathBuf::from("/sys/fs/bpf/dataplane/flag-node")
         );
+    }
+
+    #[test]
+    fn the_tcp_api_takes_mutual_tls_or_an_explicit_insecure() {
+        let with = |tls: [Option<&str>; 3], insecure: Option<bool>| {
+            let flags = FileConfig {
+                node_name: Some("n".into()),
+                grpc_tcp: Some("127.0.0.1:50051".parse().unwrap()),
+                tls_cert: tls[0].map(PathBuf::from),
+                tls_key: tls[1].map(PathBuf::from),
+                tls_client_ca: tls[2].map(PathBuf::from),
+                grpc_tcp_insecure: insecure,
+                ..FileConfig::default()
+            };
+            Config::resolve(flags, FileConfig::default()).map(|c| c.grpc_tcp.unwrap().auth)
+        };
+        assert_eq!(
+            with([Some("c"), Some("k"), Some("ca")], None).unwrap(),
+            TcpAuth::MutualTls {
+                cert: "c".into(),
+                key: "k".into(),
+                client_ca: "ca".into()
+            }
+        );
+        assert_eq!(with([None; 3], Some(true)).unwrap(), TcpAuth::Insecure);
+        let missing = with([Some("c"), None, None], None).unwrap_err().to_string();
+        assert!(
+            missing.contains("missing tls_key, tls_client_ca"),
+            "{missing}"
+        );
+        assert!(
+            with([None; 3], None).is_err(),
+            "no authentication by default"
+        );
+        assert!(with([Some("c"), Some("k"), Some("ca")], Some(true)).is_err());
     }
 
     #[test]

@@ -56,9 +56,21 @@ struct RunArgs {
     state_dir: Option<PathBuf>,
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Also serve on this TCP address, without authentication.
+    /// Also serve on this TCP address, with mutual TLS (`--tls-*`).
     #[arg(long)]
     grpc_tcp: Option<std::net::SocketAddr>,
+    /// PEM certificate chain the TCP API presents.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that clients' certificates must chain to.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve `--grpc-tcp` without TLS or client authentication.
+    #[arg(long)]
+    grpc_tcp_insecure: bool,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
@@ -155,6 +167,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir,
             socket: args.socket,
             grpc_tcp: args.grpc_tcp,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            tls_client_ca: args.tls_client_ca,
+            grpc_tcp_insecure: args.grpc_tcp_insecure.then_some(true),
             metrics: args.metrics,
             bpffs_dir: args.bpffs_dir,
             max_ports: args.max_ports,
@@ -234,7 +250,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
         }
     };
-    let served = server::serve(node.clone(), &config.socket, config.grpc_tcp, shutdown).await;
+    let served = server::serve(
+        node.clone(),
+        &config.socket,
+        config.grpc_tcp.as_ref(),
+        shutdown,
+    )
+    .await;
     devices.abort();
     logs.abort();
     expiry.abort();

@@ -1,17 +1,21 @@
 //! Serving the API: the Dataplane service with the standard health and reflection
-//! services beside it, on a unix socket (always) and a TCP address (optional).
+//! services beside it, on a unix socket (always, mode 0600) and a TCP address
+//! (optional; mutual TLS unless explicitly insecure).
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use anyhow::Context as _;
 use dataplane_proto::v1::{dataplane_server::DataplaneServer, FILE_DESCRIPTOR_SET};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{server::Router, Server};
+use tonic::transport::{server::Router, Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use super::grpc::DataplaneService;
-use crate::node::Node;
+use crate::{
+    config::{TcpApi, TcpAuth},
+    node::Node,
+};
 
 /// How long shutdown waits for clients to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -19,7 +23,27 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest request the agent decodes (a Sync of a large node's whole state fits).
 const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
 
-async fn router(node: Arc<Node>) -> anyhow::Result<Router> {
+/// The TLS side of `auth`: this agent's identity, and the CA its clients must prove
+/// themselves with. `None` for an insecure API.
+fn tls_config(auth: &TcpAuth) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let TcpAuth::MutualTls {
+        cert,
+        key,
+        client_ca,
+    } = auth
+    else {
+        return Ok(None);
+    };
+    let read =
+        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    Ok(Some(
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(cert)?, read(key)?))
+            .client_ca_root(Certificate::from_pem(read(client_ca)?)),
+    ))
+}
+
+async fn router(node: Arc<Node>, tls: Option<ServerTlsConfig>) -> anyhow::Result<Router> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<DataplaneServer<DataplaneService>>()
@@ -31,7 +55,11 @@ async fn router(node: Arc<Node>) -> anyhow::Result<Router> {
         .context("building the reflection service")?;
     let dataplane = DataplaneServer::new(DataplaneService::new(node))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    Ok(Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("the TCP API's TLS setup")?;
+    }
+    Ok(server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(dataplane))
@@ -41,7 +69,7 @@ async fn router(node: Arc<Node>) -> anyhow::Result<Router> {
 pub async fn serve(
     node: Arc<Node>,
     socket: &Path,
-    tcp: Option<SocketAddr>,
+    tcp: Option<&TcpApi>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // A socket file left by an earlier run (the state directory lock says none is
@@ -62,7 +90,7 @@ pub async fn serve(
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut servers = tokio::task::JoinSet::new();
     {
-        let router = router(node.clone()).await?;
+        let router = router(node.clone(), None).await?;
         let mut stopped = stop.subscribe();
         servers.spawn(async move {
             router
@@ -73,12 +101,18 @@ pub async fn serve(
                 .context("unix socket server")
         });
     }
-    if let Some(address) = tcp {
+    if let Some(api) = tcp {
+        let address = api.address;
+        let tls = tls_config(&api.auth)?;
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("binding TCP {address}"))?;
-        warn!(%address, "gRPC listening on TCP without authentication: anyone who can reach it can program this node");
-        let router = router(node).await?;
+        if tls.is_some() {
+            info!(%address, "gRPC listening on TCP, mutual TLS");
+        } else {
+            warn!(%address, "gRPC listening on TCP without authentication (grpc_tcp_insecure): anyone who can reach it can program this node");
+        }
+        let router = router(node, tls).await?;
         let mut stopped = stop.subscribe();
         servers.spawn(async move {
             router
