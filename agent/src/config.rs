@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub tls_client_ca: Option<PathBuf>,
     /// Serve `grpc_tcp` without TLS: anyone who reaches it can program this node.
     pub grpc_tcp_insecure: Option<bool>,
+    /// API calls per second the agent takes, from all clients together (default 1000).
+    pub max_requests_per_second: Option<u32>,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     pub metrics: Option<SocketAddr>,
     /// Directory under a bpffs mount where this agent pins its maps.
@@ -54,6 +56,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub grpc_tcp: Option<TcpApi>,
+    pub max_requests_per_second: u32,
     pub metrics: Option<SocketAddr>,
     pub bpffs_dir: PathBuf,
     pub max_ports: u32,
@@ -86,6 +89,7 @@ pub enum TcpAuth {
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dataplane";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const DEFAULT_MAX_PORTS: u32 = 4096;
+const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 1000;
 /// Confirmed connections the agent tracks unless configured otherwise.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 /// 1024-65535: the ports below are the well-known ones.
@@ -196,8 +200,17 @@ impl Config {
                 auth: tcp_auth(tls, insecure)?,
             }),
         };
+        let max_requests_per_second = overrides
+            .max_requests_per_second
+            .or(file.max_requests_per_second)
+            .unwrap_or(DEFAULT_MAX_REQUESTS_PER_SECOND);
+        anyhow::ensure!(
+            max_requests_per_second >= 1,
+            "max_requests_per_second must be at least 1"
+        );
         Ok(Self {
             uplink: overrides.uplink.or(file.uplink),
+            max_requests_per_second,
             snat_ports,
             node_name,
             conntrack_entries,

@@ -71,6 +71,9 @@ struct RunArgs {
     /// Serve `--grpc-tcp` without TLS or client authentication.
     #[arg(long)]
     grpc_tcp_insecure: bool,
+    /// API calls per second taken from all clients together (default 1000).
+    #[arg(long)]
+    max_requests_per_second: Option<u32>,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
@@ -171,6 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tls_key: args.tls_key,
             tls_client_ca: args.tls_client_ca,
             grpc_tcp_insecure: args.grpc_tcp_insecure.then_some(true),
+            max_requests_per_second: args.max_requests_per_second,
             metrics: args.metrics,
             bpffs_dir: args.bpffs_dir,
             max_ports: args.max_ports,
@@ -254,6 +258,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node.clone(),
         &config.socket,
         config.grpc_tcp.as_ref(),
+        config.max_requests_per_second,
         shutdown,
     )
     .await;

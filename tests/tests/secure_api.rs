@@ -1,6 +1,7 @@
-//! Integration: the API on TCP takes mutual TLS. A client with a certificate from the
-//! agent's client CA is served; one from another CA, or with none, is refused; the
-//! agent will not serve TCP without TLS unless told to, and then says so. Needs root.
+//! Integration: access to the API. On TCP it takes mutual TLS: a client with a
+//! certificate from the agent's client CA is served; one from another CA, or with none,
+//! is refused; the agent will not serve TCP without TLS unless told to, and then says
+//! so. Calls beyond the request rate are refused with RESOURCE_EXHAUSTED. Needs root.
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -194,5 +195,32 @@ async fn tcp_without_tls_needs_an_explicit_flag_and_is_warned_about() -> Result<
         "{}",
         agent.logs()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn calls_beyond_the_request_rate_are_refused_until_it_allows_again() -> Result<()> {
+    let node = NetNs::new("api-rate")?;
+    let agent = Agent::start_with(&node, NODE, &["--max-requests-per-second", "5"]).await?;
+    let mut client = agent.client().await?;
+    // Starting up took some of the budget already; a burst of 30 exceeds the rest.
+    let mut served = 0;
+    let mut refused = 0;
+    for _ in 0..30 {
+        match client.list_ports(pb::ListRequest::default()).await {
+            Ok(_) => served += 1,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => refused += 1,
+            Err(other) => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        served <= 6 && refused >= 24,
+        "served {served}, refused {refused}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    client
+        .list_ports(pb::ListRequest::default())
+        .await
+        .context("a second later the budget is back")?;
     Ok(())
 }

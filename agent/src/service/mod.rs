@@ -2,5 +2,6 @@
 pub mod convert;
 pub mod errors;
 pub mod grpc;
+pub mod limits;
 pub mod metrics;
 pub mod server;

@@ -8,10 +8,13 @@ use anyhow::Context as _;
 use dataplane_proto::v1::{dataplane_server::DataplaneServer, FILE_DESCRIPTOR_SET};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{server::Router, Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{server::Router, Certificate, Identity, Server, ServerTlsConfig},
+};
 use tracing::{info, warn};
 
-use super::grpc::DataplaneService;
+use super::{grpc::DataplaneService, limits::RateLimit};
 use crate::{
     config::{TcpApi, TcpAuth},
     node::Node,
@@ -43,7 +46,11 @@ fn tls_config(auth: &TcpAuth) -> anyhow::Result<Option<ServerTlsConfig>> {
     ))
 }
 
-async fn router(node: Arc<Node>, tls: Option<ServerTlsConfig>) -> anyhow::Result<Router> {
+async fn router(
+    node: Arc<Node>,
+    tls: Option<ServerTlsConfig>,
+    limit: Arc<RateLimit>,
+) -> anyhow::Result<Router> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<DataplaneServer<DataplaneService>>()
@@ -53,8 +60,11 @@ async fn router(node: Arc<Node>, tls: Option<ServerTlsConfig>) -> anyhow::Result
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let dataplane = DataplaneServer::new(DataplaneService::new(node))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let dataplane = InterceptedService::new(
+        DataplaneServer::new(DataplaneService::new(node))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        move |request| limit.check(request),
+    );
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls).context("the TCP API's TLS setup")?;
@@ -70,6 +80,7 @@ pub async fn serve(
     node: Arc<Node>,
     socket: &Path,
     tcp: Option<&TcpApi>,
+    max_requests_per_second: u32,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // A socket file left by an earlier run (the state directory lock says none is
@@ -87,10 +98,12 @@ pub async fn serve(
         .with_context(|| format!("chmod 0600 {}", socket.display()))?;
     info!(socket = %socket.display(), "gRPC listening on unix socket");
 
+    // One budget for every listener.
+    let limit = Arc::new(RateLimit::new(max_requests_per_second));
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut servers = tokio::task::JoinSet::new();
     {
-        let router = router(node.clone(), None).await?;
+        let router = router(node.clone(), None, limit.clone()).await?;
         let mut stopped = stop.subscribe();
         servers.spawn(async move {
             router
@@ -112,7 +125,7 @@ pub async fn serve(
         } else {
             warn!(%address, "gRPC listening on TCP without authentication (grpc_tcp_insecure): anyone who can reach it can program this node");
         }
-        let router = router(node, tls).await?;
+        let router = router(node, tls, limit).await?;
         let mut stopped = stop.subscribe();
         servers.spawn(async move {
             router
