@@ -267,6 +267,61 @@ async fn a_restarted_agent_programs_the_stored_state_before_any_sync() -> Result
 }
 
 #[tokio::test]
+async fn many_concurrent_clients_each_get_their_changes_applied() -> Result<()> {
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 5;
+    let node = NetNs::new("api-many")?;
+    let agent = Agent::start(&node, NODE).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CLIENTS {
+        let mut client = agent.client().await?;
+        tasks.spawn(async move {
+            let (net, sub) = (format!("net-{i}"), format!("sub-{i}"));
+            client
+                .apply(apply(vec![
+                    upsert(network(&net)),
+                    upsert(subnet(&sub, &net, &format!("10.{i}.0.0/24"))),
+                ]))
+                .await?;
+            // Each round replaces the client's port with a newer revision, reading
+            // between the writes.
+            for round in 0..ROUNDS {
+                let mut p = port(
+                    &format!("port-{i}"),
+                    &net,
+                    &format!("fa:16:3e:00:{i:02x}:01"),
+                    &[(&sub, &format!("10.{i}.0.5"))],
+                    NODE,
+                    &format!("tap-{i}"),
+                );
+                p.security_group_ids.clear();
+                p.revision_number = round as u64 + 1;
+                client.apply(apply(vec![upsert(p)])).await?;
+                client.list_ports(pb::ListRequest::default()).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let mut client = agent.client().await?;
+    let ports = client
+        .list_ports(pb::ListRequest::default())
+        .await?
+        .into_inner()
+        .ports;
+    assert_eq!(ports.len(), CLIENTS);
+    assert!(
+        ports
+            .iter()
+            .all(|p| p.port.as_ref().map(|p| p.revision_number) == Some(ROUNDS as u64)),
+        "every port at its last revision: {ports:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_second_agent_on_the_same_state_dir_refuses_and_sigterm_stops_cleanly() -> Result<()> {
     let node = NetNs::new("api-life")?;
     let mut agent = Agent::start(&node, NODE).await?;
