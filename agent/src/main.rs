@@ -124,6 +124,8 @@ enum CtlCommand {
         #[command(subcommand)]
         command: ConntrackCommand,
     },
+    /// SNAT bindings of this node's routers.
+    Nat,
 }
 
 #[derive(Subcommand)]
@@ -424,6 +426,33 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Rules { security_group } => ctl_rules(&mut client, security_group).await?,
         CtlCommand::Conntrack { command } => ctl_conntrack(&mut client, command).await?,
+        CtlCommand::Nat => {
+            let bindings = client
+                .list_nat_bindings(pb::ListNatBindingsRequest {})
+                .await?
+                .into_inner()
+                .bindings;
+            println!(
+                "{:<24} {:>5} {:<22} {:<22} {:<22} {:>6} {:>8}",
+                "PORT", "PROTO", "INTERNAL", "EXTERNAL", "REMOTE", "IDLE", "EXPIRES"
+            );
+            let endpoint = |e: Option<pb::Endpoint>| {
+                e.map(|e| format!("{}:{}", e.address, e.port))
+                    .unwrap_or_default()
+            };
+            for b in bindings {
+                println!(
+                    "{:<24} {:>5} {:<22} {:<22} {:<22} {:>5}s {:>7}s",
+                    b.port_id,
+                    b.protocol,
+                    endpoint(b.internal),
+                    endpoint(b.external),
+                    endpoint(b.remote),
+                    b.idle_seconds,
+                    b.expires_in_seconds
+                );
+            }
+        }
         CtlCommand::Status => {
             let mut events = client
                 .watch(pb::WatchRequest {

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -345,6 +345,44 @@ impl Node {
             .collect())
     }
 
+    /// The SNAT bindings, with the ports that opened them.
+    pub async fn nat_bindings(&self) -> Result<Vec<NatBinding>, NodeError> {
+        let inner = self.inner.lock().await;
+        let now = monotonic_ns();
+        let seconds = |ns: u64| ns / 1_000_000_000;
+        Ok(inner
+            .datapath
+            .snat_bindings()?
+            .into_iter()
+            .map(|(key, origin)| {
+                let internal = Ipv4Addr::from(origin.internal);
+                let port_id = inner
+                    .state
+                    .ports
+                    .values()
+                    .find(|port| {
+                        inner.slots.network_slot(&port.network_id) == Some(origin.network_slot)
+                            && port
+                                .fixed_ips
+                                .iter()
+                                .any(|f| f.ip_address == IpAddr::V4(internal))
+                    })
+                    .map(|port| port.id.clone());
+                NatBinding {
+                    protocol: key.proto,
+                    internal: (internal, origin.internal_port),
+                    external: (Ipv4Addr::from(key.external), key.external_port),
+                    remote: (Ipv4Addr::from(key.remote), key.remote_port),
+                    port_id,
+                    idle_seconds: seconds(now.saturating_sub(origin.last_seen)),
+                    expires_in_seconds: seconds(
+                        (origin.last_seen + origin.lifetime).saturating_sub(now),
+                    ),
+                }
+            })
+            .collect())
+    }
+
     /// Forgets a port's tracked connections: their next packets are judged as new.
     pub async fn flush_connections(&self, port_id: &str) -> Result<u32, NodeError> {
         let mut inner = self.inner.lock().await;
@@ -650,6 +688,19 @@ fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// What [`Node::nat_bindings`] reports of one binding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatBinding {
+    pub protocol: u8,
+    /// (address, port) as the VM sent it, as it leaves, and the remote end's.
+    pub internal: (Ipv4Addr, u16),
+    pub external: (Ipv4Addr, u16),
+    pub remote: (Ipv4Addr, u16),
+    pub port_id: Option<String>,
+    pub idle_seconds: u64,
+    pub expires_in_seconds: u64,
 }
 
 /// A tracked connection as an operator reads it.

@@ -324,6 +324,28 @@ async fn vms_without_a_floating_ip_reach_the_outside_through_snat() -> Result<()
         at(OUTSIDE, 7201),
     )?;
     assert_eq!(other.ip(), IpAddr::V4(*seen.ip()));
+    // The operator sees the binding as the outside did, with the port that opened it.
+    let bindings = t
+        .client
+        .list_nat_bindings(pb::ListNatBindingsRequest {})
+        .await?
+        .into_inner()
+        .bindings;
+    let endpoint = |address: &str, port: u16| pb::Endpoint {
+        address: address.to_owned(),
+        port: u32::from(port),
+    };
+    let first = bindings
+        .iter()
+        .find(|b| b.internal == Some(endpoint("10.0.1.6", 40000)))
+        .with_context(|| format!("no binding of b's first connection: {bindings:?}"))?;
+    assert_eq!(first.external, Some(endpoint(GATEWAY, seen.port())));
+    assert_eq!(first.remote, Some(endpoint(OUTSIDE, 7200)));
+    assert_eq!((first.protocol, first.port_id.as_str()), (17, "port-b"));
+    assert!(
+        first.idle_seconds <= 5 && (55..=60).contains(&first.expires_in_seconds),
+        "UDP bindings live 60 s after their last packet: {first:?}"
+    );
     assert!(t.b.ping(ip(OUTSIDE), 3)?.all_replied(), "ping through SNAT");
     // An ICMP error from inside about a translated connection leaves translated too:
     // the outside's connected socket learns the port is closed.

@@ -470,6 +470,31 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
         }))
     }
 
+    async fn list_nat_bindings(
+        &self,
+        _request: Request<pb::ListNatBindingsRequest>,
+    ) -> Result<Response<pb::ListNatBindingsResponse>, Status> {
+        let bindings = self.node.nat_bindings().await.map_err(query_status)?;
+        let endpoint = |(address, port): (std::net::Ipv4Addr, u16)| pb::Endpoint {
+            address: address.to_string(),
+            port: u32::from(port),
+        };
+        Ok(Response::new(pb::ListNatBindingsResponse {
+            bindings: bindings
+                .into_iter()
+                .map(|b| pb::NatBinding {
+                    protocol: u32::from(b.protocol),
+                    internal: Some(endpoint(b.internal)),
+                    external: Some(endpoint(b.external)),
+                    remote: Some(endpoint(b.remote)),
+                    port_id: b.port_id.unwrap_or_default(),
+                    idle_seconds: b.idle_seconds,
+                    expires_in_seconds: b.expires_in_seconds,
+                })
+                .collect(),
+        }))
+    }
+
     async fn flush_connections(
         &self,
         request: Request<pb::FlushConnectionsRequest>,
