@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub grpc_tcp_insecure: Option<bool>,
     /// API calls per second the agent takes, from all clients together (default 1000).
     pub max_requests_per_second: Option<u32>,
+    /// Seconds between checks of the maps against the programmed state (default 30).
+    pub drift_check_seconds: Option<u64>,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     pub metrics: Option<SocketAddr>,
     /// Directory under a bpffs mount where this agent pins its maps.
@@ -57,6 +59,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub grpc_tcp: Option<TcpApi>,
     pub max_requests_per_second: u32,
+    pub drift_check_seconds: u64,
     pub metrics: Option<SocketAddr>,
     pub bpffs_dir: PathBuf,
     pub max_ports: u32,
@@ -90,6 +93,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/dataplane";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const DEFAULT_MAX_PORTS: u32 = 4096;
 const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 1000;
+const DEFAULT_DRIFT_CHECK_SECONDS: u64 = 30;
 /// Confirmed connections the agent tracks unless configured otherwise.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 /// 1024-65535: the ports below are the well-known ones.
@@ -208,9 +212,18 @@ impl Config {
             max_requests_per_second >= 1,
             "max_requests_per_second must be at least 1"
         );
+        let drift_check_seconds = overrides
+            .drift_check_seconds
+            .or(file.drift_check_seconds)
+            .unwrap_or(DEFAULT_DRIFT_CHECK_SECONDS);
+        anyhow::ensure!(
+            drift_check_seconds >= 1,
+            "drift_check_seconds must be at least 1"
+        );
         Ok(Self {
             uplink: overrides.uplink.or(file.uplink),
             max_requests_per_second,
+            drift_check_seconds,
             snat_ports,
             node_name,
             conntrack_entries,

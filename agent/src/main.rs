@@ -74,6 +74,9 @@ struct RunArgs {
     /// API calls per second taken from all clients together (default 1000).
     #[arg(long)]
     max_requests_per_second: Option<u32>,
+    /// Seconds between checks of the maps against the programmed state (default 30).
+    #[arg(long)]
+    drift_check_seconds: Option<u64>,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
@@ -177,6 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tls_client_ca: args.tls_client_ca,
             grpc_tcp_insecure: args.grpc_tcp_insecure.then_some(true),
             max_requests_per_second: args.max_requests_per_second,
+            drift_check_seconds: args.drift_check_seconds,
             metrics: args.metrics,
             bpffs_dir: args.bpffs_dir,
             max_ports: args.max_ports,
@@ -240,6 +244,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let devices = tokio::spawn(watch_devices(node.clone()));
     let logs = tokio::spawn(forward_datapath_logs(node.clone()));
     let expiry = tokio::spawn(expire_connections(node.clone()));
+    let drift = tokio::spawn(repair_drift(
+        node.clone(),
+        Duration::from_secs(config.drift_check_seconds),
+    ));
     let metrics = match config.metrics {
         Some(address) => Some(tokio::spawn(metrics::serve(
             node.clone(),
@@ -267,6 +275,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     devices.abort();
     logs.abort();
     expiry.abort();
+    drift.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
     }
@@ -327,6 +336,17 @@ async fn expire_connections(node: Arc<Node>) {
             Ok(0) => {}
             Ok(expired) => tracing::debug!(expired, "expired connections removed"),
             Err(e) => warn!(error = ?e, "conntrack expiry sweep failed"),
+        }
+    }
+}
+
+/// Checks the maps against the programmed state every `period`, putting back what
+/// was changed behind the agent's back (the node logs each repair).
+async fn repair_drift(node: Arc<Node>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        if let Err(e) = node.repair_drift().await {
+            warn!(error = ?e, "drift check failed");
         }
     }
 }

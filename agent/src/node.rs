@@ -127,6 +127,8 @@ pub struct Node {
     apply_seconds: Histogram,
     /// Where accepted desired state is kept across restarts; `None`: nowhere.
     store: Option<Store>,
+    /// Map entries the drift checks put back since start, by map.
+    drift_repaired: std::sync::Mutex<BTreeMap<&'static str, u64>>,
     uplink: Option<UplinkConfig>,
     /// Connections the expiry sweep removed since start.
     expired_connections: AtomicU64,
@@ -172,6 +174,7 @@ impl Node {
             // 100 us to about 6.5 s.
             apply_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 17)),
             store,
+            drift_repaired: std::sync::Mutex::new(BTreeMap::new()),
             uplink,
             expired_connections: AtomicU64::new(0),
             inner: Mutex::new(Inner {
@@ -230,6 +233,33 @@ impl Node {
     /// The durations of accepted Applies and Syncs, in seconds.
     pub fn apply_latency(&self) -> &Histogram {
         &self.apply_seconds
+    }
+
+    /// Puts back every map entry that differs from what the agent programmed (changed,
+    /// added or removed behind its back), and reports it: the maps that had any, with
+    /// how many entries.
+    pub async fn repair_drift(&self) -> Result<Vec<(&'static str, u64)>, NodeError> {
+        let repaired = self.inner.lock().await.datapath.repair_drift()?;
+        let mut totals = self
+            .drift_repaired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (map, entries) in &repaired {
+            *totals.entry(map).or_default() += entries;
+            warn!(
+                map,
+                entries, "repaired drift: map entries differed from the programmed state"
+            );
+        }
+        Ok(repaired)
+    }
+
+    /// Map entries the drift checks put back since start, by map.
+    pub fn drift_repaired(&self) -> BTreeMap<&'static str, u64> {
+        self.drift_repaired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The agent-written maps: (name, entries, room for how many).

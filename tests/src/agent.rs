@@ -162,6 +162,16 @@ impl Agent {
         &self.socket
     }
 
+    /// Where the agent pins its maps (`dataplane_agent::kernel::datapath::pin_dir`), as
+    /// seen from here: `ip netns exec` gives the agent a mount namespace of its own,
+    /// whose bpffs is reached through its `/proc/<pid>/root`.
+    pub fn pinned_maps(&self) -> Result<PathBuf> {
+        let pid = self.child.as_ref().context("agent not running")?.id();
+        let pins = dataplane_agent::kernel::datapath::pin_dir(Path::new(&self.bpffs_dir));
+        let relative = pins.strip_prefix("/").unwrap_or(&pins);
+        Ok(PathBuf::from(format!("/proc/{pid}/root")).join(relative))
+    }
+
     pub async fn client(&self) -> Result<DataplaneClient<Channel>> {
         Ok(dataplane_agent::client::connect_unix(&self.socket).await?)
     }

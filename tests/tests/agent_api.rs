@@ -5,6 +5,7 @@
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use anyhow::Result;
+use dataplane_abi::PortInfo;
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     agent::{agent_binary, wait_status, Agent},
@@ -318,6 +319,70 @@ async fn many_concurrent_clients_each_get_their_changes_applied() -> Result<()> 
             .all(|p| p.port.as_ref().map(|p| p.revision_number) == Some(ROUNDS as u64)),
         "every port at its last revision: {ports:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn map_entries_changed_behind_the_agents_back_are_put_back() -> Result<()> {
+    let node = NetNs::new("api-drift")?;
+    let agent = Agent::start_with(&node, NODE, &["--drift-check-seconds", "1"]).await?;
+    let mut client = agent.client().await?;
+    let a = Vm::create(
+        &node,
+        "api-drift-a",
+        "tap-a",
+        [0xfa, 0x16, 0x3e, 0, 0, 1],
+        &["10.0.0.1/24".parse()?],
+    )?;
+    let _b = Vm::create(
+        &node,
+        "api-drift-b",
+        "tap-b",
+        [0xfa, 0x16, 0x3e, 0, 0, 2],
+        &["10.0.0.2/24".parse()?],
+    )?;
+    let port_of = |id: &str, mac: &str, address: &str, device: &str| {
+        upsert(port(id, "net", mac, &[("sub", address)], NODE, device))
+    };
+    client
+        .apply(apply(vec![
+            upsert(default_security_group()),
+            upsert(network("net")),
+            upsert(subnet("sub", "net", "10.0.0.0/24")),
+            port_of("a", "fa:16:3e:00:00:01", "10.0.0.1", "tap-a"),
+            port_of("b", "fa:16:3e:00:00:02", "10.0.0.2", "tap-b"),
+        ]))
+        .await?;
+    wait_status(&mut client, "b", pb::Status::Active).await?;
+    assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
+
+    // Someone removes the ports from the pinned PORTS map (their frames would be
+    // dropped as unknown_port) and adds one of their own...
+    let pinned = agent.pinned_maps()?.join("PORTS");
+    let mut ports: aya::maps::HashMap<_, u32, PortInfo> = aya::maps::HashMap::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pinned)?),
+    )?;
+    let programmed: Vec<(u32, PortInfo)> = ports.iter().collect::<Result<_, _>>()?;
+    assert_eq!(programmed.len(), 2, "both ports programmed");
+    for (ifindex, _) in &programmed {
+        ports.remove(ifindex)?;
+    }
+    ports.insert(9999, programmed[0].1, 0)?;
+    // ...and the drift check puts the map back as it was programmed, and says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut now: Vec<(u32, PortInfo)> = ports.iter().collect::<Result<_, _>>()?;
+        now.sort_by_key(|(ifindex, _)| *ifindex);
+        let mut wanted = programmed.clone();
+        wanted.sort_by_key(|(ifindex, _)| *ifindex);
+        if now == wanted {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
+    assert!(agent.logs().contains("repaired drift"), "{}", agent.logs());
     Ok(())
 }
 

@@ -787,6 +787,132 @@ impl Datapath {
         summed(&self.maps.uplink_stats, 0)
     }
 
+    /// Compares every map the agent writes with what it last programmed there and puts
+    /// back what differs (an entry changed, added or removed behind its back): the
+    /// maps that had any, with how many entries were wrong.
+    pub fn repair_drift(&mut self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        let (m, t) = (&mut self.maps, &self.programmed);
+        let drift = [
+            (
+                map_names::PORTS,
+                repair_hash(&mut m.ports, &t.ports, map_names::PORTS)?,
+            ),
+            (
+                map_names::PORT_MACS,
+                repair_hash(
+                    &mut m.port_macs,
+                    &as_set_map(&t.port_macs),
+                    map_names::PORT_MACS,
+                )?,
+            ),
+            (
+                map_names::PORT_IP4,
+                repair_hash(
+                    &mut m.port_ip4,
+                    &as_set_map(&t.port_ip4),
+                    map_names::PORT_IP4,
+                )?,
+            ),
+            (
+                map_names::PORT_NET4,
+                repair_trie(
+                    &mut m.port_net4,
+                    &as_set_map(&t.port_net4),
+                    map_names::PORT_NET4,
+                )?,
+            ),
+            (
+                map_names::PORT_IP6,
+                repair_hash(
+                    &mut m.port_ip6,
+                    &as_set_map(&t.port_ip6),
+                    map_names::PORT_IP6,
+                )?,
+            ),
+            (
+                map_names::PORT_NET6,
+                repair_trie(
+                    &mut m.port_net6,
+                    &as_set_map(&t.port_net6),
+                    map_names::PORT_NET6,
+                )?,
+            ),
+            (
+                map_names::FDB,
+                repair_hash(&mut m.fdb, &t.fdb, map_names::FDB)?,
+            ),
+            (
+                map_names::FLOOD,
+                repair_hash(&mut m.flood, &t.flood, map_names::FLOOD)?,
+            ),
+            (
+                map_names::SG_REMOTE4,
+                repair_trie(&mut m.sg_remote4, &t.sg_remote4, map_names::SG_REMOTE4)?,
+            ),
+            (
+                map_names::SG_REMOTE6,
+                repair_trie(&mut m.sg_remote6, &t.sg_remote6, map_names::SG_REMOTE6)?,
+            ),
+            (
+                map_names::SG_RULES,
+                repair_trie(&mut m.sg_rules, &t.sg_rules, map_names::SG_RULES)?,
+            ),
+            (
+                map_names::ROUTER_IFS,
+                repair_hash(&mut m.router_ifs, &t.router_ifs, map_names::ROUTER_IFS)?,
+            ),
+            (
+                map_names::ROUTES4,
+                repair_trie(&mut m.routes4, &t.routes4, map_names::ROUTES4)?,
+            ),
+            (
+                map_names::ROUTES6,
+                repair_trie(&mut m.routes6, &t.routes6, map_names::ROUTES6)?,
+            ),
+            (
+                map_names::NEIGH4,
+                repair_hash(&mut m.neigh4, &t.neigh4, map_names::NEIGH4)?,
+            ),
+            (
+                map_names::NEIGH6,
+                repair_hash(&mut m.neigh6, &t.neigh6, map_names::NEIGH6)?,
+            ),
+            (
+                map_names::ROUTER_GW,
+                repair_hash(&mut m.router_gw, &t.router_gw, map_names::ROUTER_GW)?,
+            ),
+            (
+                map_names::ROUTER_GW6,
+                repair_hash(&mut m.router_gw6, &t.router_gw6, map_names::ROUTER_GW6)?,
+            ),
+            (
+                map_names::GATEWAY_MACS,
+                repair_hash(
+                    &mut m.gateway_macs,
+                    &t.gateway_macs,
+                    map_names::GATEWAY_MACS,
+                )?,
+            ),
+            (
+                map_names::EXT_ADDRS4,
+                repair_hash(&mut m.ext_addrs4, &t.ext_addrs4, map_names::EXT_ADDRS4)?,
+            ),
+            (
+                map_names::EXT_ADDRS6,
+                repair_hash(&mut m.ext_addrs6, &t.ext_addrs6, map_names::EXT_ADDRS6)?,
+            ),
+            (
+                map_names::FIPS4,
+                repair_hash(&mut m.fips4, &t.fips4, map_names::FIPS4)?,
+            ),
+            (
+                map_names::FIP_OF4,
+                repair_hash(&mut m.fip_of4, &t.fip_of4, map_names::FIP_OF4)?,
+            ),
+        ];
+        Ok(drift.into_iter().filter(|(_, wrong)| *wrong > 0).collect())
+    }
+
     /// The maps the agent writes: (name, entries, room for how many), the entries as
     /// last programmed.
     pub fn map_fill(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
@@ -1406,6 +1532,64 @@ fn remove_trie_map<K: aya::Pod + Ord, V: aya::Pod>(
         remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
     }
     Ok(())
+}
+
+/// A key set as the map the agent writes it into: each key with value 1.
+fn as_set_map<K: Copy + Ord>(keys: &BTreeSet<K>) -> BTreeMap<K, u32> {
+    keys.iter().map(|key| (*key, 1)).collect()
+}
+
+/// How many entries `actual` has wrong against `wanted`: different, missing or extra.
+fn drift<K: Ord, V: PartialEq>(actual: &BTreeMap<K, V>, wanted: &BTreeMap<K, V>) -> u64 {
+    let wrong = wanted
+        .iter()
+        .filter(|(k, v)| actual.get(k) != Some(v))
+        .count();
+    let extra = actual.keys().filter(|k| !wanted.contains_key(k)).count();
+    (wrong + extra) as u64
+}
+
+/// Makes the hash map hold `wanted` exactly; how many entries it had wrong.
+fn repair_hash<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    wanted: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<u64, DatapathError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    // An entry removed while the walk runs is simply not there.
+    let actual: BTreeMap<K, V> = map.iter().filter_map(Result::ok).collect();
+    let wrong = drift(&actual, wanted);
+    if wrong > 0 {
+        upsert_map(map, &actual, wanted, name)?;
+        remove_map(map, &actual, wanted, name)?;
+    }
+    Ok(wrong)
+}
+
+/// As [`repair_hash`] for an LPM trie, keyed by (prefix length, data).
+fn repair_trie<K, V>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    wanted: &BTreeMap<(u32, K), V>,
+    name: &'static str,
+) -> Result<u64, DatapathError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let actual: BTreeMap<(u32, K), V> = trie
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, value)| ((key.prefix_len(), key.data()), value))
+        .collect();
+    let wrong = drift(&actual, wanted);
+    if wrong > 0 {
+        upsert_trie_map(trie, &actual, wanted, name)?;
+        remove_trie_map(trie, &actual, wanted, name)?;
+    }
+    Ok(wrong)
 }
 
 /// A removal of an entry that is already gone is what the caller wanted anyway.

@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub snat: (u64, u64),
     /// The agent-written maps: (name, entries, room for how many).
     pub maps: Vec<(&'static str, u64, u64)>,
+    /// Entries the drift checks put back since start, by map.
+    pub drift_repaired: std::collections::BTreeMap<&'static str, u64>,
 }
 
 async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
@@ -107,6 +109,7 @@ async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
         conntrack: node.conntrack_stats().await?,
         snat: node.snat_fill().await?,
         maps: node.map_fill().await?,
+        drift_repaired: node.drift_repaired(),
     })
 }
 
@@ -355,6 +358,19 @@ pub fn render(snapshot: &Snapshot, apply_latency: &Histogram) -> String {
         map_entries,
     );
     registry.register("map_capacity", "Entries each map holds", map_capacity);
+    let drift = Family::<MapLabel, Counter>::default();
+    for (map, entries) in &snapshot.drift_repaired {
+        drift
+            .get_or_create(&MapLabel {
+                map: (*map).to_owned(),
+            })
+            .inc_by(*entries);
+    }
+    registry.register(
+        "drift_repaired",
+        "Map entries found changed behind the agent's back and put back",
+        drift,
+    );
 
     registry.register(
         "apply_duration_seconds",
@@ -412,6 +428,7 @@ mod tests {
             },
             snat: (6, 262_144),
             maps: vec![("FDB", 40, 65_536), ("PORTS", 3, 4096)],
+            drift_repaired: [("FDB", 2)].into(),
         }
     }
 
@@ -442,6 +459,7 @@ mod tests {
             "dataplane_apply_duration_seconds_count 1".to_owned(),
             "dataplane_map_entries{map=\"FDB\"} 40".to_owned(),
             "dataplane_map_capacity{map=\"PORTS\"} 4096".to_owned(),
+            "dataplane_drift_repaired_total{map=\"FDB\"} 2".to_owned(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),
