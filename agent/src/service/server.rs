@@ -83,6 +83,24 @@ pub async fn serve(
     max_requests_per_second: u32,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // TCP first: once the unix socket answers (what tools wait for), every listener is
+    // up, and a bad TLS file has already stopped the start.
+    let tcp = match tcp {
+        Some(api) => {
+            let address = api.address;
+            let tls = tls_config(&api.auth)?;
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding TCP {address}"))?;
+            if tls.is_some() {
+                info!(%address, "gRPC listening on TCP, mutual TLS");
+            } else {
+                warn!(%address, "gRPC listening on TCP without authentication (grpc_tcp_insecure): anyone who can reach it can program this node");
+            }
+            Some((listener, tls))
+        }
+        None => None,
+    };
     // A socket file left by an earlier run (the state directory lock says none is
     // running now) would make bind fail.
     match std::fs::remove_file(socket) {
@@ -114,17 +132,7 @@ pub async fn serve(
                 .context("unix socket server")
         });
     }
-    if let Some(api) = tcp {
-        let address = api.address;
-        let tls = tls_config(&api.auth)?;
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding TCP {address}"))?;
-        if tls.is_some() {
-            info!(%address, "gRPC listening on TCP, mutual TLS");
-        } else {
-            warn!(%address, "gRPC listening on TCP without authentication (grpc_tcp_insecure): anyone who can reach it can program this node");
-        }
+    if let Some((listener, tls)) = tcp {
         let router = router(node, tls, limit).await?;
         let mut stopped = stop.subscribe();
         servers.spawn(async move {
