@@ -6,7 +6,7 @@ use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use anyhow::Result;
 use dataplane_abi::PortInfo;
-use dataplane_proto::v1 as pb;
+use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
     agent::{agent_binary, wait_status, Agent},
     api::{apply, default_security_group, delete, network, port, subnet, upsert, IntoResource},
@@ -14,6 +14,7 @@ use dataplane_tests::{
     topology::Vm,
 };
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -195,28 +196,32 @@ async fn sync_replaces_the_whole_state() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_restarted_agent_programs_the_stored_state_before_any_sync() -> Result<()> {
-    let node = NetNs::new("api-store")?;
-    let mut agent = Agent::start(&node, NODE).await?;
-    let mut client = agent.client().await?;
+/// The port of VM device `device` on network `net`, in the default group.
+fn port_of(id: &str, mac: &str, address: &str, device: &str) -> pb::Change {
+    upsert(port(id, "net", mac, &[("sub", address)], NODE, device))
+}
+
+/// VMs a (10.0.0.1) and b (10.0.0.2) on `tap-a` and `tap-b` in `node`, and the network
+/// with their ports applied.
+async fn two_ports(
+    node: &NetNs,
+    tag: &str,
+    client: &mut DataplaneClient<Channel>,
+) -> Result<(Vm, Vm)> {
     let a = Vm::create(
-        &node,
-        "api-store-a",
+        node,
+        &format!("{tag}-a"),
         "tap-a",
         [0xfa, 0x16, 0x3e, 0, 0, 1],
         &["10.0.0.1/24".parse()?],
     )?;
-    let _b = Vm::create(
-        &node,
-        "api-store-b",
+    let b = Vm::create(
+        node,
+        &format!("{tag}-b"),
         "tap-b",
         [0xfa, 0x16, 0x3e, 0, 0, 2],
         &["10.0.0.2/24".parse()?],
     )?;
-    let port_of = |id: &str, mac: &str, address: &str, device: &str| {
-        upsert(port(id, "net", mac, &[("sub", address)], NODE, device))
-    };
     client
         .apply(apply(vec![
             upsert(default_security_group()),
@@ -226,6 +231,15 @@ async fn a_restarted_agent_programs_the_stored_state_before_any_sync() -> Result
             port_of("b", "fa:16:3e:00:00:02", "10.0.0.2", "tap-b"),
         ]))
         .await?;
+    Ok((a, b))
+}
+
+#[tokio::test]
+async fn a_restarted_agent_programs_the_stored_state_before_any_sync() -> Result<()> {
+    let node = NetNs::new("api-store")?;
+    let mut agent = Agent::start(&node, NODE).await?;
+    let mut client = agent.client().await?;
+    let (a, _b) = two_ports(&node, "api-store", &mut client).await?;
     // A later Apply removes something: the store keeps what is, not what was.
     client
         .apply(apply(vec![delete(pb::ResourceKind::Port, "b")]))
@@ -327,32 +341,7 @@ async fn map_entries_changed_behind_the_agents_back_are_put_back() -> Result<()>
     let node = NetNs::new("api-drift")?;
     let agent = Agent::start_with(&node, NODE, &["--drift-check-seconds", "1"]).await?;
     let mut client = agent.client().await?;
-    let a = Vm::create(
-        &node,
-        "api-drift-a",
-        "tap-a",
-        [0xfa, 0x16, 0x3e, 0, 0, 1],
-        &["10.0.0.1/24".parse()?],
-    )?;
-    let _b = Vm::create(
-        &node,
-        "api-drift-b",
-        "tap-b",
-        [0xfa, 0x16, 0x3e, 0, 0, 2],
-        &["10.0.0.2/24".parse()?],
-    )?;
-    let port_of = |id: &str, mac: &str, address: &str, device: &str| {
-        upsert(port(id, "net", mac, &[("sub", address)], NODE, device))
-    };
-    client
-        .apply(apply(vec![
-            upsert(default_security_group()),
-            upsert(network("net")),
-            upsert(subnet("sub", "net", "10.0.0.0/24")),
-            port_of("a", "fa:16:3e:00:00:01", "10.0.0.1", "tap-a"),
-            port_of("b", "fa:16:3e:00:00:02", "10.0.0.2", "tap-b"),
-        ]))
-        .await?;
+    let (a, _b) = two_ports(&node, "api-drift", &mut client).await?;
     wait_status(&mut client, "b", pb::Status::Active).await?;
     assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
 
