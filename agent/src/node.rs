@@ -24,7 +24,7 @@ use crate::{
             compile, nat::gateway_neighbors, Compiled, NodeView, ResourceStatus, Slots, StatusKind,
             Uplink,
         },
-        model::{Change, MacAddr, Resource, ResourceRef, State},
+        model::{Change, MacAddr, Resource, ResourceKind, ResourceRef, State},
         validate::ValidationError,
     },
     kernel::{
@@ -145,6 +145,8 @@ struct Inner {
     generation: u64,
     /// External gateways' MACs as resolved on the uplink so far.
     gateway_macs: BTreeMap<IpAddr, GatewayMac>,
+    /// Local ports whose device went away while they were programmed, until it returns.
+    gone: BTreeSet<String>,
 }
 
 /// The port devices present on this node, as the compiler sees them.
@@ -185,6 +187,7 @@ impl Node {
                 datapath,
                 generation: 0,
                 gateway_macs: BTreeMap::new(),
+                gone: BTreeSet::new(),
             }),
             events,
         }
@@ -586,7 +589,7 @@ impl Node {
     ) -> Result<Committed, NodeError> {
         let devices = self.local_devices(&next, &mut inner.gateway_macs);
         let mut slots = inner.slots.clone();
-        let compiled = compile(
+        let mut compiled = compile(
             &next,
             &NodeView {
                 node_name: &self.node_name,
@@ -596,6 +599,7 @@ impl Node {
             },
             &mut slots,
         );
+        let gone = mark_gone(inner, &mut compiled);
         if let (Some(config), Some(uplink)) = (&self.uplink, &devices.uplink) {
             if !inner.datapath.uplink_attached(uplink.ifindex) {
                 // A veth (tests, containers) takes generic XDP: see `attach_uplink`.
@@ -630,6 +634,7 @@ impl Node {
         inner.state = next;
         inner.slots = slots;
         inner.devices = devices;
+        inner.gone = gone;
         inner.generation += 1;
         let generation = inner.generation;
         self.announce(&old.statuses, &inner.compiled.statuses);
@@ -731,6 +736,34 @@ pub struct NatBinding {
     pub port_id: Option<String>,
     pub idle_seconds: u64,
     pub expires_in_seconds: u64,
+}
+
+/// A port whose device disappeared while it was programmed (or had before, and has not
+/// come back) is DOWN, not BUILD, which stays for a device yet to appear: the ports of
+/// `compiled` that are so now. Sets their statuses.
+fn mark_gone(inner: &Inner, compiled: &mut Compiled) -> BTreeSet<String> {
+    let mut gone = BTreeSet::new();
+    for (port_id, device) in &compiled.missing_devices {
+        let was_here = inner.gone.contains(port_id)
+            || inner
+                .compiled
+                .ports
+                .iter()
+                .any(|port| &port.port_id == port_id);
+        if !was_here {
+            continue;
+        }
+        let reference = ResourceRef {
+            kind: ResourceKind::Port,
+            id: port_id.clone(),
+        };
+        if let Some(status) = compiled.statuses.get_mut(&reference) {
+            status.status = StatusKind::Down;
+            status.reason = format!("interface {device} is gone; waiting for it to come back");
+        }
+        gone.insert(port_id.clone());
+    }
+    gone
 }
 
 /// A tracked connection as an operator reads it.

@@ -337,6 +337,41 @@ async fn many_concurrent_clients_each_get_their_changes_applied() -> Result<()> 
 }
 
 #[tokio::test]
+async fn a_port_whose_device_goes_away_is_down_until_it_comes_back() -> Result<()> {
+    let node = NetNs::new("api-gone")?;
+    let agent = Agent::start(&node, NODE).await?;
+    let mut client = agent.client().await?;
+    let (a, b) = two_ports(&node, "api-gone", &mut client).await?;
+    wait_status(&mut client, "b", pb::Status::Active).await?;
+    assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
+
+    // The VM goes, and its veth with it.
+    drop(b);
+    wait_status(&mut client, "b", pb::Status::Down).await?;
+    let status = client
+        .get_port(pb::GetRequest { id: "b".into() })
+        .await?
+        .into_inner()
+        .status
+        .unwrap_or_default();
+    assert!(
+        status.reason.contains("interface tap-b is gone"),
+        "{status:?}"
+    );
+    // It comes back under the same device name: ACTIVE again, and reachable.
+    let _b = Vm::create(
+        &node,
+        "api-gone-b2",
+        "tap-b",
+        [0xfa, 0x16, 0x3e, 0, 0, 2],
+        &["10.0.0.2/24".parse()?],
+    )?;
+    wait_status(&mut client, "b", pb::Status::Active).await?;
+    assert!(a.ping("10.0.0.2".parse()?, 3)?.all_replied());
+    Ok(())
+}
+
+#[tokio::test]
 async fn map_entries_changed_behind_the_agents_back_are_put_back() -> Result<()> {
     let node = NetNs::new("api-drift")?;
     let agent = Agent::start_with(&node, NODE, &["--drift-check-seconds", "1"]).await?;

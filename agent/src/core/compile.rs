@@ -283,6 +283,8 @@ pub struct Compiled {
     pub statuses: BTreeMap<ResourceRef, ResourceStatus>,
     /// Slot of each rule of the programmed ports' policies, by rule id.
     pub rules: BTreeMap<String, u32>,
+    /// Local ports whose device is not on this node: port id → the device's name.
+    pub missing_devices: BTreeMap<String, String>,
 }
 
 pub const ROUTER_NOT_HERE: &str = "no interface on a network with ports on this node";
@@ -327,7 +329,8 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
     for policy in state.qos_policies.values() {
         statuses.active(ResourceKind::QosPolicy, &policy.id, policy.revision_number);
     }
-    let mut candidates = local_candidates(state, node, &mut statuses);
+    let mut missing_devices = BTreeMap::new();
+    let mut candidates = local_candidates(state, node, &mut statuses, &mut missing_devices);
     settle_slots(&mut candidates, slots, &mut statuses);
 
     let mut tables = DatapathTables::default();
@@ -484,6 +487,7 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
         ports: programmed,
         statuses: statuses.0,
         rules: policies.rules,
+        missing_devices,
     }
 }
 
@@ -541,6 +545,7 @@ fn local_candidates<'s>(
     state: &'s State,
     node: &NodeView<'_>,
     statuses: &mut Statuses,
+    missing_devices: &mut BTreeMap<String, String>,
 ) -> BTreeMap<&'s str, Vec<Candidate<'s>>> {
     let mut candidates: BTreeMap<&str, Vec<Candidate>> = BTreeMap::new();
     let mut device_users: HashMap<u32, &str> = HashMap::new();
@@ -572,6 +577,7 @@ fn local_candidates<'s>(
                 StatusKind::Build,
                 format!("waiting for interface {}", binding.interface_name),
             );
+            missing_devices.insert(port.id.clone(), binding.interface_name.clone());
             continue;
         };
         // A validated state has the network; a state built by hand might not.

@@ -452,6 +452,11 @@ fn statuses_of_ports_not_programmed_and_of_other_resources() {
             "waiting for interface tap-missing".to_owned()
         )
     );
+    // The node tells a device yet to come from one that went away by this.
+    assert_eq!(
+        compiled.missing_devices,
+        [("waiting".to_owned(), "tap-missing".to_owned())].into()
+    );
     assert_eq!(
         port("elsewhere"),
         (
