@@ -132,6 +132,8 @@ pub struct Node {
     uplink: Option<UplinkConfig>,
     /// Connections the expiry sweep removed since start.
     expired_connections: AtomicU64,
+    /// New connections dropped for a full conntrack table, as last reported.
+    table_full_reported: AtomicU64,
     inner: Mutex<Inner>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -179,6 +181,7 @@ impl Node {
             drift_repaired: std::sync::Mutex::new(BTreeMap::new()),
             uplink,
             expired_connections: AtomicU64::new(0),
+            table_full_reported: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::default(),
                 slots,
@@ -423,16 +426,22 @@ impl Node {
         Ok(inner.datapath.flush_connections(zone)?)
     }
 
-    /// Removes connections idle past their timeout.
+    /// Removes connections idle past their timeout, and says so when new connections
+    /// were dropped for a full table since the last sweep.
     pub async fn expire_connections(&self) -> Result<u32, NodeError> {
-        let expired = self
-            .inner
-            .lock()
-            .await
-            .datapath
-            .expire_connections(monotonic_ns())?;
+        let mut inner = self.inner.lock().await;
+        let expired = inner.datapath.expire_connections(monotonic_ns())?;
         self.expired_connections
             .fetch_add(u64::from(expired), Ordering::Relaxed);
+        let (counters, capacity, _) = inner.datapath.conntrack_counters()?;
+        let full = counters[ct_stat::TABLE_FULL as usize];
+        let reported = self.table_full_reported.swap(full, Ordering::Relaxed);
+        if full > reported {
+            warn!(
+                dropped = full - reported,
+                capacity, "conntrack table full: new connections were dropped (conntrack_entries)"
+            );
+        }
         Ok(expired)
     }
 

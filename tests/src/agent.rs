@@ -104,6 +104,13 @@ impl Agent {
     fn spawn(&mut self) -> Result<()> {
         // Appended: a restart's log follows the first run's.
         let log_file = File::options().create(true).append(true).open(&self.log)?;
+        // Small defaults, unless the test sets its own.
+        let mut defaults = Vec::new();
+        for (flag, value) in [("--max-ports", "256"), ("--conntrack-entries", "4096")] {
+            if !self.flags.iter().any(|f| f == flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.namespace])
             .arg(agent_binary()?)
@@ -120,10 +127,7 @@ impl Agent {
             .arg(&self.socket)
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
-            .arg("--max-ports")
-            .arg("256")
-            .arg("--conntrack-entries")
-            .arg("4096")
+            .args(defaults)
             .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

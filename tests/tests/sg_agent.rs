@@ -27,7 +27,7 @@ fn addr(text: &str) -> SocketAddr {
 /// Three VMs on one network: a (10.0.0.1, fd00:1::1), b (.2), c (.3), with the given
 /// groups and each port's group list.
 struct Lab {
-    _agent: Agent,
+    agent: Agent,
     client: DataplaneClient<Channel>,
     vms: Vec<Vm>,
     _node: NetNs,
@@ -41,8 +41,18 @@ impl Lab {
         groups: Vec<pb::SecurityGroup>,
         memberships: [&[&str]; 3],
     ) -> Result<Lab> {
+        Self::start_with(tag, groups, memberships, &[]).await
+    }
+
+    /// As [`Lab::start`], the agent run with `flags`.
+    async fn start_with(
+        tag: &str,
+        groups: Vec<pb::SecurityGroup>,
+        memberships: [&[&str]; 3],
+        flags: &[&str],
+    ) -> Result<Lab> {
         let node = NetNs::new(&format!("{tag}-node"))?;
-        let agent = Agent::start(&node, NODE).await?;
+        let agent = Agent::start_with(&node, NODE, flags).await?;
         let mut vms = Vec::new();
         for (i, name) in NAMES.iter().enumerate() {
             let host = i + 1;
@@ -67,7 +77,7 @@ impl Lab {
         let mut client = agent.client().await?;
         client.apply(apply(changes)).await?;
         let lab = Lab {
-            _agent: agent,
+            agent,
             client,
             vms,
             _node: node,
@@ -281,6 +291,60 @@ async fn replies_of_outgoing_connections_need_no_ingress_rule() -> Result<()> {
     assert!(flushed > 0);
     // a's next segment is picked up again: its egress rules allow it.
     echo_round_trip(&mut stream, b"again")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_conntrack_table_drops_new_connections_keeps_established_ones_and_says_so(
+) -> Result<()> {
+    let mut web = egress_all("web");
+    web.push(tcp_in("web-8080", pb::EtherType::Ipv4, 8080, ""));
+    let mut lab = Lab::start_with(
+        "sgfull",
+        vec![security_group("web", true, web), client_group()],
+        [&["client"], &["web"], &["client"]],
+        &["--conntrack-entries", "16"],
+    )
+    .await?;
+    let _server = EchoServer::tcp(&lab.vm("b").ns, addr("10.0.0.2:8080"))?;
+    // Connections are held open until one cannot be opened: each takes an entry in
+    // a's zone and one in b's.
+    let mut open = Vec::new();
+    let refused = loop {
+        anyhow::ensure!(open.len() < 40, "40 connections fit in 16 entries");
+        match tcp_connect(&lab.vm("a").ns, addr("10.0.0.2:8080"))
+            .and_then(|mut s| echo_round_trip(&mut s, b"hello").map(|()| s))
+        {
+            Ok(stream) => open.push(stream),
+            Err(_) => break open.len(),
+        }
+    };
+    assert!(
+        refused >= 4,
+        "only {refused} connections before the table was full"
+    );
+    for stream in &mut open {
+        echo_round_trip(stream, b"still here")?;
+    }
+    let full = lab.drops("a", pb::DropReason::CtTableFull).await?
+        + lab.drops("b", pb::DropReason::CtTableFull).await?;
+    assert!(full > 0, "the drops are counted as ct_table_full");
+    let stats = lab
+        .client
+        .get_conntrack_stats(pb::GetConntrackStatsRequest {})
+        .await?
+        .into_inner();
+    assert!(stats.table_full_drops > 0, "{stats:?}");
+    // The next expiry sweep (every 5 s) logs it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while !lab.agent.logs().contains("conntrack table full") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            lab.agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
