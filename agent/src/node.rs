@@ -386,24 +386,30 @@ impl Node {
         let inner = self.inner.lock().await;
         let now = monotonic_ns();
         let seconds = |ns: u64| ns / 1_000_000_000;
+        // The port of each (network slot, IPv4 address), looked up once per binding.
+        let owners: BTreeMap<(u32, Ipv4Addr), &str> = inner
+            .state
+            .ports
+            .values()
+            .filter_map(|port| Some((inner.slots.network_slot(&port.network_id)?, port)))
+            .flat_map(|(slot, port)| {
+                port.fixed_ips
+                    .iter()
+                    .filter_map(move |fixed| match fixed.ip_address {
+                        IpAddr::V4(address) => Some(((slot, address), port.id.as_str())),
+                        IpAddr::V6(_) => None,
+                    })
+            })
+            .collect();
         Ok(inner
             .datapath
             .snat_bindings()?
             .into_iter()
             .map(|(key, origin)| {
                 let internal = Ipv4Addr::from(origin.internal);
-                let port_id = inner
-                    .state
-                    .ports
-                    .values()
-                    .find(|port| {
-                        inner.slots.network_slot(&port.network_id) == Some(origin.network_slot)
-                            && port
-                                .fixed_ips
-                                .iter()
-                                .any(|f| f.ip_address == IpAddr::V4(internal))
-                    })
-                    .map(|port| port.id.clone());
+                let port_id = owners
+                    .get(&(origin.network_slot, internal))
+                    .map(|id| (*id).to_owned());
                 NatBinding {
                     protocol: key.proto,
                     internal: (internal, origin.internal_port),

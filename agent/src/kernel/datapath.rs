@@ -792,124 +792,33 @@ impl Datapath {
     /// maps that had any, with how many entries were wrong.
     pub fn repair_drift(&mut self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
         let (m, t) = (&mut self.maps, &self.programmed);
-        let drift = [
-            (
-                map_names::PORTS,
-                repair_hash(&mut m.ports, &t.ports, map_names::PORTS)?,
-            ),
-            (
-                map_names::PORT_MACS,
-                repair_hash(
-                    &mut m.port_macs,
-                    &as_set_map(&t.port_macs),
-                    map_names::PORT_MACS,
-                )?,
-            ),
-            (
-                map_names::PORT_IP4,
-                repair_hash(
-                    &mut m.port_ip4,
-                    &as_set_map(&t.port_ip4),
-                    map_names::PORT_IP4,
-                )?,
-            ),
-            (
-                map_names::PORT_NET4,
-                repair_trie(
-                    &mut m.port_net4,
-                    &as_set_map(&t.port_net4),
-                    map_names::PORT_NET4,
-                )?,
-            ),
-            (
-                map_names::PORT_IP6,
-                repair_hash(
-                    &mut m.port_ip6,
-                    &as_set_map(&t.port_ip6),
-                    map_names::PORT_IP6,
-                )?,
-            ),
-            (
-                map_names::PORT_NET6,
-                repair_trie(
-                    &mut m.port_net6,
-                    &as_set_map(&t.port_net6),
-                    map_names::PORT_NET6,
-                )?,
-            ),
-            (
-                map_names::FDB,
-                repair_hash(&mut m.fdb, &t.fdb, map_names::FDB)?,
-            ),
-            (
-                map_names::FLOOD,
-                repair_hash(&mut m.flood, &t.flood, map_names::FLOOD)?,
-            ),
-            (
-                map_names::SG_REMOTE4,
-                repair_trie(&mut m.sg_remote4, &t.sg_remote4, map_names::SG_REMOTE4)?,
-            ),
-            (
-                map_names::SG_REMOTE6,
-                repair_trie(&mut m.sg_remote6, &t.sg_remote6, map_names::SG_REMOTE6)?,
-            ),
-            (
-                map_names::SG_RULES,
-                repair_trie(&mut m.sg_rules, &t.sg_rules, map_names::SG_RULES)?,
-            ),
-            (
-                map_names::ROUTER_IFS,
-                repair_hash(&mut m.router_ifs, &t.router_ifs, map_names::ROUTER_IFS)?,
-            ),
-            (
-                map_names::ROUTES4,
-                repair_trie(&mut m.routes4, &t.routes4, map_names::ROUTES4)?,
-            ),
-            (
-                map_names::ROUTES6,
-                repair_trie(&mut m.routes6, &t.routes6, map_names::ROUTES6)?,
-            ),
-            (
-                map_names::NEIGH4,
-                repair_hash(&mut m.neigh4, &t.neigh4, map_names::NEIGH4)?,
-            ),
-            (
-                map_names::NEIGH6,
-                repair_hash(&mut m.neigh6, &t.neigh6, map_names::NEIGH6)?,
-            ),
-            (
-                map_names::ROUTER_GW,
-                repair_hash(&mut m.router_gw, &t.router_gw, map_names::ROUTER_GW)?,
-            ),
-            (
-                map_names::ROUTER_GW6,
-                repair_hash(&mut m.router_gw6, &t.router_gw6, map_names::ROUTER_GW6)?,
-            ),
-            (
-                map_names::GATEWAY_MACS,
-                repair_hash(
-                    &mut m.gateway_macs,
-                    &t.gateway_macs,
-                    map_names::GATEWAY_MACS,
-                )?,
-            ),
-            (
-                map_names::EXT_ADDRS4,
-                repair_hash(&mut m.ext_addrs4, &t.ext_addrs4, map_names::EXT_ADDRS4)?,
-            ),
-            (
-                map_names::EXT_ADDRS6,
-                repair_hash(&mut m.ext_addrs6, &t.ext_addrs6, map_names::EXT_ADDRS6)?,
-            ),
-            (
-                map_names::FIPS4,
-                repair_hash(&mut m.fips4, &t.fips4, map_names::FIPS4)?,
-            ),
-            (
-                map_names::FIP_OF4,
-                repair_hash(&mut m.fip_of4, &t.fip_of4, map_names::FIP_OF4)?,
-            ),
-        ];
+        macro_rules! repair {
+            ($field:ident, $name:ident, hash) => {
+                (
+                    map_names::$name,
+                    repair_hash(&mut m.$field, &t.$field, map_names::$name)?,
+                )
+            };
+            ($field:ident, $name:ident, set) => {
+                (
+                    map_names::$name,
+                    repair_hash(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
+                )
+            };
+            ($field:ident, $name:ident, trie) => {
+                (
+                    map_names::$name,
+                    repair_trie(&mut m.$field, &t.$field, map_names::$name)?,
+                )
+            };
+            ($field:ident, $name:ident, trie_set) => {
+                (
+                    map_names::$name,
+                    repair_trie(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
+                )
+            };
+        }
+        let drift = written_maps!(repair);
         Ok(drift.into_iter().filter(|(_, wrong)| *wrong > 0).collect())
     }
 
@@ -925,125 +834,16 @@ impl Datapath {
             ))
         }
         let (m, t) = (&self.maps, &self.programmed);
-        let len = |n: usize| n as u64;
-        let fill = [
-            (
-                map_names::PORTS,
-                len(t.ports.len()),
-                room(&m.ports, map_names::PORTS)?,
-            ),
-            (
-                map_names::PORT_MACS,
-                len(t.port_macs.len()),
-                room(&m.port_macs, map_names::PORT_MACS)?,
-            ),
-            (
-                map_names::PORT_IP4,
-                len(t.port_ip4.len()),
-                room(&m.port_ip4, map_names::PORT_IP4)?,
-            ),
-            (
-                map_names::PORT_NET4,
-                len(t.port_net4.len()),
-                room(&m.port_net4, map_names::PORT_NET4)?,
-            ),
-            (
-                map_names::PORT_IP6,
-                len(t.port_ip6.len()),
-                room(&m.port_ip6, map_names::PORT_IP6)?,
-            ),
-            (
-                map_names::PORT_NET6,
-                len(t.port_net6.len()),
-                room(&m.port_net6, map_names::PORT_NET6)?,
-            ),
-            (
-                map_names::FDB,
-                len(t.fdb.len()),
-                room(&m.fdb, map_names::FDB)?,
-            ),
-            (
-                map_names::FLOOD,
-                len(t.flood.len()),
-                room(&m.flood, map_names::FLOOD)?,
-            ),
-            (
-                map_names::SG_REMOTE4,
-                len(t.sg_remote4.len()),
-                room(&m.sg_remote4, map_names::SG_REMOTE4)?,
-            ),
-            (
-                map_names::SG_REMOTE6,
-                len(t.sg_remote6.len()),
-                room(&m.sg_remote6, map_names::SG_REMOTE6)?,
-            ),
-            (
-                map_names::SG_RULES,
-                len(t.sg_rules.len()),
-                room(&m.sg_rules, map_names::SG_RULES)?,
-            ),
-            (
-                map_names::ROUTER_IFS,
-                len(t.router_ifs.len()),
-                room(&m.router_ifs, map_names::ROUTER_IFS)?,
-            ),
-            (
-                map_names::ROUTES4,
-                len(t.routes4.len()),
-                room(&m.routes4, map_names::ROUTES4)?,
-            ),
-            (
-                map_names::ROUTES6,
-                len(t.routes6.len()),
-                room(&m.routes6, map_names::ROUTES6)?,
-            ),
-            (
-                map_names::NEIGH4,
-                len(t.neigh4.len()),
-                room(&m.neigh4, map_names::NEIGH4)?,
-            ),
-            (
-                map_names::NEIGH6,
-                len(t.neigh6.len()),
-                room(&m.neigh6, map_names::NEIGH6)?,
-            ),
-            (
-                map_names::ROUTER_GW,
-                len(t.router_gw.len()),
-                room(&m.router_gw, map_names::ROUTER_GW)?,
-            ),
-            (
-                map_names::ROUTER_GW6,
-                len(t.router_gw6.len()),
-                room(&m.router_gw6, map_names::ROUTER_GW6)?,
-            ),
-            (
-                map_names::GATEWAY_MACS,
-                len(t.gateway_macs.len()),
-                room(&m.gateway_macs, map_names::GATEWAY_MACS)?,
-            ),
-            (
-                map_names::EXT_ADDRS4,
-                len(t.ext_addrs4.len()),
-                room(&m.ext_addrs4, map_names::EXT_ADDRS4)?,
-            ),
-            (
-                map_names::EXT_ADDRS6,
-                len(t.ext_addrs6.len()),
-                room(&m.ext_addrs6, map_names::EXT_ADDRS6)?,
-            ),
-            (
-                map_names::FIPS4,
-                len(t.fips4.len()),
-                room(&m.fips4, map_names::FIPS4)?,
-            ),
-            (
-                map_names::FIP_OF4,
-                len(t.fip_of4.len()),
-                room(&m.fip_of4, map_names::FIP_OF4)?,
-            ),
-        ];
-        Ok(fill.into())
+        macro_rules! fill {
+            ($field:ident, $name:ident, $kind:ident) => {
+                (
+                    map_names::$name,
+                    t.$field.len() as u64,
+                    room(&m.$field, map_names::$name)?,
+                )
+            };
+        }
+        Ok(written_maps!(fill).into())
     }
 
     /// How many SNAT bindings there are, and room for how many.
@@ -1533,6 +1333,41 @@ fn remove_trie_map<K: aya::Pod + Ord, V: aya::Pod>(
     }
     Ok(())
 }
+
+/// Every map the agent writes from `DatapathTables`, once: `$each!(field, NAME, kind)`
+/// for each, the kind saying how the table is kept (`hash` and `trie` maps, `set` and
+/// `trie_set` key sets written with value 1). The per-CPU counters, conntrack and SNAT
+/// maps are the programs' own.
+macro_rules! written_maps {
+    ($each:ident) => {
+        [
+            $each!(ports, PORTS, hash),
+            $each!(port_macs, PORT_MACS, set),
+            $each!(port_ip4, PORT_IP4, set),
+            $each!(port_net4, PORT_NET4, trie_set),
+            $each!(port_ip6, PORT_IP6, set),
+            $each!(port_net6, PORT_NET6, trie_set),
+            $each!(fdb, FDB, hash),
+            $each!(flood, FLOOD, hash),
+            $each!(sg_remote4, SG_REMOTE4, trie),
+            $each!(sg_remote6, SG_REMOTE6, trie),
+            $each!(sg_rules, SG_RULES, trie),
+            $each!(router_ifs, ROUTER_IFS, hash),
+            $each!(routes4, ROUTES4, trie),
+            $each!(routes6, ROUTES6, trie),
+            $each!(neigh4, NEIGH4, hash),
+            $each!(neigh6, NEIGH6, hash),
+            $each!(router_gw, ROUTER_GW, hash),
+            $each!(router_gw6, ROUTER_GW6, hash),
+            $each!(gateway_macs, GATEWAY_MACS, hash),
+            $each!(ext_addrs4, EXT_ADDRS4, hash),
+            $each!(ext_addrs6, EXT_ADDRS6, hash),
+            $each!(fips4, FIPS4, hash),
+            $each!(fip_of4, FIP_OF4, hash),
+        ]
+    };
+}
+use written_maps;
 
 /// A key set as the map the agent writes it into: each key with value 1.
 fn as_set_map<K: Copy + Ord>(keys: &BTreeSet<K>) -> BTreeMap<K, u32> {
