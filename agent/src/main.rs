@@ -200,6 +200,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&config.state_dir)?;
 
     bpffs::ensure_mounted(Path::new(BPFFS_MOUNT)).context("mounting bpffs")?;
+    bpffs::ensure_on_bpffs(&config.bpffs_dir).context("preparing the pin directory")?;
     let limits = MapLimits::for_node(config.max_ports, config.conntrack_entries);
     let datapath = Datapath::load(
         limits,

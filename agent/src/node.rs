@@ -28,11 +28,22 @@ use crate::{
         validate::ValidationError,
     },
     kernel::{
-        datapath::{Counters, Datapath, DatapathError},
+        datapath::{Counters, Datapath, DatapathError, Drift},
         links, neighbor,
     },
     store::{Store, StoreError},
 };
+
+/// What drift checks put back since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriftTotals {
+    /// Map entries, by map.
+    pub entries: BTreeMap<&'static str, u64>,
+    /// Dispatchers attached again.
+    pub links: u64,
+    /// Maps and links pinned again.
+    pub pins: u64,
+}
 
 /// What watchers are told.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +54,8 @@ pub enum NodeEvent {
         operation: Operation,
         changes: u32,
     },
+    /// A drift check put something back.
+    Drift(Drift),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,8 +140,8 @@ pub struct Node {
     apply_seconds: Histogram,
     /// Where accepted desired state is kept across restarts; `None`: nowhere.
     store: Option<Store>,
-    /// Map entries the drift checks put back since start, by map.
-    drift_repaired: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+    /// What the drift checks put back since start.
+    drift_repaired: std::sync::Mutex<DriftTotals>,
     uplink: Option<UplinkConfig>,
     /// Connections the expiry sweep removed since start.
     expired_connections: AtomicU64,
@@ -178,7 +191,7 @@ impl Node {
             // 100 us to about 6.5 s.
             apply_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 17)),
             store,
-            drift_repaired: std::sync::Mutex::new(BTreeMap::new()),
+            drift_repaired: std::sync::Mutex::new(DriftTotals::default()),
             uplink,
             expired_connections: AtomicU64::new(0),
             table_full_reported: AtomicU64::new(0),
@@ -241,27 +254,42 @@ impl Node {
         &self.apply_seconds
     }
 
-    /// Puts back every map entry that differs from what the agent programmed (changed,
-    /// added or removed behind its back), and reports it: the maps that had any, with
-    /// how many entries.
-    pub async fn repair_drift(&self) -> Result<Vec<(&'static str, u64)>, NodeError> {
+    /// Puts back what differs from what the agent programmed (map entries, detached
+    /// dispatchers, removed pins), and reports it: in the log, the metrics and to
+    /// watchers.
+    pub async fn repair_drift(&self) -> Result<Drift, NodeError> {
         let repaired = self.inner.lock().await.datapath.repair_drift()?;
+        if repaired.is_empty() {
+            return Ok(repaired);
+        }
         let mut totals = self
             .drift_repaired
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (map, entries) in &repaired {
-            *totals.entry(map).or_default() += entries;
+        for (map, entries) in &repaired.entries {
+            *totals.entries.entry(map).or_default() += entries;
             warn!(
                 map,
                 entries, "repaired drift: map entries differed from the programmed state"
             );
         }
+        if repaired.links > 0 {
+            warn!(
+                links = repaired.links,
+                "repaired drift: dispatchers were detached"
+            );
+        }
+        if repaired.pins > 0 {
+            warn!(pins = repaired.pins, "repaired drift: pins were removed");
+        }
+        totals.links += repaired.links;
+        totals.pins += repaired.pins;
+        let _ = self.events.send(NodeEvent::Drift(repaired.clone()));
         Ok(repaired)
     }
 
-    /// Map entries the drift checks put back since start, by map.
-    pub fn drift_repaired(&self) -> BTreeMap<&'static str, u64> {
+    /// What the drift checks put back since start.
+    pub fn drift_repaired(&self) -> DriftTotals {
         self.drift_repaired
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -631,17 +659,26 @@ impl Node {
                 }
             }
         }
-        if let Err(e) = inner.datapath.sync(&compiled) {
-            self.roll_back(inner);
-            return Err(e.into());
-        }
-        // Stored once the datapath took it: a crash before this restarts with the old
-        // state, which the datapath is then programmed back to.
-        if let (Some(store), Operation::Apply | Operation::Sync) = (&self.store, operation) {
-            if let Err(e) = store.save(&inner.state.changes_to(&next)) {
+        // Written where packets do not look yet, then stored, then switched to: a crash
+        // before the store restarts with the old state, one after it with the new, and
+        // packets see one or the other, whole.
+        let staged = match inner.datapath.stage(&compiled) {
+            Ok(staged) => staged,
+            Err(e) => {
                 self.roll_back(inner);
                 return Err(e.into());
             }
+        };
+        if let (Some(store), Operation::Apply | Operation::Sync) = (&self.store, operation) {
+            if let Err(e) = store.save(&inner.state.changes_to(&next)) {
+                drop(staged);
+                self.roll_back(inner);
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = inner.datapath.switch(staged, &compiled) {
+            self.roll_back(inner);
+            return Err(e.into());
         }
 
         let (created, updated, deleted) = inner.state.count_differences(&next);
@@ -685,7 +722,8 @@ impl Node {
         })
     }
 
-    /// Programs the datapath back to the tables in force after a commit failed.
+    /// Takes the datapath back to the tables in force after a commit failed (what packets
+    /// see is those already; this detaches the devices the failed commit attached).
     fn roll_back(&self, inner: &mut Inner) {
         if let Err(rollback) = inner.datapath.sync(&inner.compiled) {
             warn!(error = ?rollback, "rolling the datapath back failed too");

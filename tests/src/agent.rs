@@ -1,5 +1,7 @@
 //! The real agent binary, started inside a test's "node" namespace and stopped (SIGTERM,
-//! then SIGKILL) when the guard drops.
+//! then SIGKILL) when the guard drops. Each agent pins into a bpffs of its own, mounted
+//! for it, which outlives restarts of the agent and is unmounted (detaching whatever is
+//! still attached) when the guard drops.
 
 use std::{
     fs::File,
@@ -10,6 +12,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use dataplane_abi::map_names;
+use dataplane_agent::kernel::datapath::PinLayout;
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use nix::{
     sys::signal::{kill, Signal},
@@ -17,7 +21,7 @@ use nix::{
 };
 use tonic::transport::Channel;
 
-use crate::netns::NetNs;
+use crate::{bpffs::BpffsMount, netns::NetNs};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -58,7 +62,8 @@ pub struct Agent {
     log: PathBuf,
     /// What `run` is started with, again by [`Agent::restart`].
     namespace: String,
-    bpffs_dir: String,
+    /// Dropped after the agent is stopped, before the state directory goes.
+    bpffs: Option<BpffsMount>,
     flags: Vec<String>,
 }
 
@@ -74,7 +79,7 @@ impl Agent {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let state_dir =
             std::env::temp_dir().join(format!("dp-agent-{}-{n}-{node_name}", std::process::id()));
-        std::fs::create_dir_all(&state_dir)?;
+        let bpffs = BpffsMount::new(&state_dir.join("bpffs"))?;
         let mut agent = Agent {
             child: None,
             node_name: node_name.to_owned(),
@@ -82,10 +87,7 @@ impl Agent {
             log: state_dir.join("agent.log"),
             state_dir,
             namespace: node.name().to_owned(),
-            bpffs_dir: format!(
-                "/sys/fs/bpf/dataplane-test/{node_name}-{}-{n}",
-                std::process::id()
-            ),
+            bpffs: Some(bpffs),
             flags: flags.iter().map(|f| (*f).to_owned()).collect(),
         };
         agent.spawn()?;
@@ -97,8 +99,28 @@ impl Agent {
     /// bpffs directory and flags; waits until its API answers.
     pub async fn restart(&mut self) -> Result<()> {
         self.terminate()?;
+        self.start_again().await
+    }
+
+    /// Kills the agent (SIGKILL, no chance to clean up) and waits for it to be gone.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the stopped or killed agent again, as it was started; waits until its API
+    /// answers.
+    pub async fn start_again(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "agent still running");
         self.spawn()?;
         self.wait_ready().await
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -126,7 +148,7 @@ impl Agent {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--bpffs-dir")
-            .arg(&self.bpffs_dir)
+            .arg(self.bpffs_dir())
             .args(defaults)
             .args(&self.flags)
             .stdin(Stdio::null())
@@ -166,14 +188,22 @@ impl Agent {
         &self.socket
     }
 
-    /// Where the agent pins its maps (`dataplane_agent::kernel::datapath::pin_dir`), as
-    /// seen from here: `ip netns exec` gives the agent a mount namespace of its own,
-    /// whose bpffs is reached through its `/proc/<pid>/root`.
-    pub fn pinned_maps(&self) -> Result<PathBuf> {
-        let pid = self.child.as_ref().context("agent not running")?.id();
-        let pins = dataplane_agent::kernel::datapath::pin_dir(Path::new(&self.bpffs_dir));
-        let relative = pins.strip_prefix("/").unwrap_or(&pins);
-        Ok(PathBuf::from(format!("/proc/{pid}/root")).join(relative))
+    fn bpffs_dir(&self) -> &Path {
+        self.bpffs.as_ref().map_or(Path::new(""), BpffsMount::path)
+    }
+
+    /// Where the agent pins its maps and links.
+    pub fn pins(&self) -> PinLayout {
+        PinLayout::new(self.bpffs_dir())
+    }
+
+    /// The pinned maps of the map set packets use now.
+    pub fn active_set_maps(&self) -> Result<PathBuf> {
+        let pins = self.pins();
+        let active: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(pins.state_dir().join(map_names::ACTIVE_SET))?,
+        ))?;
+        Ok(pins.set_dir(active.get(&0, 0)?))
     }
 
     pub async fn client(&self) -> Result<DataplaneClient<Channel>> {
@@ -214,6 +244,7 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("--- agent {} log ---\n{}", self.node_name, self.logs());
         }
+        drop(self.bpffs.take());
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

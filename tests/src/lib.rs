@@ -5,6 +5,7 @@
 //! namespaces and removes them on drop, also when the test fails.
 pub mod agent;
 pub mod api;
+pub mod bpffs;
 pub mod frames;
 pub mod generator;
 pub mod netns;

@@ -290,19 +290,15 @@ impl Harness {
     /// Wraps an object loaded some other way (it must have `TRACE_VERDICT = 1` for
     /// verdicts to mean anything) and loads its port programs.
     pub fn from_ebpf(mut ebpf: Ebpf) -> Result<Harness> {
-        for name in [
-            program_names::PORT_INGRESS,
-            program_names::PORT_EGRESS,
-            program_names::NOOP_TC,
-        ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            // `{:#}` of the error shows the verifier log.
-            prog.load()
-                .map_err(|e| anyhow::anyhow!("loading {name}: {e:#}"))?;
-        }
+        // `{:#}` of the error shows the verifier log.
+        dataplane_agent::kernel::datapath::ready_lone_copy(&mut ebpf)
+            .map_err(|e| anyhow::anyhow!("loading the programs: {e:#}"))?;
+        let noop: &mut SchedClassifier = ebpf
+            .program_mut(program_names::NOOP_TC)
+            .context("no noop program")?
+            .try_into()?;
+        noop.load()
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:#}", program_names::NOOP_TC))?;
         Ok(Harness { ebpf })
     }
 
@@ -349,6 +345,17 @@ impl Harness {
             .map_mut(name)
             .with_context(|| format!("no map {name}"))?;
         Ok(LpmTrie::try_from(map)?)
+    }
+
+    /// `ACTIVE_SET[0] = set`: the map set whose stages the dispatchers hand frames to (a
+    /// lone copy has set 0's only).
+    pub fn set_active_set(&mut self, set: u32) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::ACTIVE_SET)
+            .context("no ACTIVE_SET")?;
+        aya::maps::Array::<&mut MapData, u32>::try_from(map)?.set(0, set, 0)?;
+        Ok(())
     }
 
     /// `PORTS[ifindex] = port`.

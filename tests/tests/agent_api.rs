@@ -382,7 +382,7 @@ async fn map_entries_changed_behind_the_agents_back_are_put_back() -> Result<()>
 
     // Someone removes the ports from the pinned PORTS map (their frames would be
     // dropped as unknown_port) and adds one of their own...
-    let pinned = agent.pinned_maps()?.join("PORTS");
+    let pinned = agent.active_set_maps()?.join("PORTS");
     let mut ports: aya::maps::HashMap<_, u32, PortInfo> = aya::maps::HashMap::try_from(
         aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pinned)?),
     )?;

@@ -1692,6 +1692,12 @@ fn every_drop_reason_is_reachable() -> Result<()> {
                 seen.insert(r);
             }
         }
+        // A map set without stages: the dispatcher has nothing to hand the frame to.
+        n.h.set_active_set(1)?;
+        if let Some(r) = n.ingress(&P1, &udp(1, 2))?.drop_reason() {
+            seen.insert(r);
+        }
+        n.h.set_active_set(0)?;
         // Routing's and NAT's own reasons are reached in packet_router.rs and
         // packet_nat.rs, whose nodes have routers and an uplink.
         let routing = [

@@ -1,38 +1,47 @@
-//! The loaded BPF object: its maps, its programs and their attachments to port devices.
+//! The loaded BPF object, twice: one copy of the programs per map set (see
+//! `dataplane_abi::map_set`), the dispatchers in front of them, and their links to the
+//! port devices and the uplink.
 //!
-//! [`Datapath::sync`] makes the maps equal to a compiled [`DatapathTables`] by writing
-//! only the difference, in an order that never lets a packet see a port before its
-//! address and forwarding entries exist, nor forwarding entries outlive their port.
+//! An update is written into the set packets do not use and then made visible with one
+//! map update ([`Datapath::stage`], [`Datapath::switch`]): no packet is ever judged by
+//! part of an update. With a pin root, everything outlives the agent (see `pins`), and
+//! the next run adopts it without changing what packets see.
+
+mod attach;
+mod pins;
+mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
     maps::{
-        lpm_trie::{Key as LpmKey, LpmTrie},
-        HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::LpmTrie, Array, HashMap, IterableMap, MapData, MapError, PerCpuArray,
+        PerCpuValues, ProgramArray,
     },
-    programs::{
-        tc::{SchedClassifierLinkId, TcAttachOptions},
-        xdp::XdpLinkId,
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
-        XdpMode,
-    },
+    programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp},
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
 use dataplane_abi::{
-    ct_stat, global_names, map_names, program_names, timeout_secs, CtEntry, CtKey, DropReason,
-    ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4, FloatingIp4, FloodSet, NeighKey4,
-    NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats, RemoteKey4,
-    RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterGateway6, RouterIf, RuleKey,
-    RuleStats, SnatKey4, SnatOrigin4, Verdict, ABI_VERSION,
+    ct_stat, global_names, map_names, map_set, program_names, timeout_secs, CtEntry, CtKey,
+    DropReason, ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4, FloatingIp4, FloodSet,
+    NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats,
+    RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterGateway6, RouterIf,
+    RuleKey, RuleStats, SnatKey4, SnatOrigin4, Verdict,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::BPF_OBJECT;
+pub use self::pins::PinLayout;
+use self::{
+    attach::Link,
+    pins::{Fit, MapShape},
+    tables::{map_err, written_maps},
+};
+use super::{bpffs, BPF_OBJECT};
 use crate::core::compile::{Compiled, DatapathTables, ProgrammedPort};
 
 /// Sizes of the maps that grow with the node's ports.
@@ -72,12 +81,31 @@ impl MapLimits {
             conntrack_new_entries: (conntrack_entries / 4).max(16),
         }
     }
+
+    /// The loader's `max_entries` overrides.
+    fn max_entries(&self) -> BTreeMap<&'static str, u32> {
+        BTreeMap::from([
+            (map_names::PORTS, self.max_ports),
+            (map_names::PORT_STATS, self.max_ports),
+            (map_names::FLOOD, self.max_ports),
+            (map_names::PORT_IP4, self.max_addresses),
+            (map_names::PORT_IP6, self.max_addresses),
+            (map_names::FDB, self.max_fdb),
+            (map_names::RULE_STATS, self.max_rules),
+            (map_names::SG_REMOTE4, self.max_remote_prefixes),
+            (map_names::SG_REMOTE6, self.max_remote_prefixes),
+            (map_names::SG_RULES, self.max_rule_entries),
+            (map_names::CT, self.conntrack_entries),
+            (map_names::CT_NEW, self.conntrack_new_entries),
+        ])
+    }
 }
 
 /// How to load the object.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// Pin the maps under `<root>/v<ABI_VERSION>/maps` (needs bpffs there).
+    /// Pin maps and links under this directory on bpffs (see [`PinLayout`]), adopting
+    /// what a previous run pinned there. Without it nothing outlives the datapath.
     pub pin_root: Option<PathBuf>,
     /// Record every `port_ingress` decision in the `VERDICT` map (packet tests only:
     /// production leaves it off and the verifier removes the code).
@@ -112,13 +140,24 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("pinning map {map} at {path}")]
+    #[error("reading the map definitions of the BPF object")]
+    Object(#[from] aya_obj::ParseError),
+    #[error("pinning a map at {path}")]
     Pin {
-        map: &'static str,
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("pinning a link at {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("link")]
+    Link(#[source] aya::programs::links::LinkError),
+    #[error("{runs} program runs still read map set {set}")]
+    InFlight { set: u32, runs: u64 },
     #[error("preparing pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -127,6 +166,7 @@ pub enum DatapathError {
     },
 }
 
+/// `sizeof(struct __sk_buff)` and the offsets of the fields a test run may set.
 /// `sizeof(struct __sk_buff)` and the offsets of the fields a test run may set.
 const SKB_CTX_LEN: usize = 192;
 const SKB_MARK: usize = 8;
@@ -159,21 +199,23 @@ pub struct Counters {
     pub drops: Vec<(DropReason, u64)>,
 }
 
-/// The uplink NIC's programs.
+/// The uplink NIC's dispatchers.
 struct UplinkAttachment {
     interface: String,
     ifindex: u32,
-    xdp: XdpLinkId,
-    ingress: SchedClassifierLinkId,
+    xdp: Link,
+    ingress: Link,
 }
 
-struct Attachment {
+/// A port device's dispatchers.
+struct PortAttachment {
     interface: String,
-    ingress: SchedClassifierLinkId,
-    egress: SchedClassifierLinkId,
+    ingress: Link,
+    egress: Link,
 }
 
-struct Maps {
+/// One map set's copy of the desired-state maps (see `dataplane_abi::map_set`).
+struct SetMaps {
     ports: HashMap<MapData, u32, PortInfo>,
     port_macs: HashMap<MapData, PortMacKey, u32>,
     port_ip4: HashMap<MapData, PortAddr4, u32>,
@@ -182,16 +224,9 @@ struct Maps {
     port_net6: LpmTrie<MapData, PortAddr6, u32>,
     fdb: HashMap<MapData, FdbKey, FdbEntry>,
     flood: HashMap<MapData, u32, FloodSet>,
-    port_stats: PerCpuArray<MapData, PortStats>,
-    noport_drops: PerCpuArray<MapData, u64>,
     sg_remote4: LpmTrie<MapData, RemoteKey4, u32>,
     sg_remote6: LpmTrie<MapData, RemoteKey6, u32>,
     sg_rules: LpmTrie<MapData, RuleKey, u32>,
-    rule_stats: PerCpuArray<MapData, RuleStats>,
-    ct: HashMap<MapData, CtKey, CtEntry>,
-    ct_new: HashMap<MapData, CtKey, CtEntry>,
-    ct_stats: PerCpuArray<MapData, u64>,
-    verdict: PerCpuArray<MapData, Verdict>,
     router_ifs: HashMap<MapData, FdbKey, RouterIf>,
     routes4: LpmTrie<MapData, RouteKey4, Route>,
     routes6: LpmTrie<MapData, RouteKey6, Route>,
@@ -204,134 +239,456 @@ struct Maps {
     ext_addrs6: HashMap<MapData, [u8; 16], ExternalAddr>,
     fips4: HashMap<MapData, [u8; 4], FloatingIp4>,
     fip_of4: HashMap<MapData, FixedAddr4, FixedNat4>,
+}
+
+impl SetMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        macro_rules! take_all {
+            ($($field:ident: $name:ident),* $(,)?) => {
+                Self { $($field: take(ebpf, map_names::$name)?),* }
+            };
+        }
+        Ok(take_all!(
+            ports: PORTS, port_macs: PORT_MACS, port_ip4: PORT_IP4, port_net4: PORT_NET4,
+            port_ip6: PORT_IP6, port_net6: PORT_NET6, fdb: FDB, flood: FLOOD,
+            sg_remote4: SG_REMOTE4, sg_remote6: SG_REMOTE6, sg_rules: SG_RULES,
+            router_ifs: ROUTER_IFS, routes4: ROUTES4, routes6: ROUTES6, neigh4: NEIGH4,
+            neigh6: NEIGH6, router_gw: ROUTER_GW, gateway_macs: GATEWAY_MACS,
+            ext_addrs4: EXT_ADDRS4, router_gw6: ROUTER_GW6, ext_addrs6: EXT_ADDRS6,
+            fips4: FIPS4, fip_of4: FIP_OF4,
+        ))
+    }
+}
+
+/// What the programs of both sets share: their counters, conntrack and SNAT state, and
+/// the switch between the sets.
+struct StateMaps {
+    port_stats: PerCpuArray<MapData, PortStats>,
+    noport_drops: PerCpuArray<MapData, u64>,
+    rule_stats: PerCpuArray<MapData, RuleStats>,
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    ct_new: HashMap<MapData, CtKey, CtEntry>,
+    ct_stats: PerCpuArray<MapData, u64>,
+    verdict: PerCpuArray<MapData, Verdict>,
     snat4_in: HashMap<MapData, SnatKey4, SnatOrigin4>,
     uplink_stats: PerCpuArray<MapData, PortStats>,
+    active_set: Array<MapData, u32>,
+    in_flight: PerCpuArray<MapData, u64>,
+    tc_stages: ProgramArray<MapData>,
+    xdp_stages: ProgramArray<MapData>,
+}
+
+/// The maps of [`StateMaps`], pinned once for both sets (`aya-log`'s, if the programs
+/// log, too).
+const STATE_MAPS: [&str; 15] = [
+    map_names::PORT_STATS,
+    map_names::NOPORT_DROPS,
+    map_names::RULE_STATS,
+    map_names::CT,
+    map_names::CT_NEW,
+    map_names::CT_STATS,
+    map_names::VERDICT,
+    map_names::SNAT4_IN,
+    map_names::SNAT4_OUT,
+    map_names::UPLINK_STATS,
+    map_names::ACTIVE_SET,
+    map_names::IN_FLIGHT,
+    map_names::TC_STAGES,
+    map_names::XDP_STAGES,
+    "AYA_LOGS",
+];
+
+macro_rules! map_name {
+    ($field:ident, $name:ident, $kind:ident) => {
+        map_names::$name
+    };
+}
+/// The maps of [`SetMaps`], pinned once per set.
+const SET_MAPS: [&str; 23] = written_maps!(map_name);
+
+/// Each tc stage: its index in `TC_STAGES` (before the set), its program, and the
+/// dispatcher in front of it.
+const TC_STAGES: [(u32, &str, &str); 3] = [
+    (
+        map_set::PORT_INGRESS,
+        program_names::PORT_INGRESS_STAGE,
+        program_names::PORT_INGRESS,
+    ),
+    (
+        map_set::PORT_EGRESS,
+        program_names::PORT_EGRESS_STAGE,
+        program_names::PORT_EGRESS,
+    ),
+    (
+        map_set::UPLINK_INGRESS,
+        program_names::UPLINK_INGRESS_STAGE,
+        program_names::UPLINK_INGRESS,
+    ),
+];
+
+/// How long a switch waits for the runs still on the old set (each takes microseconds).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One copy of the object: its programs, which read its own set of the desired-state
+/// maps (the object's `MAP_SET` is its index), and what that set holds.
+struct MapSet {
+    ebpf: Ebpf,
+    maps: SetMaps,
+    /// What the maps hold, if known: a set adopted from a previous run is not, until
+    /// compared.
+    programmed: Option<DatapathTables>,
+    /// Whether the stage arrays hold this copy's programs for the set (not a previous
+    /// run's).
+    stages_installed: bool,
+}
+
+/// The map set a compiled state was written into, ready to be switched to.
+#[must_use = "nothing changes for packets until `switch`"]
+pub struct Staged {
+    /// `None`: the active set already holds it.
+    target: Option<u32>,
+}
+
+/// What a drift check found and put back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// Entries that were wrong, by map.
+    pub entries: Vec<(&'static str, u64)>,
+    /// Dispatchers found detached from a device, and attached again.
+    pub links: u64,
+    /// Pins found removed, and pinned again.
+    pub pins: u64,
+}
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.links == 0 && self.pins == 0
+    }
 }
 
 pub struct Datapath {
-    // Programs live in `ebpf`; the maps were taken out of it into `maps`.
-    ebpf: Ebpf,
-    maps: Maps,
-    /// What the maps hold now.
-    programmed: DatapathTables,
+    /// Set 0's copy also holds the dispatchers.
+    sets: [MapSet; 2],
+    state: StateMaps,
+    /// The set packets use.
+    active: u32,
     /// Slot of each programmed port and of each rule, to notice slots that change hands.
     port_slots: BTreeMap<String, u32>,
     rule_slots: BTreeMap<String, u32>,
     limits: MapLimits,
-    attachments: StdHashMap<u32, Attachment>,
+    attachments: StdHashMap<u32, PortAttachment>,
     uplink: Option<UplinkAttachment>,
+    pins: Option<PinLayout>,
+    /// Every map pin, with a handle of its own, to pin it again should it be removed.
+    pinned_maps: Vec<(PathBuf, MapData)>,
+    /// What a previous run left that goes once this run has taken the links over:
+    /// other versions' pins and maps moved aside. `None` once done.
+    takeover: Option<Vec<PathBuf>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-/// Where this agent pins its maps: `<root>/v<ABI_VERSION>/maps`. The version in the path
-/// keeps agents with another map layout from ever opening these maps.
-pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
-    bpffs_root.join(format!("v{ABI_VERSION}")).join("maps")
+fn other(set: u32) -> u32 {
+    (set + 1) % map_set::COUNT
+}
+
+/// A directory on bpffs for a datapath that is not pinned: the two copies share their
+/// state maps through pins there during the load, and it is removed right after.
+fn private_pin_root() -> Result<PathBuf, DatapathError> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mount = Path::new(bpffs::DEFAULT_MOUNT);
+    bpffs::ensure_mounted(mount).map_err(|source| DatapathError::PinDir {
+        path: mount.to_path_buf(),
+        source,
+    })?;
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(mount.join(format!("dataplane-load-{}-{n}", std::process::id())))
+}
+
+/// Moves a pin that is not adopted out of the way of the new map: its programs keep
+/// using it until the switch, and it is removed after.
+fn move_aside(path: &Path) -> Result<PathBuf, DatapathError> {
+    let aside = path.with_extension("replaced");
+    std::fs::rename(path, &aside).map_err(|source| DatapathError::PinDir {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(aside)
+}
+
+/// Loads copy `set` of the object, its maps pinned under `pins` (adopting what is
+/// pinned there), and verifies its programs: the stages, and in copy 0 the dispatchers.
+fn load_copy(
+    set: u32,
+    pins: &PinLayout,
+    max_entries: &BTreeMap<&'static str, u32>,
+    shapes: &BTreeMap<String, MapShape>,
+    trace: u32,
+) -> Result<Ebpf, DatapathError> {
+    let (state_dir, set_dir) = (pins.state_dir(), pins.set_dir(set));
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(global_names::TRACE_VERDICT, &trace, true)
+        .override_global(global_names::MAP_SET, &set, true);
+    for (name, entries) in max_entries {
+        loader.map_max_entries(name, *entries);
+    }
+    for name in STATE_MAPS.iter().filter(|name| shapes.contains_key(**name)) {
+        loader.map_pin_path(name, state_dir.join(name));
+    }
+    for name in SET_MAPS {
+        loader.map_pin_path(name, set_dir.join(name));
+    }
+    let mut ebpf = loader.load(BPF_OBJECT)?;
+    let load_err = |program| move |source| DatapathError::Program { program, source };
+    let mut tc: Vec<&'static str> = TC_STAGES.iter().map(|(_, stage, _)| *stage).collect();
+    let mut xdp_programs = vec![program_names::UPLINK_XDP_STAGE];
+    if set == 0 {
+        tc.extend(TC_STAGES.iter().map(|(_, _, dispatcher)| *dispatcher));
+        xdp_programs.push(program_names::UPLINK_XDP);
+    }
+    for name in tc {
+        classifier(&mut ebpf, name)?
+            .load()
+            .map_err(load_err(name))?;
+    }
+    for name in xdp_programs {
+        xdp(&mut ebpf, name)?.load().map_err(load_err(name))?;
+    }
+    Ok(ebpf)
+}
+
+/// Readies a lone copy of the object that its user writes the maps of directly (packet
+/// tests): loads its stages and dispatchers and puts the stages in as set 0's, the active
+/// one. What packets see then changes entry by entry, not all at once.
+pub fn ready_lone_copy(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let load_err = |program| move |source| DatapathError::Program { program, source };
+    for (stage, name, dispatcher) in TC_STAGES {
+        for program in [name, dispatcher] {
+            let prog = classifier(ebpf, program)?;
+            if prog.fd().is_err() {
+                prog.load().map_err(load_err(program))?;
+            }
+        }
+        let fd = classifier(ebpf, name)?
+            .fd()
+            .map_err(load_err(name))?
+            .try_clone()
+            .map_err(|e| DatapathError::Program {
+                program: name,
+                source: ProgramError::IOError(e),
+            })?;
+        let mut stages: ProgramArray<&mut MapData> = ProgramArray::try_from(
+            ebpf.map_mut(map_names::TC_STAGES)
+                .ok_or(DatapathError::Missing {
+                    kind: "map",
+                    name: map_names::TC_STAGES,
+                })?,
+        )
+        .map_err(map_err(map_names::TC_STAGES))?;
+        stages
+            .set(stage * map_set::COUNT, &fd, 0)
+            .map_err(map_err(map_names::TC_STAGES))?;
+    }
+    for program in [program_names::UPLINK_XDP_STAGE, program_names::UPLINK_XDP] {
+        let prog = xdp(ebpf, program)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(load_err(program))?;
+        }
+    }
+    let name = program_names::UPLINK_XDP_STAGE;
+    let fd = xdp(ebpf, name)?
+        .fd()
+        .map_err(load_err(name))?
+        .try_clone()
+        .map_err(|e| DatapathError::Program {
+            program: name,
+            source: ProgramError::IOError(e),
+        })?;
+    let mut stages: ProgramArray<&mut MapData> = ProgramArray::try_from(
+        ebpf.map_mut(map_names::XDP_STAGES)
+            .ok_or(DatapathError::Missing {
+                kind: "map",
+                name: map_names::XDP_STAGES,
+            })?,
+    )
+    .map_err(map_err(map_names::XDP_STAGES))?;
+    stages
+        .set(0, &fd, 0)
+        .map_err(map_err(map_names::XDP_STAGES))
 }
 
 impl Datapath {
-    /// Loads and verifies the programs, sizes and optionally pins the maps (for
-    /// inspection with bpftool; a previous run's pins are replaced), and starts
-    /// forwarding the programs' log records to `tracing`.
+    /// Loads and verifies two copies of the programs, one per map set. With a pin root,
+    /// maps pinned there by a previous run are adopted (or replaced, see
+    /// [`pins::Fit`]), and links pinned there are taken over at the first sync, so that
+    /// packets keep being handled across a restart or upgrade. Starts forwarding the
+    /// programs' log records to `tracing`.
     pub fn load(limits: MapLimits, options: &LoadOptions) -> Result<Self, DatapathError> {
-        let trace = u32::from(options.trace_verdicts);
-        let mut ebpf = EbpfLoader::new()
-            .override_global(global_names::TRACE_VERDICT, &trace, true)
-            .map_max_entries(map_names::PORTS, limits.max_ports)
-            .map_max_entries(map_names::PORT_STATS, limits.max_ports)
-            .map_max_entries(map_names::FLOOD, limits.max_ports)
-            .map_max_entries(map_names::PORT_IP4, limits.max_addresses)
-            .map_max_entries(map_names::PORT_IP6, limits.max_addresses)
-            .map_max_entries(map_names::FDB, limits.max_fdb)
-            .map_max_entries(map_names::RULE_STATS, limits.max_rules)
-            .map_max_entries(map_names::SG_REMOTE4, limits.max_remote_prefixes)
-            .map_max_entries(map_names::SG_REMOTE6, limits.max_remote_prefixes)
-            .map_max_entries(map_names::SG_RULES, limits.max_rule_entries)
-            .map_max_entries(map_names::CT, limits.conntrack_entries)
-            .map_max_entries(map_names::CT_NEW, limits.conntrack_new_entries)
-            .load(BPF_OBJECT)?;
+        let max_entries = limits.max_entries();
+        let shapes = pins::object_shapes(BPF_OBJECT, &max_entries)?;
+        let root = match &options.pin_root {
+            Some(root) => root.clone(),
+            None => private_pin_root()?,
+        };
+        let layout = PinLayout::new(&root);
+        let mut leftovers = layout
+            .other_versions()
+            .map_err(|source| DatapathError::PinDir {
+                path: root.clone(),
+                source,
+            })?;
+        // State maps of another size, to copy into their new ones.
+        let mut resized = Vec::new();
+        // Whether each set's maps are all new, so known to be empty.
+        let mut set_fresh = [true; 2];
+        // Whether a previous run left state maps (and so, stages and links) behind.
+        let mut state_adopted = false;
+        let links = layout.links_dir();
+        std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir {
+            path: links,
+            source,
+        })?;
+        let dirs = [
+            (layout.state_dir(), &STATE_MAPS[..], None),
+            (layout.set_dir(0), &SET_MAPS[..], Some(0)),
+            (layout.set_dir(1), &SET_MAPS[..], Some(1)),
+        ];
+        for (dir, names, set) in dirs {
+            std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+            for name in names {
+                let Some(wanted) = shapes.get(*name) else {
+                    continue;
+                };
+                let path = dir.join(name);
+                let pinned = pins::pinned_shape(&path).map_err(map_err_named(name))?;
+                let fit = pins::fit(pinned, wanted);
+                if fit != Fit::Absent {
+                    match set {
+                        Some(set) => set_fresh[set] = false,
+                        None => state_adopted = true,
+                    }
+                }
+                match fit {
+                    Fit::Absent | Fit::Adopt => {}
+                    Fit::Resize { pinned } => {
+                        info!(map = name, %pinned, %wanted, "pinned map has another size; replacing it");
+                        let aside = move_aside(&path)?;
+                        if set.is_none() {
+                            resized.push((*name, aside.clone()));
+                        }
+                        leftovers.push(aside);
+                    }
+                    Fit::Mismatch { pinned } => {
+                        error!(map = name, %pinned, %wanted, "pinned map has another layout under this version; not reading it");
+                        leftovers.push(move_aside(&path)?);
+                    }
+                }
+            }
+        }
 
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        let trace = u32::from(options.trace_verdicts);
+        let mut copies = Vec::with_capacity(2);
+        for set in 0..map_set::COUNT {
+            copies.push(load_copy(set, &layout, &max_entries, &shapes, trace)?);
+        }
+        let [mut ebpf0, ebpf1]: [Ebpf; 2] =
+            copies.try_into().map_err(|_| DatapathError::Missing {
+                kind: "copy",
+                name: "map set",
+            })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf0) {
             Ok(logger) => Some(logger),
             Err(e) => {
                 debug!(error = %e, "programs have no log map; nothing to forward");
                 None
             }
         };
-
-        for name in [
-            program_names::PORT_INGRESS,
-            program_names::PORT_EGRESS,
-            program_names::UPLINK_INGRESS,
-        ] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    program: name,
+        let mut state = StateMaps {
+            port_stats: take(&mut ebpf0, map_names::PORT_STATS)?,
+            noport_drops: take(&mut ebpf0, map_names::NOPORT_DROPS)?,
+            rule_stats: take(&mut ebpf0, map_names::RULE_STATS)?,
+            ct: take(&mut ebpf0, map_names::CT)?,
+            ct_new: take(&mut ebpf0, map_names::CT_NEW)?,
+            ct_stats: take(&mut ebpf0, map_names::CT_STATS)?,
+            verdict: take(&mut ebpf0, map_names::VERDICT)?,
+            snat4_in: take(&mut ebpf0, map_names::SNAT4_IN)?,
+            uplink_stats: take(&mut ebpf0, map_names::UPLINK_STATS)?,
+            active_set: take(&mut ebpf0, map_names::ACTIVE_SET)?,
+            in_flight: take(&mut ebpf0, map_names::IN_FLIGHT)?,
+            tc_stages: take(&mut ebpf0, map_names::TC_STAGES)?,
+            xdp_stages: take(&mut ebpf0, map_names::XDP_STAGES)?,
+        };
+        for (name, old) in resized {
+            let copied = state.migrate(name, &old)?;
+            info!(
+                map = name,
+                entries = copied,
+                "copied the entries of the replaced map"
+            );
+        }
+        let active = state
+            .active_set
+            .get(&0, 0)
+            .map_err(map_err(map_names::ACTIVE_SET))?
+            % map_set::COUNT;
+        let mut sets = Vec::with_capacity(2);
+        for (mut ebpf, fresh) in [(ebpf0, set_fresh[0]), (ebpf1, set_fresh[1])] {
+            sets.push(MapSet {
+                maps: SetMaps::take(&mut ebpf)?,
+                ebpf,
+                programmed: fresh.then(DatapathTables::default),
+                stages_installed: false,
+            });
+        }
+        let sets: [MapSet; 2] = sets.try_into().map_err(|_| DatapathError::Missing {
+            kind: "map set",
+            name: "copy",
+        })?;
+        let (pins, pinned_maps, takeover) = match &options.pin_root {
+            Some(_) => {
+                let pinned = pinned_map_handles(&layout, &shapes)?;
+                (Some(layout), pinned, Some(leftovers))
+            }
+            None => {
+                // The copies have their maps; the pins were only the way to share them.
+                std::fs::remove_dir_all(&root).map_err(|source| DatapathError::PinDir {
+                    path: root.clone(),
                     source,
                 })?;
-        }
-        xdp(&mut ebpf, program_names::UPLINK_XDP)?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                program: program_names::UPLINK_XDP,
-                source,
-            })?;
-
-        if let Some(root) = &options.pin_root {
-            remove_other_versions(root)?;
-        }
-        let pins = options.pin_root.as_deref().map(pin_dir);
-        if let Some(pins) = &pins {
-            replace_dir(pins)?;
-        }
-        let pins = pins.as_deref();
-        let maps = Maps {
-            ports: take(&mut ebpf, map_names::PORTS, pins)?,
-            port_macs: take(&mut ebpf, map_names::PORT_MACS, pins)?,
-            port_ip4: take(&mut ebpf, map_names::PORT_IP4, pins)?,
-            port_net4: take(&mut ebpf, map_names::PORT_NET4, pins)?,
-            port_ip6: take(&mut ebpf, map_names::PORT_IP6, pins)?,
-            port_net6: take(&mut ebpf, map_names::PORT_NET6, pins)?,
-            fdb: take(&mut ebpf, map_names::FDB, pins)?,
-            flood: take(&mut ebpf, map_names::FLOOD, pins)?,
-            port_stats: take(&mut ebpf, map_names::PORT_STATS, pins)?,
-            noport_drops: take(&mut ebpf, map_names::NOPORT_DROPS, pins)?,
-            sg_remote4: take(&mut ebpf, map_names::SG_REMOTE4, pins)?,
-            sg_remote6: take(&mut ebpf, map_names::SG_REMOTE6, pins)?,
-            sg_rules: take(&mut ebpf, map_names::SG_RULES, pins)?,
-            rule_stats: take(&mut ebpf, map_names::RULE_STATS, pins)?,
-            ct: take(&mut ebpf, map_names::CT, pins)?,
-            ct_new: take(&mut ebpf, map_names::CT_NEW, pins)?,
-            ct_stats: take(&mut ebpf, map_names::CT_STATS, pins)?,
-            verdict: take(&mut ebpf, map_names::VERDICT, pins)?,
-            router_ifs: take(&mut ebpf, map_names::ROUTER_IFS, pins)?,
-            routes4: take(&mut ebpf, map_names::ROUTES4, pins)?,
-            routes6: take(&mut ebpf, map_names::ROUTES6, pins)?,
-            neigh4: take(&mut ebpf, map_names::NEIGH4, pins)?,
-            neigh6: take(&mut ebpf, map_names::NEIGH6, pins)?,
-            router_gw: take(&mut ebpf, map_names::ROUTER_GW, pins)?,
-            gateway_macs: take(&mut ebpf, map_names::GATEWAY_MACS, pins)?,
-            ext_addrs4: take(&mut ebpf, map_names::EXT_ADDRS4, pins)?,
-            router_gw6: take(&mut ebpf, map_names::ROUTER_GW6, pins)?,
-            ext_addrs6: take(&mut ebpf, map_names::EXT_ADDRS6, pins)?,
-            fips4: take(&mut ebpf, map_names::FIPS4, pins)?,
-            fip_of4: take(&mut ebpf, map_names::FIP_OF4, pins)?,
-            snat4_in: take(&mut ebpf, map_names::SNAT4_IN, pins)?,
-            uplink_stats: take(&mut ebpf, map_names::UPLINK_STATS, pins)?,
+                (None, Vec::new(), None)
+            }
         };
-        info!(pins = ?pins, trace = options.trace_verdicts, "datapath loaded");
-        Ok(Self {
-            ebpf,
-            maps,
-            programmed: DatapathTables::default(),
+        let mut datapath = Self {
+            sets,
+            state,
+            active,
             port_slots: BTreeMap::new(),
             rule_slots: BTreeMap::new(),
             limits,
             attachments: StdHashMap::new(),
             uplink: None,
+            pins,
+            pinned_maps,
+            takeover,
             logger,
-        })
+        };
+        if !state_adopted {
+            // Nothing ran before: the active set's stages go in now, so that the
+            // dispatchers work from the start. Adopted ones stay until the first sync
+            // has checked the set they read.
+            datapath.install_stages(active)?;
+        }
+        info!(
+            pins = ?datapath.pins.as_ref().map(PinLayout::version_dir),
+            adopted = state_adopted,
+            active,
+            trace = options.trace_verdicts,
+            "datapath loaded"
+        );
+        Ok(datapath)
     }
 
     /// Forwards pending log records of the programs to `tracing`.
@@ -347,309 +704,213 @@ impl Datapath {
         self.logger.as_ref().map(|logger| logger.as_raw_fd())
     }
 
-    /// Makes maps and attachments match `compiled`. On error the datapath may hold part
-    /// of it; the caller re-syncs the previous compilation to roll back.
+    /// The map set packets use now.
+    pub fn active_set(&self) -> u32 {
+        self.active
+    }
+
+    /// Makes what packets see equal to `compiled`, all at once: [`Self::stage`], then
+    /// [`Self::switch`].
     pub fn sync(&mut self, compiled: &Compiled) -> Result<(), DatapathError> {
-        let old = std::mem::take(&mut self.programmed);
-        // Entries a new port's frames are checked against go in first, then the port;
-        // on the way out the port goes first. Counters of a slot that changes hands
-        // start from zero.
+        let staged = self.stage(compiled)?;
+        self.switch(staged, compiled)
+    }
+
+    /// Writes `compiled` into the map set packets do not use, and attaches the devices
+    /// of new ports (whose frames the active set does not know yet). Nothing changes for
+    /// packets; on error the active set is as it was.
+    pub fn stage(&mut self, compiled: &Compiled) -> Result<Staged, DatapathError> {
+        let active = self.active as usize;
+        let holds = match &self.sets[active].programmed {
+            Some(tables) => *tables == compiled.tables,
+            // Adopted from a previous run: compared entry by entry, once.
+            None => self.sets[active].maps.holds(&compiled.tables)?,
+        };
+        let target = if holds {
+            self.sets[active].programmed = Some(compiled.tables.clone());
+            None
+        } else {
+            let target = other(self.active);
+            self.wait_idle(target)?;
+            let set = &mut self.sets[target as usize];
+            // Left unknown if the write fails: the next one compares instead.
+            match set.programmed.take() {
+                Some(old) => set.maps.write(&old, &compiled.tables)?,
+                None => {
+                    set.maps.repair(&compiled.tables)?;
+                }
+            }
+            set.programmed = Some(compiled.tables.clone());
+            Some(target)
+        };
+        self.attach_new(&compiled.ports)?;
+        Ok(Staged { target })
+    }
+
+    /// Makes the staged set the one packets use, with one map update; then takes the
+    /// programs off devices no port needs any more.
+    pub fn switch(&mut self, staged: Staged, compiled: &Compiled) -> Result<(), DatapathError> {
         let port_slots: BTreeMap<String, u32> = compiled
             .ports
             .iter()
             .map(|port| (port.port_id.clone(), port.slot))
             .collect();
-        let reused_ports = changed_hands(&self.port_slots, &port_slots);
-        let reused_rules = changed_hands(&self.rule_slots, &compiled.rules);
-        let result = self.write(
-            &old,
-            &compiled.tables,
-            &reused_ports,
-            &reused_rules,
-            &compiled.ports,
-        );
-        // Whatever happened, remember the tables as wanted: a failed sync is followed by
-        // a sync back to the previous tables, which then rewrites every difference.
-        self.programmed = compiled.tables.clone();
+        // Counters of a slot that changes hands start from zero.
+        for slot in changed_hands(&self.port_slots, &port_slots) {
+            zero_slot(&mut self.state.port_stats, slot, map_names::PORT_STATS)?;
+        }
+        for slot in changed_hands(&self.rule_slots, &compiled.rules) {
+            zero_slot(&mut self.state.rule_stats, slot, map_names::RULE_STATS)?;
+        }
+        let set = staged.target.unwrap_or(self.active);
+        if !self.sets[set as usize].stages_installed {
+            self.install_stages(set)?;
+        }
+        if let Some(target) = staged.target {
+            self.state
+                .active_set
+                .set(0, target, 0)
+                .map_err(map_err(map_names::ACTIVE_SET))?;
+            self.active = target;
+            debug!(set = target, "switched");
+        }
+        self.detach_stale(&compiled.ports);
         self.port_slots = port_slots;
         self.rule_slots = compiled.rules.clone();
-        result
-    }
-
-    fn write(
-        &mut self,
-        old: &DatapathTables,
-        new: &DatapathTables,
-        reused_ports: &BTreeSet<u32>,
-        reused_rules: &BTreeSet<u32>,
-        ports: &[ProgrammedPort],
-    ) -> Result<(), DatapathError> {
-        let m = &mut self.maps;
-        for slot in reused_ports {
-            zero_slot(&mut m.port_stats, *slot, map_names::PORT_STATS)?;
-        }
-        for slot in reused_rules {
-            zero_slot(&mut m.rule_stats, *slot, map_names::RULE_STATS)?;
-        }
-        // Rules before the address classes that lead to them, both before the ports.
-        upsert_trie_map(
-            &mut m.sg_rules,
-            &old.sg_rules,
-            &new.sg_rules,
-            map_names::SG_RULES,
-        )?;
-        upsert_trie_map(
-            &mut m.sg_remote4,
-            &old.sg_remote4,
-            &new.sg_remote4,
-            map_names::SG_REMOTE4,
-        )?;
-        upsert_trie_map(
-            &mut m.sg_remote6,
-            &old.sg_remote6,
-            &new.sg_remote6,
-            map_names::SG_REMOTE6,
-        )?;
-        upsert_set(
-            &mut m.port_macs,
-            &old.port_macs,
-            &new.port_macs,
-            map_names::PORT_MACS,
-        )?;
-        upsert_set(
-            &mut m.port_ip4,
-            &old.port_ip4,
-            &new.port_ip4,
-            map_names::PORT_IP4,
-        )?;
-        upsert_set(
-            &mut m.port_ip6,
-            &old.port_ip6,
-            &new.port_ip6,
-            map_names::PORT_IP6,
-        )?;
-        upsert_trie(
-            &mut m.port_net4,
-            &old.port_net4,
-            &new.port_net4,
-            map_names::PORT_NET4,
-        )?;
-        upsert_trie(
-            &mut m.port_net6,
-            &old.port_net6,
-            &new.port_net6,
-            map_names::PORT_NET6,
-        )?;
-        upsert_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
-        upsert_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
-        // Routes and neighbours before the interfaces that lead to them; translations
-        // before the external routes and addresses that lead to them.
-        upsert_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
-        upsert_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
-        upsert_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
-        upsert_map(
-            &mut m.fip_of4,
-            &old.fip_of4,
-            &new.fip_of4,
-            map_names::FIP_OF4,
-        )?;
-        upsert_map(
-            &mut m.router_gw,
-            &old.router_gw,
-            &new.router_gw,
-            map_names::ROUTER_GW,
-        )?;
-        upsert_map(
-            &mut m.ext_addrs4,
-            &old.ext_addrs4,
-            &new.ext_addrs4,
-            map_names::EXT_ADDRS4,
-        )?;
-        upsert_map(
-            &mut m.router_gw6,
-            &old.router_gw6,
-            &new.router_gw6,
-            map_names::ROUTER_GW6,
-        )?;
-        upsert_map(
-            &mut m.ext_addrs6,
-            &old.ext_addrs6,
-            &new.ext_addrs6,
-            map_names::EXT_ADDRS6,
-        )?;
-        upsert_trie_map(
-            &mut m.routes4,
-            &old.routes4,
-            &new.routes4,
-            map_names::ROUTES4,
-        )?;
-        upsert_trie_map(
-            &mut m.routes6,
-            &old.routes6,
-            &new.routes6,
-            map_names::ROUTES6,
-        )?;
-        upsert_map(
-            &mut m.router_ifs,
-            &old.router_ifs,
-            &new.router_ifs,
-            map_names::ROUTER_IFS,
-        )?;
-        upsert_map(
-            &mut m.gateway_macs,
-            &old.gateway_macs,
-            &new.gateway_macs,
-            map_names::GATEWAY_MACS,
-        )?;
-        upsert_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
-
-        self.attach_new(ports)?;
-
-        let m = &mut self.maps;
-        remove_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
-        remove_map(
-            &mut m.gateway_macs,
-            &old.gateway_macs,
-            &new.gateway_macs,
-            map_names::GATEWAY_MACS,
-        )?;
-        remove_map(
-            &mut m.router_ifs,
-            &old.router_ifs,
-            &new.router_ifs,
-            map_names::ROUTER_IFS,
-        )?;
-        remove_trie_map(
-            &mut m.routes6,
-            &old.routes6,
-            &new.routes6,
-            map_names::ROUTES6,
-        )?;
-        remove_trie_map(
-            &mut m.routes4,
-            &old.routes4,
-            &new.routes4,
-            map_names::ROUTES4,
-        )?;
-        remove_map(
-            &mut m.ext_addrs6,
-            &old.ext_addrs6,
-            &new.ext_addrs6,
-            map_names::EXT_ADDRS6,
-        )?;
-        remove_map(
-            &mut m.router_gw6,
-            &old.router_gw6,
-            &new.router_gw6,
-            map_names::ROUTER_GW6,
-        )?;
-        remove_map(
-            &mut m.ext_addrs4,
-            &old.ext_addrs4,
-            &new.ext_addrs4,
-            map_names::EXT_ADDRS4,
-        )?;
-        remove_map(
-            &mut m.router_gw,
-            &old.router_gw,
-            &new.router_gw,
-            map_names::ROUTER_GW,
-        )?;
-        remove_map(
-            &mut m.fip_of4,
-            &old.fip_of4,
-            &new.fip_of4,
-            map_names::FIP_OF4,
-        )?;
-        remove_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
-        remove_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
-        remove_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
-        remove_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
-        remove_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
-        remove_trie(
-            &mut m.port_net6,
-            &old.port_net6,
-            &new.port_net6,
-            map_names::PORT_NET6,
-        )?;
-        remove_trie(
-            &mut m.port_net4,
-            &old.port_net4,
-            &new.port_net4,
-            map_names::PORT_NET4,
-        )?;
-        remove_set(
-            &mut m.port_ip6,
-            &old.port_ip6,
-            &new.port_ip6,
-            map_names::PORT_IP6,
-        )?;
-        remove_set(
-            &mut m.port_ip4,
-            &old.port_ip4,
-            &new.port_ip4,
-            map_names::PORT_IP4,
-        )?;
-        remove_set(
-            &mut m.port_macs,
-            &old.port_macs,
-            &new.port_macs,
-            map_names::PORT_MACS,
-        )?;
-        remove_trie_map(
-            &mut m.sg_remote6,
-            &old.sg_remote6,
-            &new.sg_remote6,
-            map_names::SG_REMOTE6,
-        )?;
-        remove_trie_map(
-            &mut m.sg_remote4,
-            &old.sg_remote4,
-            &new.sg_remote4,
-            map_names::SG_REMOTE4,
-        )?;
-        remove_trie_map(
-            &mut m.sg_rules,
-            &old.sg_rules,
-            &new.sg_rules,
-            map_names::SG_RULES,
-        )?;
+        self.finish_takeover();
         Ok(())
     }
 
-    /// Attaches both programs to every port device not yet attached, and detaches from
-    /// devices that no longer carry a programmed port (or were replaced by a new device
-    /// with the same name).
-    fn attach_new(&mut self, ports: &[ProgrammedPort]) -> Result<(), DatapathError> {
-        let wanted: StdHashMap<u32, &ProgrammedPort> =
-            ports.iter().map(|port| (port.ifindex, port)).collect();
-        let stale: Vec<u32> = self
+    /// Waits until no program run reads `set` (the runs that started before the switch
+    /// away from it take microseconds).
+    fn wait_idle(&self, set: u32) -> Result<(), DatapathError> {
+        // Orders the switch (an earlier map update) before the reads of the counts.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + IDLE_TIMEOUT;
+        loop {
+            let runs = self
+                .state
+                .in_flight
+                .get(&set, 0)
+                .map_err(map_err(map_names::IN_FLIGHT))?
+                .iter()
+                .fold(0u64, |total, count| total.wrapping_add(*count));
+            if runs == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(DatapathError::InFlight { set, runs });
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Puts this copy's stages of `set` into the stage arrays (replacing a previous
+    /// run's: same maps, new code).
+    fn install_stages(&mut self, set: u32) -> Result<(), DatapathError> {
+        let copy = &mut self.sets[set as usize];
+        for (stage, name, _) in TC_STAGES {
+            let fd = classifier(&mut copy.ebpf, name)?.fd().map_err(|source| {
+                DatapathError::Program {
+                    program: name,
+                    source,
+                }
+            })?;
+            self.state
+                .tc_stages
+                .set(stage * map_set::COUNT + set, fd, 0)
+                .map_err(map_err(map_names::TC_STAGES))?;
+        }
+        let name = program_names::UPLINK_XDP_STAGE;
+        let fd = xdp(&mut copy.ebpf, name)?
+            .fd()
+            .map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+        self.state
+            .xdp_stages
+            .set(set, fd, 0)
+            .map_err(map_err(map_names::XDP_STAGES))?;
+        copy.stages_installed = true;
+        Ok(())
+    }
+
+    /// Once the links are this run's, removes what a previous run left: other versions'
+    /// pins, replaced maps, and links to devices no port or uplink has now.
+    fn finish_takeover(&mut self) {
+        let (Some(leftovers), Some(pins)) = (self.takeover.take(), &self.pins) else {
+            return;
+        };
+        let claimed: BTreeSet<&PathBuf> = self
             .attachments
-            .keys()
-            .filter(|ifindex| !wanted.contains_key(ifindex))
-            .copied()
+            .values()
+            .flat_map(|a| [a.ingress.pin_path(), a.egress.pin_path()])
+            .chain(
+                self.uplink
+                    .iter()
+                    .flat_map(|u| [u.xdp.pin_path(), u.ingress.pin_path()]),
+            )
+            .flatten()
             .collect();
-        for ifindex in stale {
-            if let Some(attachment) = self.attachments.remove(&ifindex) {
-                self.detach(attachment);
+        let stale_links = pins.pinned_links().unwrap_or_default();
+        for (_, _, path) in stale_links
+            .iter()
+            .filter(|(_, _, path)| !claimed.contains(path))
+        {
+            info!(pin = %path.display(), "removed the link of a device no port has");
+            let _ = std::fs::remove_file(path);
+        }
+        for path in leftovers {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => info!(pins = %path.display(), "removed what a previous run left"),
+                Err(e) => {
+                    warn!(pins = %path.display(), error = %e, "could not remove what a previous run left")
+                }
             }
         }
-        for (ifindex, port) in wanted {
-            if self.attachments.contains_key(&ifindex) {
+    }
+
+    /// Attaches the dispatchers to every port device not yet attached (taking over
+    /// their pinned links).
+    fn attach_new(&mut self, ports: &[ProgrammedPort]) -> Result<(), DatapathError> {
+        for port in ports {
+            if self.attachments.contains_key(&port.ifindex) {
                 continue;
             }
-            let ingress = self.attach(program_names::PORT_INGRESS, port, TcAttachType::Ingress)?;
-            let egress = match self.attach(program_names::PORT_EGRESS, port, TcAttachType::Egress) {
+            let pin = |hook| self.pins.as_ref().map(|p| p.link(port.ifindex, hook));
+            let (ingress_pin, egress_pin) = (
+                pin(program_names::PORT_INGRESS),
+                pin(program_names::PORT_EGRESS),
+            );
+            let ebpf = &mut self.sets[0].ebpf;
+            let ingress = attach::tc(
+                classifier(ebpf, program_names::PORT_INGRESS)?,
+                &port.interface_name,
+                TcAttachType::Ingress,
+                ingress_pin,
+            )?;
+            let egress = match attach::tc(
+                classifier(ebpf, program_names::PORT_EGRESS)?,
+                &port.interface_name,
+                TcAttachType::Egress,
+                egress_pin,
+            ) {
                 Ok(egress) => egress,
                 Err(e) => {
-                    self.detach_one(program_names::PORT_INGRESS, ingress, &port.interface_name);
+                    ingress.release();
                     return Err(e);
                 }
             };
-            info!(interface = %port.interface_name, ifindex, port = %port.port_id, "attached");
+            info!(interface = %port.interface_name, ifindex = port.ifindex, port = %port.port_id, "attached");
             self.attachments.insert(
-                ifindex,
-                Attachment {
+                port.ifindex,
+                PortAttachment {
                     interface: port.interface_name.clone(),
                     ingress,
                     egress,
@@ -659,49 +920,22 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach(
-        &mut self,
-        program: &'static str,
-        port: &ProgrammedPort,
-        direction: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, DatapathError> {
-        classifier(&mut self.ebpf, program)?
-            .attach_with_options(
-                &port.interface_name,
-                direction,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|source| DatapathError::Attach {
-                interface: port.interface_name.clone(),
-                direction: match direction {
-                    TcAttachType::Ingress => "ingress",
-                    _ => "egress",
-                },
-                source,
-            })
-    }
-
-    fn detach(&mut self, attachment: Attachment) {
-        self.detach_one(
-            program_names::PORT_INGRESS,
-            attachment.ingress,
-            &attachment.interface,
-        );
-        self.detach_one(
-            program_names::PORT_EGRESS,
-            attachment.egress,
-            &attachment.interface,
-        );
-        info!(interface = %attachment.interface, "detached");
-    }
-
-    fn detach_one(&mut self, program: &'static str, link: SchedClassifierLinkId, interface: &str) {
-        // A device that is gone took its tcx links with it: nothing to undo then.
-        if let Err(e) = classifier(&mut self.ebpf, program).and_then(|prog| {
-            prog.detach(link)
-                .map_err(|source| DatapathError::Program { program, source })
-        }) {
-            debug!(interface, error = %e, "detach");
+    /// Detaches from devices that no longer carry a programmed port (or were replaced
+    /// by a new device with the same name).
+    fn detach_stale(&mut self, ports: &[ProgrammedPort]) {
+        let wanted: BTreeSet<u32> = ports.iter().map(|port| port.ifindex).collect();
+        let stale: Vec<u32> = self
+            .attachments
+            .keys()
+            .filter(|ifindex| !wanted.contains(ifindex))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            if let Some(attachment) = self.attachments.remove(&ifindex) {
+                attachment.ingress.release();
+                attachment.egress.release();
+                info!(interface = %attachment.interface, "detached");
+            }
         }
     }
 
@@ -719,35 +953,28 @@ impl Datapath {
             return Ok(());
         }
         self.detach_uplink();
-        let attach_err = |direction| {
-            move |source| DatapathError::Attach {
-                interface: interface.to_owned(),
-                direction,
-                source,
-            }
-        };
-        let prog = xdp(&mut self.ebpf, program_names::UPLINK_XDP)?;
-        let attached = if generic {
-            prog.attach(interface, XdpMode::Skb)
-        } else {
-            prog.attach(interface, XdpMode::Driver).or_else(|e| {
-                debug!(interface, error = %e, "no driver XDP; generic");
-                prog.attach(interface, XdpMode::Skb)
-            })
-        };
-        let xdp_link = attached.map_err(attach_err("xdp"))?;
-        let ingress = classifier(&mut self.ebpf, program_names::UPLINK_INGRESS)?
-            .attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            );
-        let ingress = match ingress {
+        let pin = |hook| self.pins.as_ref().map(|p| p.link(ifindex, hook));
+        let (xdp_pin, ingress_pin) = (
+            pin(program_names::UPLINK_XDP),
+            pin(program_names::UPLINK_INGRESS),
+        );
+        let ebpf = &mut self.sets[0].ebpf;
+        let xdp_link = attach::xdp(
+            xdp(ebpf, program_names::UPLINK_XDP)?,
+            interface,
+            generic,
+            xdp_pin,
+        )?;
+        let ingress = match attach::tc(
+            classifier(ebpf, program_names::UPLINK_INGRESS)?,
+            interface,
+            TcAttachType::Ingress,
+            ingress_pin,
+        ) {
             Ok(link) => link,
-            Err(source) => {
-                let _ = xdp(&mut self.ebpf, program_names::UPLINK_XDP)
-                    .map(|prog| prog.detach(xdp_link));
-                return Err(attach_err("ingress")(source));
+            Err(e) => {
+                xdp_link.release();
+                return Err(e);
             }
         };
         info!(interface, "uplink attached");
@@ -767,63 +994,194 @@ impl Datapath {
 
     /// Takes the programs off the uplink.
     pub fn detach_uplink(&mut self) {
-        let Some(uplink) = self.uplink.take() else {
-            return;
-        };
-        if let Ok(prog) = xdp(&mut self.ebpf, program_names::UPLINK_XDP) {
-            if let Err(e) = prog.detach(uplink.xdp) {
-                debug!(interface = %uplink.interface, error = %e, "xdp detach");
-            }
+        if let Some(uplink) = self.uplink.take() {
+            uplink.xdp.release();
+            uplink.ingress.release();
         }
-        self.detach_one(
-            program_names::UPLINK_INGRESS,
-            uplink.ingress,
-            &uplink.interface,
-        );
     }
 
     /// Counters of the uplink: rx from outside, tx to it, drops by reason.
     pub fn uplink_counters(&self) -> Result<Counters, DatapathError> {
-        summed(&self.maps.uplink_stats, 0)
+        summed(&self.state.uplink_stats, 0)
     }
 
-    /// Compares every map the agent writes with what it last programmed there and puts
-    /// back what differs (an entry changed, added or removed behind its back): the
-    /// maps that had any, with how many entries were wrong.
-    pub fn repair_drift(&mut self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
-        let (m, t) = (&mut self.maps, &self.programmed);
-        macro_rules! repair {
-            ($field:ident, $name:ident, hash) => {
-                (
-                    map_names::$name,
-                    repair_hash(&mut m.$field, &t.$field, map_names::$name)?,
-                )
-            };
-            ($field:ident, $name:ident, set) => {
-                (
-                    map_names::$name,
-                    repair_hash(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
-                )
-            };
-            ($field:ident, $name:ident, trie) => {
-                (
-                    map_names::$name,
-                    repair_trie(&mut m.$field, &t.$field, map_names::$name)?,
-                )
-            };
-            ($field:ident, $name:ident, trie_set) => {
-                (
-                    map_names::$name,
-                    repair_trie(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
-                )
-            };
+    /// Compares what the agent programmed with the kernel's view and puts back what
+    /// differs: map entries changed, added or removed behind its back (in both sets),
+    /// dispatchers detached from a device, and removed pins.
+    pub fn repair_drift(&mut self) -> Result<Drift, DatapathError> {
+        let mut drift = Drift::default();
+        let active = self.active as usize;
+        let set = &mut self.sets[active];
+        if let Some(wanted) = &set.programmed {
+            drift.entries = set.maps.repair(wanted)?;
         }
-        let drift = written_maps!(repair);
-        Ok(drift.into_iter().filter(|(_, wrong)| *wrong > 0).collect())
+        let inactive = other(self.active);
+        self.wait_idle(inactive)?;
+        let (first, second) = self.sets.split_at_mut(1);
+        let (active_set, inactive_set) = if active == 0 {
+            (&first[0], &mut second[0])
+        } else {
+            (&second[0], &mut first[0])
+        };
+        match (&inactive_set.programmed, &active_set.programmed) {
+            (Some(wanted), _) => {
+                for (map, wrong) in inactive_set.maps.repair(wanted)? {
+                    match drift.entries.iter_mut().find(|(name, _)| *name == map) {
+                        Some((_, total)) => *total += wrong,
+                        None => drift.entries.push((map, wrong)),
+                    }
+                }
+            }
+            // Adopted and not written since: brought up to the active set's tables,
+            // so that the next update writes only its difference.
+            (None, Some(wanted)) => {
+                inactive_set.maps.repair(wanted)?;
+                inactive_set.programmed = Some(wanted.clone());
+            }
+            (None, None) => {}
+        }
+        for set in 0..map_set::COUNT {
+            if self.sets[set as usize].stages_installed {
+                self.install_stages(set)?;
+            }
+        }
+        drift.links = self.reattach_detached()?;
+        drift.pins = self.repin_removed()?;
+        Ok(drift)
+    }
+
+    /// Attaches the dispatchers again to devices they were detached from; how many.
+    fn reattach_detached(&mut self) -> Result<u64, DatapathError> {
+        let mut detached = Vec::new();
+        let ebpf = &mut self.sets[0].ebpf;
+        for (ifindex, attachment) in &self.attachments {
+            for (name, direction) in [
+                (program_names::PORT_INGRESS, TcAttachType::Ingress),
+                (program_names::PORT_EGRESS, TcAttachType::Egress),
+            ] {
+                let dispatcher = classifier(ebpf, name)?;
+                // A device that is gone is the device watch's to notice.
+                if let Ok(false) = attach::tc_attached(dispatcher, &attachment.interface, direction)
+                {
+                    detached.push(*ifindex);
+                }
+            }
+        }
+        detached.dedup();
+        let count = detached.len() as u64;
+        let ports: Vec<ProgrammedPort> = Vec::new();
+        let _ = ports;
+        for ifindex in detached {
+            if let Some(attachment) = self.attachments.remove(&ifindex) {
+                warn!(interface = %attachment.interface, "dispatcher detached behind the agent's back; attaching again");
+                let (interface, ingress_pin, egress_pin) = (
+                    attachment.interface.clone(),
+                    attachment.ingress.pin_path().cloned(),
+                    attachment.egress.pin_path().cloned(),
+                );
+                attachment.ingress.release();
+                attachment.egress.release();
+                let ingress = attach::tc(
+                    classifier(ebpf, program_names::PORT_INGRESS)?,
+                    &interface,
+                    TcAttachType::Ingress,
+                    ingress_pin,
+                )?;
+                let egress = attach::tc(
+                    classifier(ebpf, program_names::PORT_EGRESS)?,
+                    &interface,
+                    TcAttachType::Egress,
+                    egress_pin,
+                )?;
+                self.attachments.insert(
+                    ifindex,
+                    PortAttachment {
+                        interface,
+                        ingress,
+                        egress,
+                    },
+                );
+            }
+        }
+        if let Some(uplink) = &self.uplink {
+            let dispatcher = classifier(ebpf, program_names::UPLINK_INGRESS)?;
+            if let Ok(false) =
+                attach::tc_attached(dispatcher, &uplink.interface, TcAttachType::Ingress)
+            {
+                warn!(interface = %uplink.interface, "uplink dispatcher detached behind the agent's back; attaching again");
+                let Some(uplink) = self.uplink.take() else {
+                    return Ok(count);
+                };
+                let pin = uplink.ingress.pin_path().cloned();
+                uplink.ingress.release();
+                let ingress =
+                    attach::tc(dispatcher, &uplink.interface, TcAttachType::Ingress, pin)?;
+                self.uplink = Some(UplinkAttachment { ingress, ..uplink });
+                return Ok(count + 1);
+            }
+        }
+        Ok(count)
+    }
+
+    /// Pins again every map and link pin that was removed; how many.
+    fn repin_removed(&mut self) -> Result<u64, DatapathError> {
+        let mut repinned = 0;
+        for (path, map) in &self.pinned_maps {
+            if !path.exists() {
+                warn!(pin = %path.display(), "map pin removed behind the agent's back; pinning again");
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                map.pin(path).map_err(|source| DatapathError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                repinned += 1;
+            }
+        }
+        let removed = |link: &Link| link.pin_path().is_some_and(|path| !path.exists());
+        if let Some(pins) = &self.pins {
+            let _ = std::fs::create_dir_all(pins.links_dir());
+        }
+        let ifindexes: Vec<u32> = self.attachments.keys().copied().collect();
+        for ifindex in ifindexes {
+            let Some(attachment) = self.attachments.remove(&ifindex) else {
+                continue;
+            };
+            let (mut ingress, mut egress) = (attachment.ingress, attachment.egress);
+            if removed(&ingress) {
+                ingress = ingress.repin()?;
+                repinned += 1;
+            }
+            if removed(&egress) {
+                egress = egress.repin()?;
+                repinned += 1;
+            }
+            self.attachments.insert(
+                ifindex,
+                PortAttachment {
+                    interface: attachment.interface,
+                    ingress,
+                    egress,
+                },
+            );
+        }
+        if let Some(mut uplink) = self.uplink.take() {
+            if removed(&uplink.xdp) {
+                uplink.xdp = uplink.xdp.repin()?;
+                repinned += 1;
+            }
+            if removed(&uplink.ingress) {
+                uplink.ingress = uplink.ingress.repin()?;
+                repinned += 1;
+            }
+            self.uplink = Some(uplink);
+        }
+        Ok(repinned)
     }
 
     /// The maps the agent writes: (name, entries, room for how many), the entries as
-    /// last programmed.
+    /// last programmed into the active set.
     pub fn map_fill(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
         fn room<K: aya::Pod, V>(
             map: &impl IterableMap<K, V>,
@@ -833,7 +1191,9 @@ impl Datapath {
                 map.map().info().map_err(map_err(name))?.max_entries(),
             ))
         }
-        let (m, t) = (&self.maps, &self.programmed);
+        let set = &self.sets[self.active as usize];
+        let empty = DatapathTables::default();
+        let (m, t) = (&set.maps, set.programmed.as_ref().unwrap_or(&empty));
         macro_rules! fill {
             ($field:ident, $name:ident, $kind:ident) => {
                 (
@@ -849,7 +1209,7 @@ impl Datapath {
     /// How many SNAT bindings there are, and room for how many.
     pub fn snat_fill(&self) -> Result<(u64, u64), DatapathError> {
         let capacity = self
-            .maps
+            .state
             .snat4_in
             .map()
             .info()
@@ -861,7 +1221,7 @@ impl Datapath {
     /// SNAT bindings: (key as replies see it, where they go).
     pub fn snat_bindings(&self) -> Result<Vec<(SnatKey4, SnatOrigin4)>, DatapathError> {
         let mut all = Vec::new();
-        for item in self.maps.snat4_in.iter() {
+        for item in self.state.snat4_in.iter() {
             match item {
                 Ok(binding) => all.push(binding),
                 Err(MapError::KeyNotFound) => {}
@@ -891,13 +1251,13 @@ impl Datapath {
     ) -> Result<TestRunOutcome, DatapathError> {
         let verdict_err = map_err(map_names::VERDICT);
         // Cleared first, so the one CPU entry the run fills is the only non-empty one.
-        self.maps
+        self.state
             .verdict
             .set(0, per_cpu(Verdict::default(), map_names::VERDICT)?, 0)
             .map_err(&verdict_err)?;
 
         let xdp_program = matches!(
-            self.ebpf.program(program),
+            self.sets[0].ebpf.program(program),
             Some(aya::programs::Program::Xdp(_))
         );
         let ctx = if xdp_program {
@@ -935,14 +1295,14 @@ impl Datapath {
             }};
         }
         let result = if xdp_program {
-            run_loaded!(xdp(&mut self.ebpf, program)?)
+            run_loaded!(xdp(&mut self.sets[0].ebpf, program)?)
         } else {
-            run_loaded!(classifier(&mut self.ebpf, program)?)
+            run_loaded!(classifier(&mut self.sets[0].ebpf, program)?)
         }
         .map_err(|source| DatapathError::Program { program, source })?;
 
         let verdict = self
-            .maps
+            .state
             .verdict
             .get(&0, 0)
             .map_err(&verdict_err)?
@@ -961,13 +1321,13 @@ impl Datapath {
 
     /// Counters of the port in `slot`, summed over CPUs.
     pub fn port_counters(&self, slot: u32) -> Result<Counters, DatapathError> {
-        summed(&self.maps.port_stats, slot)
+        summed(&self.state.port_stats, slot)
     }
 
     /// Packets and bytes the rule in `slot` allowed, summed over CPUs.
     pub fn rule_counters(&self, slot: u32) -> Result<RuleStats, DatapathError> {
         let per_cpu = self
-            .maps
+            .state
             .rule_stats
             .get(&slot, 0)
             .map_err(map_err(map_names::RULE_STATS))?;
@@ -983,8 +1343,8 @@ impl Datapath {
     pub fn connections(&self) -> Result<Vec<(CtKey, CtEntry, bool)>, DatapathError> {
         let mut all = Vec::new();
         for (map, confirmed, name) in [
-            (&self.maps.ct, true, map_names::CT),
-            (&self.maps.ct_new, false, map_names::CT_NEW),
+            (&self.state.ct, true, map_names::CT),
+            (&self.state.ct_new, false, map_names::CT_NEW),
         ] {
             for item in map.iter() {
                 // An entry removed between the key walk and its read is simply gone.
@@ -1022,9 +1382,9 @@ impl Datapath {
                 continue;
             }
             let (map, name) = if confirmed {
-                (&mut self.maps.ct, map_names::CT)
+                (&mut self.state.ct, map_names::CT)
             } else {
-                (&mut self.maps.ct_new, map_names::CT_NEW)
+                (&mut self.state.ct_new, map_names::CT_NEW)
             };
             match map.remove(&key) {
                 Ok(()) => removed += 1,
@@ -1043,7 +1403,7 @@ impl Datapath {
         let mut counters = [0u64; ct_stat::COUNT as usize];
         for (index, total) in counters.iter_mut().enumerate() {
             *total = self
-                .maps
+                .state
                 .ct_stats
                 .get(&(index as u32), 0)
                 .map_err(map_err(map_names::CT_STATS))?
@@ -1062,7 +1422,7 @@ impl Datapath {
         let mut totals = [0u64; DropReason::COUNT];
         for reason in DropReason::ALL {
             let per_cpu = self
-                .maps
+                .state
                 .noport_drops
                 .get(&(reason as u32), 0)
                 .map_err(|source| DatapathError::Map {
@@ -1129,64 +1489,102 @@ where
         })
 }
 
-/// Takes a map out of the object as its typed handle, pinned under `pins` if given.
-fn take<T>(ebpf: &mut Ebpf, name: &'static str, pins: Option<&Path>) -> Result<T, DatapathError>
+/// Takes a map out of the object as its typed handle.
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf
         .take_map(name)
         .ok_or(DatapathError::Missing { kind: "map", name })?;
-    if let Some(pins) = pins {
-        let path = pins.join(name);
-        map.pin(&path).map_err(|source| DatapathError::Pin {
-            map: name,
-            path,
-            source,
-        })?;
-    }
     T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
 }
 
-/// Empties (or creates) the pin directory: pins from an earlier run of this agent are
-/// replaced by this run's maps.
-/// Removes the pins of agents with another map layout (`<root>/v<N>`, N not
-/// [`ABI_VERSION`]): no agent of this layout reads them, and the state directory's lock
-/// means their agent is not running.
-fn remove_other_versions(root: &Path) -> Result<(), DatapathError> {
-    let err = |source| DatapathError::PinDir {
-        path: root.to_path_buf(),
+fn map_err_named(name: &str) -> impl Fn(MapError) -> DatapathError + '_ {
+    move |source| DatapathError::Map {
+        map: STATE_MAPS
+            .iter()
+            .chain(SET_MAPS.iter())
+            .find(|known| **known == name)
+            .copied()
+            .unwrap_or("?"),
         source,
-    };
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Ok(());
-    };
-    let current = format!("v{ABI_VERSION}");
-    for entry in entries {
-        let entry = entry.map_err(err)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let versioned = name
-            .strip_prefix('v')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if versioned && name != current {
-            std::fs::remove_dir_all(entry.path()).map_err(err)?;
-            info!(pins = %entry.path().display(), "removed the pins of another map layout");
-        }
     }
-    Ok(())
 }
 
-fn replace_dir(dir: &Path) -> Result<(), DatapathError> {
-    let err = |source| DatapathError::PinDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    if dir.exists() {
-        for entry in std::fs::read_dir(dir).map_err(err)? {
-            std::fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
+/// A handle of its own on every map pinned under `pins`, to pin it again.
+fn pinned_map_handles(
+    pins: &PinLayout,
+    shapes: &BTreeMap<String, MapShape>,
+) -> Result<Vec<(PathBuf, MapData)>, DatapathError> {
+    let state = STATE_MAPS.iter().map(|name| pins.state_dir().join(name));
+    let sets = (0..map_set::COUNT).flat_map(|set| {
+        SET_MAPS
+            .iter()
+            .map(move |name| pins.set_dir(set).join(name))
+    });
+    let mut handles = Vec::new();
+    for path in state.chain(sets) {
+        let known = path
+            .file_name()
+            .is_some_and(|name| shapes.contains_key(&*name.to_string_lossy()));
+        if !known {
+            continue;
+        }
+        let map = MapData::from_pin(&path).map_err(|source| DatapathError::Map {
+            map: "pinned",
+            source,
+        })?;
+        handles.push((path, map));
+    }
+    Ok(handles)
+}
+
+impl StateMaps {
+    /// Copies what the replaced map pinned at `old` holds into the new `name`, as much
+    /// as fits: connections and counters survive a change of size.
+    fn migrate(&mut self, name: &str, old: &Path) -> Result<u64, DatapathError> {
+        let old =
+            aya::maps::Map::from_map_data(MapData::from_pin(old).map_err(map_err_named(name))?)
+                .map_err(map_err_named(name))?;
+        match name {
+            map_names::CT => copy_hash(&mut self.ct, old, map_names::CT),
+            map_names::CT_NEW => copy_hash(&mut self.ct_new, old, map_names::CT_NEW),
+            map_names::PORT_STATS => copy_per_cpu(&mut self.port_stats, old, map_names::PORT_STATS),
+            map_names::RULE_STATS => copy_per_cpu(&mut self.rule_stats, old, map_names::RULE_STATS),
+            _ => Ok(0),
         }
     }
-    std::fs::create_dir_all(dir).map_err(err)
+}
+
+fn copy_hash<K: aya::Pod, V: aya::Pod>(
+    new: &mut HashMap<MapData, K, V>,
+    old: aya::maps::Map,
+    name: &'static str,
+) -> Result<u64, DatapathError> {
+    let old: HashMap<MapData, K, V> = HashMap::try_from(old).map_err(map_err(name))?;
+    let mut copied = 0;
+    for (key, value) in old.iter().filter_map(Result::ok) {
+        if new.insert(key, value, 0).is_err() {
+            break;
+        }
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+fn copy_per_cpu<V: aya::Pod>(
+    new: &mut PerCpuArray<MapData, V>,
+    old: aya::maps::Map,
+    name: &'static str,
+) -> Result<u64, DatapathError> {
+    let old: PerCpuArray<MapData, V> = PerCpuArray::try_from(old).map_err(map_err(name))?;
+    let len = old.len().min(new.len());
+    for index in 0..len {
+        let values = old.get(&index, 0).map_err(map_err(name))?;
+        new.set(index, values, 0).map_err(map_err(name))?;
+    }
+    Ok(u64::from(len))
 }
 
 fn zero_slot<T: aya::Pod + Default>(
@@ -1216,249 +1614,4 @@ fn per_cpu<T: aya::Pod>(value: T, map: &'static str) -> Result<PerCpuValues<T>, 
         map,
         source: MapError::IoError(source),
     })
-}
-
-type MapResult = Result<(), DatapathError>;
-
-fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map { map, source }
-}
-
-fn upsert_map<K, V>(
-    map: &mut HashMap<MapData, K, V>,
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    name: &'static str,
-) -> MapResult
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
-{
-    for (key, value) in new {
-        if old.get(key) != Some(value) {
-            map.insert(key, value, 0).map_err(map_err(name))?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_map<K, V>(
-    map: &mut HashMap<MapData, K, V>,
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    name: &'static str,
-) -> MapResult
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod,
-{
-    for key in old.keys().filter(|key| !new.contains_key(key)) {
-        remove_present(map.remove(key), name)?;
-    }
-    Ok(())
-}
-
-fn upsert_set<K: aya::Pod + Ord>(
-    map: &mut HashMap<MapData, K, u32>,
-    old: &BTreeSet<K>,
-    new: &BTreeSet<K>,
-    name: &'static str,
-) -> MapResult {
-    for key in new.difference(old) {
-        map.insert(key, 1, 0).map_err(map_err(name))?;
-    }
-    Ok(())
-}
-
-fn remove_set<K: aya::Pod + Ord>(
-    map: &mut HashMap<MapData, K, u32>,
-    old: &BTreeSet<K>,
-    new: &BTreeSet<K>,
-    name: &'static str,
-) -> MapResult {
-    for key in old.difference(new) {
-        remove_present(map.remove(key), name)?;
-    }
-    Ok(())
-}
-
-fn upsert_trie<K: aya::Pod + Ord>(
-    trie: &mut LpmTrie<MapData, K, u32>,
-    old: &BTreeSet<(u32, K)>,
-    new: &BTreeSet<(u32, K)>,
-    name: &'static str,
-) -> MapResult {
-    for (prefix_len, data) in new.difference(old) {
-        trie.insert(&LpmKey::new(*prefix_len, *data), 1, 0)
-            .map_err(map_err(name))?;
-    }
-    Ok(())
-}
-
-fn remove_trie<K: aya::Pod + Ord>(
-    trie: &mut LpmTrie<MapData, K, u32>,
-    old: &BTreeSet<(u32, K)>,
-    new: &BTreeSet<(u32, K)>,
-    name: &'static str,
-) -> MapResult {
-    for (prefix_len, data) in old.difference(new) {
-        remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
-    }
-    Ok(())
-}
-
-fn upsert_trie_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
-    trie: &mut LpmTrie<MapData, K, V>,
-    old: &BTreeMap<(u32, K), V>,
-    new: &BTreeMap<(u32, K), V>,
-    name: &'static str,
-) -> MapResult {
-    for ((prefix_len, data), value) in new {
-        if old.get(&(*prefix_len, *data)) != Some(value) {
-            trie.insert(&LpmKey::new(*prefix_len, *data), *value, 0)
-                .map_err(map_err(name))?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_trie_map<K: aya::Pod + Ord, V: aya::Pod>(
-    trie: &mut LpmTrie<MapData, K, V>,
-    old: &BTreeMap<(u32, K), V>,
-    new: &BTreeMap<(u32, K), V>,
-    name: &'static str,
-) -> MapResult {
-    for (prefix_len, data) in old.keys().filter(|key| !new.contains_key(key)) {
-        remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
-    }
-    Ok(())
-}
-
-/// Every map the agent writes from `DatapathTables`, once: `$each!(field, NAME, kind)`
-/// for each, the kind saying how the table is kept (`hash` and `trie` maps, `set` and
-/// `trie_set` key sets written with value 1). The per-CPU counters, conntrack and SNAT
-/// maps are the programs' own.
-macro_rules! written_maps {
-    ($each:ident) => {
-        [
-            $each!(ports, PORTS, hash),
-            $each!(port_macs, PORT_MACS, set),
-            $each!(port_ip4, PORT_IP4, set),
-            $each!(port_net4, PORT_NET4, trie_set),
-            $each!(port_ip6, PORT_IP6, set),
-            $each!(port_net6, PORT_NET6, trie_set),
-            $each!(fdb, FDB, hash),
-            $each!(flood, FLOOD, hash),
-            $each!(sg_remote4, SG_REMOTE4, trie),
-            $each!(sg_remote6, SG_REMOTE6, trie),
-            $each!(sg_rules, SG_RULES, trie),
-            $each!(router_ifs, ROUTER_IFS, hash),
-            $each!(routes4, ROUTES4, trie),
-            $each!(routes6, ROUTES6, trie),
-            $each!(neigh4, NEIGH4, hash),
-            $each!(neigh6, NEIGH6, hash),
-            $each!(router_gw, ROUTER_GW, hash),
-            $each!(router_gw6, ROUTER_GW6, hash),
-            $each!(gateway_macs, GATEWAY_MACS, hash),
-            $each!(ext_addrs4, EXT_ADDRS4, hash),
-            $each!(ext_addrs6, EXT_ADDRS6, hash),
-            $each!(fips4, FIPS4, hash),
-            $each!(fip_of4, FIP_OF4, hash),
-        ]
-    };
-}
-use written_maps;
-
-/// A key set as the map the agent writes it into: each key with value 1.
-fn as_set_map<K: Copy + Ord>(keys: &BTreeSet<K>) -> BTreeMap<K, u32> {
-    keys.iter().map(|key| (*key, 1)).collect()
-}
-
-/// How many entries `actual` has wrong against `wanted`: different, missing or extra.
-fn drift<K: Ord, V: PartialEq>(actual: &BTreeMap<K, V>, wanted: &BTreeMap<K, V>) -> u64 {
-    let wrong = wanted
-        .iter()
-        .filter(|(k, v)| actual.get(k) != Some(v))
-        .count();
-    let extra = actual.keys().filter(|k| !wanted.contains_key(k)).count();
-    (wrong + extra) as u64
-}
-
-/// Makes the hash map hold `wanted` exactly; how many entries it had wrong.
-fn repair_hash<K, V>(
-    map: &mut HashMap<MapData, K, V>,
-    wanted: &BTreeMap<K, V>,
-    name: &'static str,
-) -> Result<u64, DatapathError>
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
-{
-    // An entry removed while the walk runs is simply not there.
-    let actual: BTreeMap<K, V> = map.iter().filter_map(Result::ok).collect();
-    let wrong = drift(&actual, wanted);
-    if wrong > 0 {
-        upsert_map(map, &actual, wanted, name)?;
-        remove_map(map, &actual, wanted, name)?;
-    }
-    Ok(wrong)
-}
-
-/// As [`repair_hash`] for an LPM trie, keyed by (prefix length, data).
-fn repair_trie<K, V>(
-    trie: &mut LpmTrie<MapData, K, V>,
-    wanted: &BTreeMap<(u32, K), V>,
-    name: &'static str,
-) -> Result<u64, DatapathError>
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
-{
-    let actual: BTreeMap<(u32, K), V> = trie
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(key, value)| ((key.prefix_len(), key.data()), value))
-        .collect();
-    let wrong = drift(&actual, wanted);
-    if wrong > 0 {
-        upsert_trie_map(trie, &actual, wanted, name)?;
-        remove_trie_map(trie, &actual, wanted, name)?;
-    }
-    Ok(wrong)
-}
-
-/// A removal of an entry that is already gone is what the caller wanted anyway.
-fn remove_present(result: Result<(), MapError>, name: &'static str) -> MapResult {
-    match result {
-        Err(MapError::KeyNotFound) => {
-            warn!(map = name, "entry to remove was already gone");
-            Ok(())
-        }
-        other => other.map_err(map_err(name)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_pins_of_other_layouts_are_removed() {
-        let root = std::env::temp_dir().join(format!("dp-pins-{}", std::process::id()));
-        let current = pin_dir(&root);
-        for dir in [
-            root.join("v3").join("maps"),
-            root.join("v12"),
-            current.clone(),
-            root.join("vx"),
-            root.join("other"),
-        ] {
-            std::fs::create_dir_all(&dir).unwrap();
-        }
-        std::fs::write(root.join("v3").join("maps").join("PORTS"), b"").unwrap();
-        remove_other_versions(&root).unwrap();
-        assert!(!root.join("v3").exists() && !root.join("v12").exists());
-        assert!(current.exists() && root.join("vx").exists() && root.join("other").exists());
-        std::fs::remove_dir_all(&root).unwrap();
-    }
 }

@@ -86,6 +86,7 @@ pub fn drop_reason_to_proto(reason: DropReason) -> pb::DropReason {
         DropReason::NatPortsExhausted => pb::DropReason::NatPortsExhausted,
         DropReason::NoNatBinding => pb::DropReason::NoNatBinding,
         DropReason::NatUnsupported => pb::DropReason::NatUnsupported,
+        DropReason::StageUnavailable => pb::DropReason::StageUnavailable,
     }
 }
 

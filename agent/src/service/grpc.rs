@@ -51,6 +51,18 @@ fn event_to_proto(event: NodeEvent) -> pb::WatchEvent {
             operation: operation.as_str().to_owned(),
             changes,
         }),
+        NodeEvent::Drift(drift) => pb::watch_event::Event::Drift(pb::DriftRepaired {
+            maps: drift
+                .entries
+                .into_iter()
+                .map(|(map, entries)| pb::drift_repaired::MapEntries {
+                    map: map.to_owned(),
+                    entries,
+                })
+                .collect(),
+            links: drift.links,
+            pins: drift.pins,
+        }),
     };
     pb::WatchEvent { event: Some(event) }
 }

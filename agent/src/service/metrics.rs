@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     kernel::datapath::Counters,
-    node::{ConntrackStats, Node, NodeCounters, NodeError},
+    node::{ConntrackStats, DriftTotals, Node, NodeCounters, NodeError},
 };
 
 /// The content type of the text exposition format.
@@ -99,8 +99,8 @@ pub struct Snapshot {
     pub snat: (u64, u64),
     /// The agent-written maps: (name, entries, room for how many).
     pub maps: Vec<(&'static str, u64, u64)>,
-    /// Entries the drift checks put back since start, by map.
-    pub drift_repaired: std::collections::BTreeMap<&'static str, u64>,
+    /// What the drift checks put back since start.
+    pub drift_repaired: DriftTotals,
 }
 
 async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
@@ -359,7 +359,7 @@ pub fn render(snapshot: &Snapshot, apply_latency: &Histogram) -> String {
     );
     registry.register("map_capacity", "Entries each map holds", map_capacity);
     let drift = Family::<MapLabel, Counter>::default();
-    for (map, entries) in &snapshot.drift_repaired {
+    for (map, entries) in &snapshot.drift_repaired.entries {
         drift
             .get_or_create(&MapLabel {
                 map: (*map).to_owned(),
@@ -370,6 +370,20 @@ pub fn render(snapshot: &Snapshot, apply_latency: &Histogram) -> String {
         "drift_repaired",
         "Map entries found changed behind the agent's back and put back",
         drift,
+    );
+    let relinked = Counter::<u64>::default();
+    relinked.inc_by(snapshot.drift_repaired.links);
+    registry.register(
+        "drift_relinked",
+        "Dispatchers found detached from a device behind the agent's back and attached again",
+        relinked,
+    );
+    let repinned = Counter::<u64>::default();
+    repinned.inc_by(snapshot.drift_repaired.pins);
+    registry.register(
+        "drift_repinned",
+        "Pinned maps and links found removed from bpffs and pinned again",
+        repinned,
     );
 
     registry.register(
@@ -428,7 +442,11 @@ mod tests {
             },
             snat: (6, 262_144),
             maps: vec![("FDB", 40, 65_536), ("PORTS", 3, 4096)],
-            drift_repaired: [("FDB", 2)].into(),
+            drift_repaired: DriftTotals {
+                entries: [("FDB", 2)].into(),
+                links: 1,
+                pins: 3,
+            },
         }
     }
 
@@ -460,6 +478,8 @@ mod tests {
             "dataplane_map_entries{map=\"FDB\"} 40".to_owned(),
             "dataplane_map_capacity{map=\"PORTS\"} 4096".to_owned(),
             "dataplane_drift_repaired_total{map=\"FDB\"} 2".to_owned(),
+            "dataplane_drift_relinked_total 1".to_owned(),
+            "dataplane_drift_repinned_total 3".to_owned(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -64,6 +64,9 @@ pub enum DropReason {
     /// SNAT cannot translate it: a fragment after the first, or a protocol without
     /// ports or echo identifiers.
     NatUnsupported = 28,
+    /// The hook found no program of the active map set to hand the frame to (the agent
+    /// never left one out), or the active set changed twice while it looked.
+    StageUnavailable = 29,
 }
 
 impl DropReason {
@@ -71,7 +74,7 @@ impl DropReason {
     pub const COUNT: usize = 32;
 
     /// Every reason, in value order.
-    pub const ALL: [DropReason; 28] = [
+    pub const ALL: [DropReason; 29] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedArp,
         DropReason::MalformedIpv4,
@@ -100,6 +103,7 @@ impl DropReason {
         DropReason::NatPortsExhausted,
         DropReason::NoNatBinding,
         DropReason::NatUnsupported,
+        DropReason::StageUnavailable,
     ];
 
     pub const fn from_u32(value: u32) -> Option<DropReason> {
@@ -140,6 +144,7 @@ impl DropReason {
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::NoNatBinding => "no_nat_binding",
             DropReason::NatUnsupported => "nat_unsupported",
+            DropReason::StageUnavailable => "stage_unavailable",
         }
     }
 }

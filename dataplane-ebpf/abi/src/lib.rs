@@ -26,7 +26,9 @@ pub use traffic::*;
 /// v3: `FdbEntry` gained `flags` (peer delivery); routing maps.
 /// v4: `route_flags::EXTERNAL`; the uplink's NAT maps and programs.
 /// v5: IPv6 on external networks (`ROUTER_GW6`, `EXT_ADDRS6`).
-pub const ABI_VERSION: u32 = 5;
+/// v6: two map sets behind a dispatcher (`ACTIVE_SET`, `IN_FLIGHT`, the stage arrays);
+/// pins split into the programs' shared state and one directory per set.
+pub const ABI_VERSION: u32 = 6;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -69,6 +71,27 @@ pub mod map_names {
     pub const SNAT4_IN: &str = "SNAT4_IN";
     pub const SNAT4_OUT: &str = "SNAT4_OUT";
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
+    pub const ACTIVE_SET: &str = "ACTIVE_SET";
+    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const TC_STAGES: &str = "TC_STAGES";
+    pub const XDP_STAGES: &str = "XDP_STAGES";
+}
+
+/// The desired-state maps exist twice, as map sets 0 and 1: the agent writes a whole
+/// update into the set packets do not use, then switches `ACTIVE_SET[0]` to it, so that
+/// one update becomes visible all at once. Each hook's program is a dispatcher that
+/// picks the active set and tail-calls that set's copy of the real program (its stage).
+pub mod map_set {
+    /// How many sets there are.
+    pub const COUNT: u32 = 2;
+    /// `TC_STAGES` index of a tc stage: `stage * COUNT + set`.
+    pub const PORT_INGRESS: u32 = 0;
+    pub const PORT_EGRESS: u32 = 1;
+    pub const UPLINK_INGRESS: u32 = 2;
+    /// Entries of `TC_STAGES`.
+    pub const TC_STAGES: u32 = 3 * COUNT;
+    /// Entries of `XDP_STAGES` (`uplink_xdp`'s stage, by set).
+    pub const XDP_STAGES: u32 = COUNT;
 }
 
 /// Program names as they appear in the object file.
@@ -85,6 +108,11 @@ pub mod program_names {
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
     /// An XDP program that passes every frame: the benchmark floor of `uplink_xdp`.
     pub const NOOP_XDP: &str = "noop_xdp";
+    /// The real programs behind the dispatchers above (see [`super::map_set`]).
+    pub const PORT_INGRESS_STAGE: &str = "port_ingress_stage";
+    pub const PORT_EGRESS_STAGE: &str = "port_egress_stage";
+    pub const UPLINK_INGRESS_STAGE: &str = "uplink_ingress_stage";
+    pub const UPLINK_XDP_STAGE: &str = "uplink_xdp_stage";
 }
 
 /// Names of read-only globals the loader may set (`.rodata`, frozen before load, so the
@@ -93,6 +121,9 @@ pub mod global_names {
     /// `u32`: when 1, every packet of `port_ingress` writes its [`super::Verdict`]
     /// into the `VERDICT` map. Used by packet tests; off (0) in production.
     pub const TRACE_VERDICT: &str = "TRACE_VERDICT";
+    /// `u32`: which map set (see [`super::map_set`]) this copy of the object's maps is;
+    /// the stages of the copy account their runs to it.
+    pub const MAP_SET: &str = "MAP_SET";
 }
 
 /// `skb->mark` stamped by `port_ingress` on frames it hands to another port, so that

@@ -9,8 +9,15 @@
 //! The uplink NIC has `uplink_xdp` (see `uplink`) and `uplink_ingress` (tcx ingress),
 //! which translates what arrives for the external addresses and delivers it to the
 //! ports (see `nat`).
+//!
+//! Each of these four is a dispatcher attached to the device, and the work is done by
+//! its `_stage` program, of which the active map set's copy is tail-called (see `sets`).
 #![no_std]
 #![no_main]
+// The BPF target has no `AtomicU64::fetch_add` (no compare-and-swap); `sets` needs the
+// atomic add the BPF instruction set does have.
+#![allow(internal_features)]
+#![feature(core_intrinsics, adt_const_params)]
 
 mod arp;
 mod conntrack;
@@ -31,16 +38,21 @@ mod packet;
 mod policy;
 mod port_security;
 mod router;
+mod sets;
 mod trace;
 mod uplink;
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, TC_ACT_OK},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        TC_ACT_OK,
+    },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use dataplane_abi::{
-    port_flags, sg_direction, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH, MARK_MAGIC_MASK,
+    map_set, port_flags, sg_direction, DropReason, PortInfo, PortStats, MARK_FROM_DATAPATH,
+    MARK_MAGIC_MASK,
 };
 
 use crate::{
@@ -65,53 +77,90 @@ pub fn noop_xdp(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn uplink_xdp(ctx: XdpContext) -> u32 {
-    uplink::run(&ctx)
+    let reason = sets::dispatch_xdp(&ctx);
+    uplink::count_drop(reason);
+    XDP_DROP
+}
+
+#[xdp]
+pub fn uplink_xdp_stage(ctx: XdpContext) -> u32 {
+    let action = uplink::run(&ctx);
+    sets::leave();
+    action
 }
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    let reason = sets::dispatch_tc(&ctx, map_set::UPLINK_INGRESS);
+    drop::shot(Hook::Ingress, uplink_stats(), reason)
+}
+
+#[classifier]
+pub fn uplink_ingress_stage(ctx: TcContext) -> i32 {
+    let action = uplink_ingress_run(&ctx);
+    sets::leave();
+    action
+}
+
+#[inline(always)]
+fn uplink_stats() -> Option<&'static mut PortStats> {
+    // SAFETY: per-CPU value, only touched by the program running on this CPU.
+    UPLINK_STATS
+        .get_ptr_mut(0)
+        .map(|stats| unsafe { &mut *stats })
+}
+
+#[inline(always)]
+fn uplink_ingress_run(ctx: &TcContext) -> i32 {
     // IPv6 is routed in, IPv4 translated (or routed in when for no external address).
-    let ipv6 = Packet::new(&ctx)
+    let ipv6 = Packet::new(ctx)
         .at::<[u8; 2]>(12)
         .is_some_and(|proto| u16::from_be_bytes(*proto) == ETH_P_IPV6);
     let hop = if ipv6 {
-        router::inbound6(&ctx)
+        router::inbound6(ctx)
     } else {
-        nat::inbound(&ctx)
+        nat::inbound(ctx)
     };
     let decided = match Hop(hop).decode() {
         // Expired in the router, before anything was rewritten: answered by a function
         // of its own (beside the translation on the stack, not below it).
-        Err(DropReason::TtlExceeded) => Hop(router::expired_on_uplink(&ctx)).decode(),
+        Err(DropReason::TtlExceeded) => Hop(router::expired_on_uplink(ctx)).decode(),
         other => other,
     };
     match decided {
         Ok(Some(target)) => {
             // From no port: slot 0.
             ctx.set_mark(MARK_FROM_DATAPATH);
-            deliver::unicast(&ctx, &target)
+            deliver::unicast(ctx, &target)
         }
         // Not for an address this node translates: the host's.
         Ok(None) => TC_ACT_OK,
-        Err(reason) => {
-            let stats = UPLINK_STATS.get_ptr_mut(0).map(|stats| {
-                // SAFETY: per-CPU value, only touched by the program running on this CPU.
-                unsafe { &mut *stats }
-            });
-            drop::shot(Hook::Ingress, stats, reason)
-        }
+        Err(reason) => drop::shot(Hook::Ingress, uplink_stats(), reason),
     }
 }
 
 #[classifier]
 pub fn port_ingress(ctx: TcContext) -> i32 {
-    let ifindex = ifindex(&ctx);
+    let reason = sets::dispatch_tc(&ctx, map_set::PORT_INGRESS);
+    drop::shot(Hook::Ingress, None, reason)
+}
+
+#[classifier]
+pub fn port_ingress_stage(ctx: TcContext) -> i32 {
+    let action = port_ingress_run(&ctx);
+    sets::leave();
+    action
+}
+
+#[inline(always)]
+fn port_ingress_run(ctx: &TcContext) -> i32 {
+    let ifindex = ifindex(ctx);
     let Some((port, stats)) = maps::port(ifindex) else {
         return drop::shot(Hook::Ingress, None, DropReason::UnknownPort);
     };
     stats.rx_packets += 1;
     stats.rx_bytes += u64::from(ctx.len());
-    match ingress(&ctx, port, ifindex, stats) {
+    match ingress(ctx, port, ifindex, stats) {
         Ok(action) => action,
         Err(reason) => drop::shot(Hook::Ingress, Some(stats), reason),
     }
@@ -172,7 +221,20 @@ fn ingress(
 
 #[classifier]
 pub fn port_egress(ctx: TcContext) -> i32 {
-    let Some((port, stats)) = maps::port(ifindex(&ctx)) else {
+    let reason = sets::dispatch_tc(&ctx, map_set::PORT_EGRESS);
+    drop::shot(Hook::Egress, None, reason)
+}
+
+#[classifier]
+pub fn port_egress_stage(ctx: TcContext) -> i32 {
+    let action = port_egress_run(&ctx);
+    sets::leave();
+    action
+}
+
+#[inline(always)]
+fn port_egress_run(ctx: &TcContext) -> i32 {
+    let Some((port, stats)) = maps::port(ifindex(ctx)) else {
         return drop::shot(Hook::Egress, None, DropReason::UnknownPort);
     };
     // SAFETY: `skb` is the context the kernel passed in.
@@ -183,7 +245,7 @@ pub fn port_egress(ctx: TcContext) -> i32 {
     }
     // The mark stays: crossing into the VM (veth to another namespace, tap to the VMM)
     // scrubs or drops it, so clearing it would be work for nothing.
-    match deliver::accept(&ctx, port, stats) {
+    match deliver::accept(ctx, port, stats) {
         Ok(()) => TC_ACT_OK,
         Err(reason) => drop::shot(Hook::Egress, Some(stats), reason),
     }

@@ -54,12 +54,18 @@ pub fn run(ctx: &XdpContext) -> u32 {
     match decide(ctx) {
         Ok(action) => action,
         Err(reason) => {
-            if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
-                // SAFETY: as above.
-                crate::drop::count(unsafe { &mut *stats }, reason);
-            }
+            count_drop(reason);
             XDP_DROP
         }
+    }
+}
+
+/// Counts a frame XDP drops against the uplink.
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(stats) = UPLINK_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only touched by the program running on this CPU.
+        crate::drop::count(unsafe { &mut *stats }, reason);
     }
 }
 
