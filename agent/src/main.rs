@@ -129,6 +129,66 @@ enum CtlCommand {
     },
     /// SNAT bindings of this node's routers.
     Nat,
+    /// What the datapath would do with a packet, stage by stage (like ovn-trace): read
+    /// from the compiled state, nothing is sent.
+    // Boxed: its flags dwarf the other commands'.
+    Trace(Box<TraceArgs>),
+}
+
+/// A packet to trace; what is left out comes from the sending port.
+#[derive(Args)]
+struct TraceArgs {
+    /// The sending port.
+    #[arg(long, required_unless_present = "uplink", conflicts_with = "uplink")]
+    port: Option<String>,
+    /// The packet arrives on the uplink from the external network.
+    #[arg(long)]
+    uplink: bool,
+    /// Default: the port's MAC.
+    #[arg(long)]
+    src_mac: Option<String>,
+    /// Default: the destination's MAC on the port's network, else its router's.
+    #[arg(long)]
+    dst_mac: Option<String>,
+    /// A non-IP frame of this ethertype (e.g. 0x88cc).
+    #[arg(long, value_parser = parse_ethertype)]
+    ethertype: Option<u32>,
+    /// Default: the port's first address of the destination's family.
+    #[arg(long)]
+    src: Option<String>,
+    #[arg(long)]
+    dst: Option<String>,
+    /// tcp, udp, icmp (ICMPv6 in IPv6), or a protocol number.
+    #[arg(long, default_value = "tcp")]
+    proto: String,
+    #[arg(long, default_value_t = 40000)]
+    sport: u32,
+    #[arg(long, default_value_t = 0)]
+    dport: u32,
+    /// ICMP type (default: echo request of the family).
+    #[arg(long)]
+    icmp_type: Option<u32>,
+    #[arg(long, default_value_t = 0)]
+    icmp_code: u32,
+    #[arg(long, default_value_t = 0)]
+    icmp_id: u32,
+    /// TCP flags, "|"-separated (SYN, ACK, FIN, RST).
+    #[arg(long, default_value = "SYN")]
+    flags: String,
+    /// TTL or hop limit.
+    #[arg(long)]
+    ttl: Option<u32>,
+    /// The packet belongs to a tracked connection (default: its first packet).
+    #[arg(long)]
+    established: bool,
+}
+
+fn parse_ethertype(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not an ethertype (0x88cc or 34956)"))
 }
 
 #[derive(Subcommand)]
@@ -380,6 +440,43 @@ async fn forward_datapath_logs(node: Arc<Node>) {
     }
 }
 
+/// Prints the trace one block per stage, then the verdict.
+async fn ctl_trace(client: &mut DataplaneClient<Channel>, args: TraceArgs) -> anyhow::Result<()> {
+    let v6 = args.dst.as_deref().is_some_and(|dst| dst.contains(':'));
+    let icmp = matches!(args.proto.as_str(), "icmp" | "icmpv6" | "ipv6-icmp");
+    let echo_request = if v6 { 128 } else { 8 };
+    let request = pb::TracePacketRequest {
+        port_id: args.port.unwrap_or_default(),
+        from_uplink: args.uplink,
+        src_mac: args.src_mac.unwrap_or_default(),
+        dst_mac: args.dst_mac.unwrap_or_default(),
+        ethertype: args.ethertype,
+        src_ip: args.src.unwrap_or_default(),
+        dst_ip: args.dst.unwrap_or_default(),
+        protocol: args.proto,
+        src_port: args.sport,
+        dst_port: args.dport,
+        icmp_type: args
+            .icmp_type
+            .unwrap_or(if icmp { echo_request } else { 0 }),
+        icmp_code: args.icmp_code,
+        icmp_id: args.icmp_id,
+        tcp_flags: args.flags,
+        ttl: args.ttl,
+        established: args.established,
+    };
+    let response = client.trace_packet(request).await?.into_inner();
+    for (number, stage) in response.stages.iter().enumerate() {
+        println!("{}. {}", number + 1, stage.name);
+        println!("   lookup:   {}", stage.lookup);
+        println!("   found:    {}", stage.found);
+        println!("   decision: {}", stage.decision);
+    }
+    let verdict = response.verdict.unwrap_or_default();
+    println!("verdict: {}", verdict.summary);
+    Ok(())
+}
+
 async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
     let mut client = connect_unix(Path::new(&args.socket))
         .await
@@ -447,6 +544,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Rules { security_group } => ctl_rules(&mut client, security_group).await?,
         CtlCommand::Conntrack { command } => ctl_conntrack(&mut client, command).await?,
+        CtlCommand::Trace(trace) => ctl_trace(&mut client, *trace).await?,
         CtlCommand::Nat => {
             let bindings = client
                 .list_nat_bindings(pb::ListNatBindingsRequest {})

@@ -25,6 +25,7 @@ use crate::{
             Uplink,
         },
         model::{Change, MacAddr, Resource, ResourceKind, ResourceRef, State},
+        trace::{self, Probe, Trace, TraceError},
         validate::ValidationError,
     },
     kernel::{
@@ -451,6 +452,12 @@ impl Node {
                 }
             })
             .collect())
+    }
+
+    /// What the datapath does with `probe`, from the compiled tables (no packet sent).
+    pub async fn trace_packet(&self, probe: &Probe) -> Result<Trace, TraceError> {
+        let inner = self.inner.lock().await;
+        trace::trace(&inner.compiled, probe)
     }
 
     /// Forgets a port's tracked connections: their next packets are judged as new.

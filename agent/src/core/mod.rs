@@ -2,6 +2,7 @@
 //! No I/O, no kernel, no async, no proto types.
 pub mod compile;
 pub mod model;
+pub mod trace;
 pub mod validate;
 
 #[cfg(test)]

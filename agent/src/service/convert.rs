@@ -23,6 +23,9 @@ use crate::core::{
         ProtocolParseError, ProviderNetwork, QosDirection, QosPolicy, Resource, ResourceKind,
         ResourceRef, Route, Router, RouterInterface, SecurityGroup, SecurityGroupRule, Subnet,
     },
+    trace::{
+        self, Ingress, Network as TraceNetwork, Probe, Trace, Transport, Verdict as TraceVerdict,
+    },
     validate::ValidationError,
 };
 
@@ -946,6 +949,229 @@ impl From<&Change> for pb::Change {
     }
 }
 
+impl TryFrom<pb::TracePacketRequest> for Probe {
+    type Error = ValidationError;
+
+    /// Fields are checked in request order; the first bad one is named.
+    fn try_from(request: pb::TracePacketRequest) -> Converted<Probe> {
+        let ingress = match (request.port_id.is_empty(), request.from_uplink) {
+            (false, false) => Ingress::Port(request.port_id.clone()),
+            (true, true) => Ingress::Uplink,
+            (false, true) => {
+                return Err(invalid("port_id", "a packet from the uplink has no port"));
+            }
+            (true, false) => return Err(invalid("port_id", "required (or from_uplink)")),
+        };
+        let mac = |field: &str, text: &str| -> Converted<Option<MacAddr>> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            text.parse()
+                .map(Some)
+                .map_err(|_| invalid(field, format!("{text:?} is not a MAC address")))
+        };
+        let src_mac = mac("src_mac", &request.src_mac)?;
+        let dst_mac = mac("dst_mac", &request.dst_mac)?;
+        let address = |field: &str, text: &str| -> Converted<Option<IpAddr>> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            text.parse()
+                .map(Some)
+                .map_err(|_| invalid(field, format!("{text:?} is not an IP address")))
+        };
+        let src = address("src_ip", &request.src_ip)?;
+        let dst = address("dst_ip", &request.dst_ip)?;
+        let ttl = match request.ttl {
+            None => 64,
+            Some(ttl) => {
+                u8::try_from(ttl).map_err(|_| invalid("ttl", format!("{ttl} is over 255")))?
+            }
+        };
+        let network = match (request.ethertype, dst) {
+            (Some(ethertype), _) if ethertype != 0x0800 && ethertype != 0x86dd => {
+                let ethertype = u16::try_from(ethertype)
+                    .map_err(|_| invalid("ethertype", format!("{ethertype} is over 65535")))?;
+                TraceNetwork::Other { ethertype }
+            }
+            (_, None) => return Err(invalid("dst_ip", "required")),
+            (ethertype, Some(IpAddr::V4(dst))) => {
+                if ethertype == Some(0x86dd) {
+                    return Err(invalid(
+                        "dst_ip",
+                        format!("{dst} is not IPv6, as ethertype says"),
+                    ));
+                }
+                let src = match src {
+                    None => None,
+                    Some(IpAddr::V4(src)) => Some(src),
+                    Some(IpAddr::V6(src)) => {
+                        return Err(invalid(
+                            "src_ip",
+                            format!("{src} is not IPv4, as dst_ip is"),
+                        ));
+                    }
+                };
+                TraceNetwork::V4 { src, dst, ttl }
+            }
+            (ethertype, Some(IpAddr::V6(dst))) => {
+                if ethertype == Some(0x0800) {
+                    return Err(invalid(
+                        "dst_ip",
+                        format!("{dst} is not IPv4, as ethertype says"),
+                    ));
+                }
+                let src = match src {
+                    None => None,
+                    Some(IpAddr::V6(src)) => Some(src),
+                    Some(IpAddr::V4(src)) => {
+                        return Err(invalid(
+                            "src_ip",
+                            format!("{src} is not IPv6, as dst_ip is"),
+                        ));
+                    }
+                };
+                TraceNetwork::V6 {
+                    src,
+                    dst,
+                    hop_limit: ttl,
+                }
+            }
+        };
+        let port = |field: &str, value: u32| -> Converted<u16> {
+            u16::try_from(value).map_err(|_| invalid(field, format!("{value} is over 65535")))
+        };
+        let byte = |field: &str, value: u32| -> Converted<u8> {
+            u8::try_from(value).map_err(|_| invalid(field, format!("{value} is over 255")))
+        };
+        let protocol = match request.protocol.to_ascii_lowercase().as_str() {
+            "" | "tcp" => 6,
+            "udp" => 17,
+            "icmp" | "icmpv6" | "ipv6-icmp" => match network {
+                TraceNetwork::V6 { .. } => 58,
+                _ => 1,
+            },
+            number => number.parse::<u8>().map_err(|_| {
+                invalid(
+                    "protocol",
+                    format!("{number:?} is not tcp, udp, icmp, icmpv6 or a protocol number"),
+                )
+            })?,
+        };
+        let transport = match protocol {
+            6 => Transport::Tcp {
+                sport: port("src_port", request.src_port)?,
+                dport: port("dst_port", request.dst_port)?,
+                flags: tcp_flags(&request.tcp_flags)?,
+            },
+            17 => Transport::Udp {
+                sport: port("src_port", request.src_port)?,
+                dport: port("dst_port", request.dst_port)?,
+            },
+            1 | 58 => {
+                let family = if matches!(network, TraceNetwork::V6 { .. }) {
+                    58
+                } else {
+                    1
+                };
+                if protocol != family {
+                    return Err(invalid(
+                        "protocol",
+                        format!("protocol {protocol} is not the ICMP of dst_ip's family"),
+                    ));
+                }
+                Transport::Icmp {
+                    kind: byte("icmp_type", request.icmp_type)?,
+                    code: byte("icmp_code", request.icmp_code)?,
+                    id: port("icmp_id", request.icmp_id)?,
+                }
+            }
+            protocol => Transport::Other { protocol },
+        };
+        Ok(Probe {
+            ingress,
+            src_mac,
+            dst_mac,
+            network,
+            transport,
+            established: request.established,
+        })
+    }
+}
+
+/// `"SYN|ACK"` to the flag bits; empty: SYN.
+fn tcp_flags(text: &str) -> Converted<u8> {
+    if text.is_empty() {
+        return Ok(trace::SYN);
+    }
+    text.split(['|', ',', '+'])
+        .map(|name| match name.trim().to_ascii_uppercase().as_str() {
+            "SYN" => Ok(trace::SYN),
+            "ACK" => Ok(trace::ACK),
+            "FIN" => Ok(trace::FIN),
+            "RST" => Ok(trace::RST),
+            other => Err(invalid(
+                "tcp_flags",
+                format!("{other:?} is not SYN, ACK, FIN or RST"),
+            )),
+        })
+        .try_fold(0, |flags, flag| Ok(flags | flag?))
+}
+
+pub fn trace_to_proto(trace: Trace) -> pb::TracePacketResponse {
+    use pb::trace_verdict::Action;
+    let summary = trace.verdict.to_string();
+    let reason = |reason: DropReason| drop_reason_to_proto(reason) as i32;
+    let mut verdict = pb::TraceVerdict {
+        summary,
+        ..pb::TraceVerdict::default()
+    };
+    match trace.verdict {
+        TraceVerdict::Delivered(target) => {
+            verdict.action = Action::Delivered as i32;
+            verdict.port_id = target.port_id;
+        }
+        TraceVerdict::Answered(target) => {
+            verdict.action = Action::Answered as i32;
+            verdict.port_id = target.port_id;
+        }
+        TraceVerdict::Flooded(copies) => {
+            verdict.action = Action::Flooded as i32;
+            verdict.copies = copies
+                .into_iter()
+                .map(|copy| pb::FloodCopy {
+                    port_id: copy.target.port_id,
+                    drop_reason: copy.dropped.map_or(0, reason),
+                })
+                .collect();
+        }
+        TraceVerdict::Uplink { .. } => verdict.action = Action::Uplink as i32,
+        TraceVerdict::AnsweredOnUplink => verdict.action = Action::AnsweredOnUplink as i32,
+        TraceVerdict::ToHost => verdict.action = Action::ToHost as i32,
+        TraceVerdict::Dropped {
+            reason: dropped,
+            port_id,
+        } => {
+            verdict.action = Action::Dropped as i32;
+            verdict.drop_reason = reason(dropped);
+            verdict.port_id = port_id;
+        }
+    }
+    pb::TracePacketResponse {
+        stages: trace
+            .stages
+            .into_iter()
+            .map(|stage| pb::TraceStage {
+                name: stage.name.to_owned(),
+                lookup: stage.lookup,
+                found: stage.found,
+                decision: stage.decision,
+            })
+            .collect(),
+        verdict: Some(verdict),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1666,5 +1892,122 @@ mod tests {
             .count();
         assert_eq!(proto_values, DropReason::ALL.len());
         assert!(pb::DropReason::try_from(0).is_ok_and(|r| r == pb::DropReason::Unspecified));
+    }
+
+    fn trace_request() -> pb::TracePacketRequest {
+        pb::TracePacketRequest {
+            port_id: "p1".into(),
+            dst_ip: "10.0.0.6".into(),
+            protocol: "tcp".into(),
+            src_port: 40000,
+            dst_port: 80,
+            tcp_flags: "syn|ack".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn trace_requests_take_their_defaults() {
+        let probe = Probe::try_from(trace_request()).unwrap();
+        assert_eq!(probe.ingress, Ingress::Port("p1".into()));
+        assert_eq!(
+            probe.network,
+            TraceNetwork::V4 {
+                src: None,
+                dst: "10.0.0.6".parse().unwrap(),
+                ttl: 64
+            }
+        );
+        assert_eq!(
+            probe.transport,
+            Transport::Tcp {
+                sport: 40000,
+                dport: 80,
+                flags: trace::SYN | trace::ACK
+            }
+        );
+        let icmp6 = Probe::try_from(pb::TracePacketRequest {
+            dst_ip: "fd00::6".into(),
+            protocol: "icmp".into(),
+            icmp_type: 128,
+            ttl: Some(1),
+            ..trace_request()
+        })
+        .unwrap();
+        assert!(matches!(
+            icmp6.network,
+            TraceNetwork::V6 { hop_limit: 1, .. }
+        ));
+        assert!(matches!(icmp6.transport, Transport::Icmp { kind: 128, .. }));
+    }
+
+    #[test]
+    fn a_bad_trace_request_names_its_field() {
+        let bad: [(pb::TracePacketRequest, &str); 8] = [
+            (
+                pb::TracePacketRequest {
+                    port_id: String::new(),
+                    ..trace_request()
+                },
+                "port_id",
+            ),
+            (
+                pb::TracePacketRequest {
+                    from_uplink: true,
+                    ..trace_request()
+                },
+                "port_id",
+            ),
+            (
+                pb::TracePacketRequest {
+                    src_mac: "zz".into(),
+                    ..trace_request()
+                },
+                "src_mac",
+            ),
+            (
+                pb::TracePacketRequest {
+                    dst_ip: String::new(),
+                    ..trace_request()
+                },
+                "dst_ip",
+            ),
+            (
+                pb::TracePacketRequest {
+                    src_ip: "fd00::1".into(),
+                    ..trace_request()
+                },
+                "src_ip",
+            ),
+            (
+                pb::TracePacketRequest {
+                    ttl: Some(256),
+                    ..trace_request()
+                },
+                "ttl",
+            ),
+            (
+                pb::TracePacketRequest {
+                    protocol: "sctp".into(),
+                    ..trace_request()
+                },
+                "protocol",
+            ),
+            (
+                pb::TracePacketRequest {
+                    tcp_flags: "SYN|URG".into(),
+                    ..trace_request()
+                },
+                "tcp_flags",
+            ),
+        ];
+        for (request, field) in bad {
+            let error = Probe::try_from(request).unwrap_err();
+            assert_eq!(
+                (error.code, error.field.as_str()),
+                (ErrorCode::InvalidArgument, field),
+                "{error:?}"
+            );
+        }
     }
 }

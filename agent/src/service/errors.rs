@@ -6,7 +6,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tracing::error;
 
 use crate::{
-    core::validate::{ErrorCode, ValidationError},
+    core::{
+        trace::TraceError,
+        validate::{ErrorCode, ValidationError},
+    },
     node::NodeError,
 };
 
@@ -107,5 +110,34 @@ pub fn missing_field(field: &str) -> Status {
         Code::InvalidArgument,
         format!("{field}: required"),
         ErrorDetails::with_bad_request_violation(field, "required"),
+    )
+}
+
+/// A field of a request that is no list (a query), refused.
+pub fn field_status(error: &ValidationError) -> Status {
+    validation_status(error, RequestList::Changes)
+}
+
+/// A packet the trace cannot follow: an unknown port is NOT_FOUND, the rest a field to
+/// give or change.
+pub fn trace_status(error: &TraceError) -> Status {
+    let (code, field, message) = match error {
+        TraceError::UnknownPort(port_id) => (
+            Code::NotFound,
+            "port_id",
+            format!("port {port_id} is not programmed on this node"),
+        ),
+        TraceError::NoDefault { field, why } | TraceError::Unsupported { field, why } => {
+            (Code::InvalidArgument, *field, why.clone())
+        }
+    };
+    let field = match field {
+        "src" => "src_ip",
+        other => other,
+    };
+    Status::with_error_details(
+        code,
+        format!("{field}: {message}"),
+        ErrorDetails::with_bad_request_violation(field, message),
     )
 }

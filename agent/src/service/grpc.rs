@@ -10,11 +10,20 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::{
-    convert::{changes_from_proto, drop_reason_to_proto, resources_from_proto, status_to_proto},
-    errors::{missing_field, node_status, not_found, query_status, validation_status, RequestList},
+    convert::{
+        changes_from_proto, drop_reason_to_proto, resources_from_proto, status_to_proto,
+        trace_to_proto,
+    },
+    errors::{
+        field_status, missing_field, node_status, not_found, query_status, trace_status,
+        validation_status, RequestList,
+    },
 };
 use crate::{
-    core::model::{ResourceKind, ResourceRef},
+    core::{
+        model::{ResourceKind, ResourceRef},
+        trace::Probe,
+    },
     kernel::datapath::Counters,
     node::{Committed, Connection, Node, NodeEvent},
 };
@@ -505,6 +514,19 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn trace_packet(
+        &self,
+        request: Request<pb::TracePacketRequest>,
+    ) -> Result<Response<pb::TracePacketResponse>, Status> {
+        let probe = Probe::try_from(request.into_inner()).map_err(|e| field_status(&e))?;
+        let trace = self
+            .node
+            .trace_packet(&probe)
+            .await
+            .map_err(|e| trace_status(&e))?;
+        Ok(Response::new(trace_to_proto(trace)))
     }
 
     async fn flush_connections(
