@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod drop_reason;
+mod monitor;
 mod nat;
 mod policy;
 mod router;
@@ -15,6 +16,7 @@ mod traffic;
 
 pub use conntrack::*;
 pub use drop_reason::DropReason;
+pub use monitor::*;
 pub use nat::*;
 pub use policy::*;
 pub use router::*;
@@ -26,7 +28,8 @@ pub use traffic::*;
 /// v3: `FdbEntry` gained `flags` (peer delivery); routing maps.
 /// v4: `route_flags::EXTERNAL`; the uplink's NAT maps and programs.
 /// v5: IPv6 on external networks (`ROUTER_GW6`, `EXT_ADDRS6`).
-pub const ABI_VERSION: u32 = 5;
+/// v6: the packet monitor (`EVENTS`, `EVENTS_LOST`, `MONITOR_CONFIG`).
+pub const ABI_VERSION: u32 = 6;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -69,6 +72,12 @@ pub mod map_names {
     pub const SNAT4_IN: &str = "SNAT4_IN";
     pub const SNAT4_OUT: &str = "SNAT4_OUT";
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
+    /// Ring buffer of [`super::MonitorEvent`]s.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU `u64`: events dropped because `EVENTS` was full.
+    pub const EVENTS_LOST: &str = "EVENTS_LOST";
+    /// Array of one `u32`, a [`super::monitor_mode`], written by the agent.
+    pub const MONITOR_CONFIG: &str = "MONITOR_CONFIG";
 }
 
 /// Program names as they appear in the object file.
@@ -340,6 +349,7 @@ mod pod {
     unsafe impl aya::Pod for SnatOrigin4 {}
     unsafe impl aya::Pod for SnatFlow4 {}
     unsafe impl aya::Pod for SnatBinding4 {}
+    unsafe impl aya::Pod for MonitorEvent {}
 }
 
 // No implicit padding: each size is the sum of its fields.

@@ -25,6 +25,7 @@ mod ipv6;
 mod l2;
 mod l4;
 mod maps;
+mod monitor;
 mod nat;
 mod nd;
 mod packet;
@@ -98,7 +99,7 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
                 // SAFETY: per-CPU value, only touched by the program running on this CPU.
                 unsafe { &mut *stats }
             });
-            drop::shot(Hook::Ingress, stats, reason)
+            drop::shot(&ctx, Hook::Uplink, stats, reason)
         }
     }
 }
@@ -107,13 +108,13 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 pub fn port_ingress(ctx: TcContext) -> i32 {
     let ifindex = ifindex(&ctx);
     let Some((port, stats)) = maps::port(ifindex) else {
-        return drop::shot(Hook::Ingress, None, DropReason::UnknownPort);
+        return drop::shot(&ctx, Hook::Ingress, None, DropReason::UnknownPort);
     };
     stats.rx_packets += 1;
     stats.rx_bytes += u64::from(ctx.len());
     match ingress(&ctx, port, ifindex, stats) {
         Ok(action) => action,
-        Err(reason) => drop::shot(Hook::Ingress, Some(stats), reason),
+        Err(reason) => drop::shot(&ctx, Hook::Ingress, Some(stats), reason),
     }
 }
 
@@ -173,19 +174,22 @@ fn ingress(
 #[classifier]
 pub fn port_egress(ctx: TcContext) -> i32 {
     let Some((port, stats)) = maps::port(ifindex(&ctx)) else {
-        return drop::shot(Hook::Egress, None, DropReason::UnknownPort);
+        return drop::shot(&ctx, Hook::Egress, None, DropReason::UnknownPort);
     };
     // SAFETY: `skb` is the context the kernel passed in.
     let mark = unsafe { (*ctx.skb.skb).mark };
     // Only frames `port_ingress` switched reach a VM, not the host stack's own.
     if mark & MARK_MAGIC_MASK != MARK_FROM_DATAPATH {
-        return drop::shot(Hook::Egress, Some(stats), DropReason::NotFromDatapath);
+        return drop::shot(&ctx, Hook::Egress, Some(stats), DropReason::NotFromDatapath);
     }
     // The mark stays: crossing into the VM (veth to another namespace, tap to the VMM)
     // scrubs or drops it, so clearing it would be work for nothing.
     match deliver::accept(&ctx, port, stats) {
-        Ok(()) => TC_ACT_OK,
-        Err(reason) => drop::shot(Hook::Egress, Some(stats), reason),
+        Ok(()) => {
+            monitor::delivered(ctx.skb.skb, ifindex(&ctx));
+            TC_ACT_OK
+        }
+        Err(reason) => drop::shot(&ctx, Hook::Egress, Some(stats), reason),
     }
 }
 
