@@ -32,7 +32,7 @@ use dataplane_abi::{
 };
 use tracing::{debug, info, warn};
 
-use super::BPF_OBJECT;
+use super::{monitor::MonitorMaps, BPF_OBJECT};
 use crate::core::compile::{Compiled, DatapathTables, ProgrammedPort};
 
 /// Sizes of the maps that grow with the node's ports.
@@ -331,6 +331,17 @@ impl Datapath {
             attachments: StdHashMap::new(),
             uplink: None,
             logger,
+        })
+    }
+
+    /// Takes the packet monitor's maps out of the object, once: the monitor reads them
+    /// on a task of its own, not under the node's lock. Not pinned: events are only for
+    /// whoever subscribes while this agent runs.
+    pub fn take_monitor_maps(&mut self) -> Result<MonitorMaps, DatapathError> {
+        Ok(MonitorMaps {
+            events: take(&mut self.ebpf, map_names::EVENTS, None)?,
+            lost: take(&mut self.ebpf, map_names::EVENTS_LOST, None)?,
+            config: take(&mut self.ebpf, map_names::MONITOR_CONFIG, None)?,
         })
     }
 

@@ -101,6 +101,8 @@ pub struct Snapshot {
     pub maps: Vec<(&'static str, u64, u64)>,
     /// Entries the drift checks put back since start, by map.
     pub drift_repaired: std::collections::BTreeMap<&'static str, u64>,
+    /// Monitor events the ring buffer had no room for; `None` without a monitor.
+    pub monitor_lost: Option<u64>,
 }
 
 async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
@@ -110,6 +112,7 @@ async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
         snat: node.snat_fill().await?,
         maps: node.map_fill().await?,
         drift_repaired: node.drift_repaired(),
+        monitor_lost: node.monitor_lost()?,
     })
 }
 
@@ -372,6 +375,15 @@ pub fn render(snapshot: &Snapshot, apply_latency: &Histogram) -> String {
         drift,
     );
 
+    if let Some(lost) = snapshot.monitor_lost {
+        counter(
+            &mut registry,
+            "monitor_lost_events",
+            "Packet monitor events dropped: the ring buffer was full",
+            lost,
+        );
+    }
+
     registry.register(
         "apply_duration_seconds",
         "Time from an accepted Apply or Sync to the datapath programmed",
@@ -429,6 +441,7 @@ mod tests {
             snat: (6, 262_144),
             maps: vec![("FDB", 40, 65_536), ("PORTS", 3, 4096)],
             drift_repaired: [("FDB", 2)].into(),
+            monitor_lost: Some(11),
         }
     }
 
@@ -460,6 +473,7 @@ mod tests {
             "dataplane_map_entries{map=\"FDB\"} 40".to_owned(),
             "dataplane_map_capacity{map=\"PORTS\"} 4096".to_owned(),
             "dataplane_drift_repaired_total{map=\"FDB\"} 2".to_owned(),
+            "dataplane_monitor_lost_events_total 11".to_owned(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),
