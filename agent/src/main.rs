@@ -18,6 +18,7 @@ use dataplane_agent::{
         bpffs,
         datapath::{Datapath, LoadOptions, MapLimits},
         links::LinkEvents,
+        monitor::Monitor,
     },
     node::{Node, UplinkConfig},
     service::{metrics, server},
@@ -133,6 +134,25 @@ enum CtlCommand {
     /// from the compiled state, nothing is sent.
     // Boxed: its flags dwarf the other commands'.
     Trace(Box<TraceArgs>),
+    /// The compiled security-group policy of a port: groups, rules by direction,
+    /// remote prefixes and group members, statefulness, allowed source addresses.
+    Policy {
+        #[arg(long)]
+        port: String,
+    },
+    /// Live dropped packets, one line each (with --trace, delivered ones too), until
+    /// interrupted.
+    Monitor {
+        /// Only this port's packets.
+        #[arg(long)]
+        port: Option<String>,
+        /// Also every packet delivered to a port.
+        #[arg(long)]
+        trace: bool,
+        /// Also the captured header bytes, in hex.
+        #[arg(long)]
+        hex: bool,
+    },
 }
 
 /// A packet to trace; what is left out comes from the sending port.
@@ -262,7 +282,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     bpffs::ensure_mounted(Path::new(BPFFS_MOUNT)).context("mounting bpffs")?;
     bpffs::ensure_on_bpffs(&config.bpffs_dir).context("preparing the pin directory")?;
     let limits = MapLimits::for_node(config.max_ports, config.conntrack_entries);
-    let datapath = Datapath::load(
+    let mut datapath = Datapath::load(
         limits,
         &LoadOptions {
             pin_root: Some(config.bpffs_dir.clone()),
@@ -270,6 +290,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .context("loading the datapath")?;
+    let monitor =
+        Monitor::start(datapath.take_monitor_maps()?).context("starting the packet monitor")?;
     let store_path = config.state_dir.join("state.redb");
     let store = Store::open(&store_path)?;
     let stored = store
@@ -288,6 +310,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_rules: limits.max_rules,
         }),
         Some(store),
+        Some(monitor),
     ));
     // What the last run was told, programmed before the API server is heard again.
     if !stored.is_empty() {
@@ -545,6 +568,10 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Rules { security_group } => ctl_rules(&mut client, security_group).await?,
         CtlCommand::Conntrack { command } => ctl_conntrack(&mut client, command).await?,
         CtlCommand::Trace(trace) => ctl_trace(&mut client, *trace).await?,
+        CtlCommand::Policy { port } => ctl_policy(&mut client, port).await?,
+        CtlCommand::Monitor { port, trace, hex } => {
+            ctl_monitor(&mut client, port, trace, hex).await?
+        }
         CtlCommand::Nat => {
             let bindings = client
                 .list_nat_bindings(pb::ListNatBindingsRequest {})
@@ -700,6 +727,196 @@ async fn ctl_conntrack(
         }
     }
     Ok(())
+}
+
+async fn ctl_policy(client: &mut DataplaneClient<Channel>, port: String) -> anyhow::Result<()> {
+    let policy = client
+        .get_port_policy(pb::GetPortPolicyRequest { port_id: port })
+        .await?
+        .into_inner();
+    let yes_no = |value: bool| if value { "yes" } else { "no" };
+    println!("port            {}", policy.port_id);
+    println!("port security   {}", yes_no(policy.port_security));
+    println!(
+        "security groups {}",
+        if policy.security_group_ids.is_empty() {
+            "-".to_owned()
+        } else {
+            policy.security_group_ids.join(" ")
+        }
+    );
+    println!("stateful        {}", yes_no(policy.stateful));
+    println!(
+        "policy          {} (revision {:08x})",
+        policy.policy_id, policy.policy_revision
+    );
+    println!("allowed sources");
+    for address in &policy.allowed_addresses {
+        println!("  {} {}", address.mac_address, address.ip_prefix);
+    }
+    for (direction, rules) in [
+        ("ingress", &policy.ingress_rules),
+        ("egress", &policy.egress_rules),
+    ] {
+        println!("{direction} rules ({})", rules.len());
+        for rule in rules {
+            println!("  {}", rule_words(rule));
+        }
+    }
+    Ok(())
+}
+
+/// One rule as `RULE GROUP ETHERTYPE PROTO PORTS REMOTE [MEMBERS] SLOT`.
+fn rule_words(rule: &pb::PolicyRule) -> String {
+    let ethertype = pb::EtherType::try_from(rule.ethertype)
+        .map(|e| match e {
+            pb::EtherType::Ipv6 => "ipv6",
+            _ => "ipv4",
+        })
+        .unwrap_or("?");
+    let ports = match (rule.port_range_min, rule.port_range_max) {
+        (Some(min), Some(max)) if min == max => min.to_string(),
+        (Some(min), Some(max)) => format!("{min}-{max}"),
+        (Some(min), None) => format!("{min}-"),
+        (None, Some(max)) => format!("-{max}"),
+        (None, None) => "*".to_owned(),
+    };
+    let remote = if !rule.remote_group_id.is_empty() {
+        format!(
+            "group {} [{}]",
+            rule.remote_group_id,
+            rule.remote_group_members.join(" ")
+        )
+    } else if !rule.remote_ip_prefix.is_empty() {
+        rule.remote_ip_prefix.clone()
+    } else {
+        "any".to_owned()
+    };
+    let slot = if rule.programmed {
+        format!("slot {}", rule.slot)
+    } else {
+        "NOT PROGRAMMED".to_owned()
+    };
+    format!(
+        "{} group {} {ethertype} {} ports {ports} remote {remote} {slot}",
+        rule.id, rule.security_group_id, rule.protocol
+    )
+}
+
+async fn ctl_monitor(
+    client: &mut DataplaneClient<Channel>,
+    port: Option<String>,
+    trace: bool,
+    hex: bool,
+) -> anyhow::Result<()> {
+    let mut events = client
+        .monitor(pb::MonitorRequest {
+            port_id: port.unwrap_or_default(),
+            trace,
+            drop_reasons: Vec::new(),
+        })
+        .await?
+        .into_inner();
+    eprintln!("listening for events; press Ctrl-C to stop");
+    while let Some(event) = events.message().await? {
+        match event.event {
+            Some(pb::monitor_event::Event::Packet(packet)) => {
+                println!("{}", monitor_line(&packet));
+                if hex {
+                    for chunk in packet.header.chunks(16) {
+                        let bytes: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+                        println!("    {}", bytes.join(" "));
+                    }
+                }
+            }
+            Some(pb::monitor_event::Event::Lost(lost)) => {
+                println!("xx lost {} events", lost.count);
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// One event, cilium-monitor style: `xx drop (policy_denied) port p1 from-port
+/// 10.0.0.1:1234 -> 10.0.0.2:80 tcp`, `-> delivered ...` for a trace.
+fn monitor_line(packet: &pb::PacketEvent) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_nanos(packet.time_unix_nanos);
+    let since_midnight = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() % 86_400_000_000);
+    let clock = format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        since_midnight / 3_600_000_000,
+        since_midnight / 60_000_000 % 60,
+        since_midnight / 1_000_000 % 60,
+        since_midnight % 1_000_000
+    );
+    let verdict = match pb::MonitorVerdict::try_from(packet.verdict) {
+        Ok(pb::MonitorVerdict::Dropped) => {
+            let reason = pb::DropReason::try_from(packet.drop_reason)
+                .map(|r| {
+                    r.as_str_name()
+                        .trim_start_matches("DROP_REASON_")
+                        .to_lowercase()
+                })
+                .unwrap_or_else(|_| packet.drop_reason.to_string());
+            format!("xx drop ({reason})")
+        }
+        _ => "-> delivered".to_owned(),
+    };
+    let hook = pb::MonitorHook::try_from(packet.hook)
+        .map(|hook| match hook {
+            pb::MonitorHook::FromPort => "from-port",
+            pb::MonitorHook::ToPort => "to-port",
+            pb::MonitorHook::Uplink => "uplink",
+            pb::MonitorHook::Unspecified => "?",
+        })
+        .unwrap_or("?");
+    let port = if packet.port_id.is_empty() {
+        format!("ifindex {}", packet.ifindex)
+    } else {
+        format!("port {}", packet.port_id)
+    };
+    let summary = packet.summary.clone().unwrap_or_default();
+    let endpoint = |address: &str, port: Option<u32>| match (address.contains(':'), port) {
+        (true, Some(port)) => format!("[{address}]:{port}"),
+        (false, Some(port)) => format!("{address}:{port}"),
+        (_, None) => address.to_owned(),
+    };
+    let flow = if summary.source_address.is_empty() {
+        format!("{} -> {}", summary.source_mac, summary.destination_mac)
+    } else {
+        format!(
+            "{} -> {}",
+            endpoint(&summary.source_address, summary.source_port),
+            endpoint(&summary.destination_address, summary.destination_port)
+        )
+    };
+    let what = match (summary.protocol, summary.arp_operation) {
+        (_, Some(1)) => "arp request".to_owned(),
+        (_, Some(2)) => "arp reply".to_owned(),
+        (_, Some(operation)) => format!("arp op {operation}"),
+        (Some(protocol), None) => {
+            let name = match protocol {
+                1 => "icmp".to_owned(),
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                58 => "icmpv6".to_owned(),
+                132 => "sctp".to_owned(),
+                other => format!("proto {other}"),
+            };
+            match (summary.icmp_type, summary.icmp_code) {
+                (Some(kind), Some(code)) => format!("{name} type {kind} code {code}"),
+                _ => name,
+            }
+        }
+        (None, None) => format!("ethertype 0x{:04x}", summary.ethertype),
+    };
+    format!(
+        "{clock} {verdict} {port} {hook} {flow} {what} ({} bytes)",
+        packet.original_length
+    )
 }
 
 fn status_words(status: Option<&pb::ResourceStatus>) -> (String, String) {

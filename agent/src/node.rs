@@ -21,8 +21,8 @@ use tracing::{debug, info, warn};
 use crate::{
     core::{
         compile::{
-            compile, nat::gateway_neighbors, Compiled, NodeView, ResourceStatus, Slots, StatusKind,
-            Uplink,
+            compile, nat::gateway_neighbors, port_policy, Compiled, NodeView, PortPolicyView,
+            ResourceStatus, Slots, StatusKind, Uplink,
         },
         model::{Change, MacAddr, Resource, ResourceKind, ResourceRef, State},
         trace::{self, Probe, Trace, TraceError},
@@ -30,7 +30,9 @@ use crate::{
     },
     kernel::{
         datapath::{Counters, Datapath, DatapathError, Drift},
-        links, neighbor,
+        links,
+        monitor::{Monitor, MonitorError},
+        neighbor,
     },
     store::{Store, StoreError},
 };
@@ -90,6 +92,8 @@ pub enum NodeError {
     PortNotProgrammed { port_id: String },
     #[error("storing the desired state failed; the previous state stays in force")]
     Store(#[from] StoreError),
+    #[error("the packet monitor")]
+    Monitor(#[from] MonitorError),
 }
 
 /// Result of an accepted Apply or Sync.
@@ -150,6 +154,8 @@ pub struct Node {
     table_full_reported: AtomicU64,
     inner: Mutex<Inner>,
     events: broadcast::Sender<NodeEvent>,
+    /// The datapath's packet events; `None` where nobody reads them (tests of the node).
+    monitor: Option<Monitor>,
 }
 
 struct Inner {
@@ -185,6 +191,7 @@ impl Node {
         datapath: Datapath,
         slots: Slots,
         store: Option<Store>,
+        monitor: Option<Monitor>,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Self {
@@ -207,6 +214,7 @@ impl Node {
                 gone: BTreeSet::new(),
             }),
             events,
+            monitor,
         }
     }
 
@@ -460,6 +468,31 @@ impl Node {
         trace::trace(&inner.compiled, probe)
     }
 
+    /// The compiled policy of a programmed port.
+    pub async fn port_policy(&self, port_id: &str) -> Result<PortPolicyView, NodeError> {
+        let inner = self.inner.lock().await;
+        port_policy(&inner.state, &inner.compiled, port_id).ok_or_else(|| {
+            NodeError::PortNotProgrammed {
+                port_id: port_id.to_owned(),
+            }
+        })
+    }
+
+    /// The packet monitor, if this node has one.
+    pub fn monitor(&self) -> Option<&Monitor> {
+        self.monitor.as_ref()
+    }
+
+    /// Monitor events lost to a full ring buffer since start; `None` without a monitor.
+    pub fn monitor_lost(&self) -> Result<Option<u64>, NodeError> {
+        Ok(self.monitor.as_ref().map(Monitor::lost).transpose()?)
+    }
+
+    /// Whether `port_id` is programmed on this node now.
+    pub async fn check_programmed(&self, port_id: &str) -> Result<(), NodeError> {
+        programmed_slot(&*self.inner.lock().await, port_id).map(|_| ())
+    }
+
     /// Forgets a port's tracked connections: their next packets are judged as new.
     pub async fn flush_connections(&self, port_id: &str) -> Result<u32, NodeError> {
         let mut inner = self.inner.lock().await;
@@ -696,6 +729,16 @@ impl Node {
         inner.gone = gone;
         inner.generation += 1;
         let generation = inner.generation;
+        if let Some(monitor) = &self.monitor {
+            monitor.set_ports(
+                inner
+                    .compiled
+                    .ports
+                    .iter()
+                    .map(|port| (port.slot, port.port_id.clone()))
+                    .collect(),
+            );
+        }
         self.announce(&old.statuses, &inner.compiled.statuses);
         let _ = self.events.send(NodeEvent::Applied {
             generation,

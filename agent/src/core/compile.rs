@@ -28,6 +28,8 @@ pub mod nat;
 mod policy;
 mod router;
 
+pub use policy::{port_policy, PortPolicyView, RuleView};
+
 /// What the compiler needs to know about the node.
 #[derive(Clone, Copy, Debug)]
 pub struct NodeView<'a> {

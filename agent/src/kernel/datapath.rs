@@ -41,7 +41,7 @@ use self::{
     pins::{Fit, MapShape},
     tables::{map_err, written_maps},
 };
-use super::{bpffs, BPF_OBJECT};
+use super::{bpffs, monitor::MonitorMaps, BPF_OBJECT};
 use crate::core::compile::{Compiled, DatapathTables, ProgrammedPort};
 
 /// Sizes of the maps that grow with the node's ports.
@@ -280,7 +280,7 @@ struct StateMaps {
 
 /// The maps of [`StateMaps`], pinned once for both sets (`aya-log`'s, if the programs
 /// log, too).
-const STATE_MAPS: [&str; 15] = [
+const STATE_MAPS: [&str; 18] = [
     map_names::PORT_STATS,
     map_names::NOPORT_DROPS,
     map_names::RULE_STATS,
@@ -295,6 +295,9 @@ const STATE_MAPS: [&str; 15] = [
     map_names::IN_FLIGHT,
     map_names::TC_STAGES,
     map_names::XDP_STAGES,
+    map_names::EVENTS,
+    map_names::EVENTS_LOST,
+    map_names::MONITOR_CONFIG,
     "AYA_LOGS",
 ];
 
@@ -689,6 +692,18 @@ impl Datapath {
             "datapath loaded"
         );
         Ok(datapath)
+    }
+
+    /// Takes the packet monitor's maps out of the object, once: the monitor reads them
+    /// on a task of its own, not under the node's lock. They are state maps, shared by
+    /// both sets' programs.
+    pub fn take_monitor_maps(&mut self) -> Result<MonitorMaps, DatapathError> {
+        let ebpf = &mut self.sets[0].ebpf;
+        Ok(MonitorMaps {
+            events: take(ebpf, map_names::EVENTS)?,
+            lost: take(ebpf, map_names::EVENTS_LOST)?,
+            config: take(ebpf, map_names::MONITOR_CONFIG)?,
+        })
     }
 
     /// Forwards pending log records of the programs to `tracing`.

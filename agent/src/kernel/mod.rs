@@ -3,6 +3,7 @@
 pub mod bpffs;
 pub mod datapath;
 pub mod links;
+pub mod monitor;
 pub mod neighbor;
 
 /// The eBPF object built from `dataplane-ebpf/programs` by this crate's build script.

@@ -14,19 +14,23 @@ use dataplane_abi::DropReason;
 use dataplane_proto::v1 as pb;
 use ipnet::IpNet;
 
-use crate::core::{
-    compile::{ResourceStatus, StatusKind},
-    model::{
-        id_problem, AllocationPool, AllowedAddressPair, BandwidthLimitRule, Change, Direction,
-        DscpMarkingRule, EtherType, ExternalFixedIp, ExternalGatewayInfo, FixedIp, FloatingIp,
-        HostRoute, IpVersion, MacAddr, Network, NetworkType, Port, PortBinding, Protocol,
-        ProtocolParseError, ProviderNetwork, QosDirection, QosPolicy, Resource, ResourceKind,
-        ResourceRef, Route, Router, RouterInterface, SecurityGroup, SecurityGroupRule, Subnet,
+use crate::{
+    core::{
+        compile::{PortPolicyView, ResourceStatus, RuleView, StatusKind},
+        model::{
+            id_problem, AllocationPool, AllowedAddressPair, BandwidthLimitRule, Change, Direction,
+            DscpMarkingRule, EtherType, ExternalFixedIp, ExternalGatewayInfo, FixedIp, FloatingIp,
+            HostRoute, IpVersion, MacAddr, Network, NetworkType, Port, PortBinding, Protocol,
+            ProtocolParseError, ProviderNetwork, QosDirection, QosPolicy, Resource, ResourceKind,
+            ResourceRef, Route, Router, RouterInterface, SecurityGroup, SecurityGroupRule, Subnet,
+        },
+        trace::{
+            self, Ingress, Network as TraceNetwork, Probe, Trace, Transport,
+            Verdict as TraceVerdict,
+        },
+        validate::ValidationError,
     },
-    trace::{
-        self, Ingress, Network as TraceNetwork, Probe, Trace, Transport, Verdict as TraceVerdict,
-    },
-    validate::ValidationError,
+    kernel::monitor::{Hook, MonitorFilter, PacketEvent, Verdict},
 };
 
 type Converted<T> = Result<T, ValidationError>;
@@ -1099,6 +1103,38 @@ impl TryFrom<pb::TracePacketRequest> for Probe {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// The packet monitor and the policy view
+// ---------------------------------------------------------------------------------
+
+impl TryFrom<pb::MonitorRequest> for MonitorFilter {
+    type Error = ValidationError;
+
+    fn try_from(request: pb::MonitorRequest) -> Converted<Self> {
+        let reasons = request
+            .drop_reasons
+            .iter()
+            .enumerate()
+            .map(|(index, &value)| {
+                u32::try_from(value)
+                    .ok()
+                    .and_then(DropReason::from_u32)
+                    .ok_or_else(|| {
+                        invalid(
+                            &format!("drop_reasons[{index}]"),
+                            format!("{value} is no drop reason"),
+                        )
+                    })
+            })
+            .collect::<Converted<_>>()?;
+        Ok(MonitorFilter {
+            port_id: optional_id("port_id", request.port_id)?,
+            trace: request.trace,
+            reasons,
+        })
+    }
+}
+
 /// `"SYN|ACK"` to the flag bits; empty: SYN.
 fn tcp_flags(text: &str) -> Converted<u8> {
     if text.is_empty() {
@@ -1169,6 +1205,108 @@ pub fn trace_to_proto(trace: Trace) -> pb::TracePacketResponse {
             })
             .collect(),
         verdict: Some(verdict),
+    }
+}
+
+impl From<&PacketEvent> for pb::PacketEvent {
+    fn from(event: &PacketEvent) -> Self {
+        let (verdict, drop_reason) = match event.verdict {
+            Verdict::Dropped(reason) => (pb::MonitorVerdict::Dropped, drop_reason_to_proto(reason)),
+            Verdict::Delivered => (pb::MonitorVerdict::Delivered, pb::DropReason::Unspecified),
+        };
+        let hook = match event.hook {
+            Hook::FromPort => pb::MonitorHook::FromPort,
+            Hook::ToPort => pb::MonitorHook::ToPort,
+            Hook::Uplink => pb::MonitorHook::Uplink,
+        };
+        let summary = &event.summary;
+        let (source_address, destination_address) = summary
+            .addresses
+            .map(|(source, destination)| (source.to_string(), destination.to_string()))
+            .unwrap_or_default();
+        pb::PacketEvent {
+            time_unix_nanos: event
+                .time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos() as u64),
+            port_id: event.port_id.clone().unwrap_or_default(),
+            ifindex: event.ifindex,
+            hook: hook as i32,
+            verdict: verdict as i32,
+            drop_reason: drop_reason as i32,
+            summary: Some(pb::PacketSummary {
+                source_mac: summary.source_mac.to_string(),
+                destination_mac: summary.destination_mac.to_string(),
+                ethertype: u32::from(summary.ethertype),
+                vlan_id: summary.vlan.map_or(0, u32::from),
+                source_address,
+                destination_address,
+                protocol: summary.protocol.map(u32::from),
+                source_port: summary.ports.map(|(source, _)| u32::from(source)),
+                destination_port: summary.ports.map(|(_, destination)| u32::from(destination)),
+                icmp_type: summary.icmp.map(|(kind, _)| u32::from(kind)),
+                icmp_code: summary.icmp.map(|(_, code)| u32::from(code)),
+                arp_operation: summary.arp_operation.map(u32::from),
+            }),
+            header: event.header.clone(),
+            original_length: event.original_length,
+        }
+    }
+}
+
+impl From<&RuleView> for pb::PolicyRule {
+    fn from(view: &RuleView) -> Self {
+        let rule = &view.rule;
+        pb::PolicyRule {
+            id: rule.id.clone(),
+            security_group_id: view.security_group_id.clone(),
+            ethertype: pb::EtherType::from(rule.ethertype) as i32,
+            protocol: match rule.protocol {
+                Protocol::Any => "any".to_owned(),
+                Protocol::Number(_) => rule.protocol.to_string(),
+            },
+            port_range_min: rule.port_range_min,
+            port_range_max: rule.port_range_max,
+            remote_ip_prefix: optional_to_string(&rule.remote_ip_prefix),
+            remote_group_id: rule.remote_group_id.clone().unwrap_or_default(),
+            remote_group_members: view
+                .remote_members
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            programmed: view.slot.is_some(),
+            slot: view.slot.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&PortPolicyView> for pb::PortPolicy {
+    fn from(view: &PortPolicyView) -> Self {
+        let rules = |direction: Direction| {
+            view.rules
+                .iter()
+                .filter(|rule| rule.rule.direction == direction)
+                .map(pb::PolicyRule::from)
+                .collect()
+        };
+        pb::PortPolicy {
+            port_id: view.port_id.clone(),
+            port_security: view.port_security,
+            security_group_ids: view.security_group_ids.clone(),
+            stateful: view.stateful,
+            policy_id: view.policy_id,
+            policy_revision: view.policy_revision,
+            ingress_rules: rules(Direction::Ingress),
+            egress_rules: rules(Direction::Egress),
+            allowed_addresses: view
+                .allowed_addresses
+                .iter()
+                .map(|(mac, net)| pb::AllowedAddress {
+                    mac_address: mac.to_string(),
+                    ip_prefix: net.to_string(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -2009,5 +2147,103 @@ mod tests {
                 "{error:?}"
             );
         }
+    }
+
+    #[test]
+    fn monitor_filters_from_proto() {
+        let filter = MonitorFilter::try_from(pb::MonitorRequest {
+            port_id: "p1".into(),
+            trace: true,
+            drop_reasons: vec![pb::DropReason::PolicyDenied as i32],
+        })
+        .unwrap();
+        assert_eq!(
+            filter,
+            MonitorFilter {
+                port_id: Some("p1".into()),
+                trace: true,
+                reasons: vec![DropReason::PolicyDenied],
+            }
+        );
+        assert_eq!(
+            MonitorFilter::try_from(pb::MonitorRequest::default()).unwrap(),
+            MonitorFilter::default()
+        );
+        for (request, field) in [
+            (
+                pb::MonitorRequest {
+                    drop_reasons: vec![pb::DropReason::CtInvalid as i32, 0],
+                    ..Default::default()
+                },
+                "drop_reasons[1]",
+            ),
+            (
+                pb::MonitorRequest {
+                    drop_reasons: vec![-3],
+                    ..Default::default()
+                },
+                "drop_reasons[0]",
+            ),
+            (
+                pb::MonitorRequest {
+                    port_id: "no spaces".into(),
+                    ..Default::default()
+                },
+                "port_id",
+            ),
+        ] {
+            let error = MonitorFilter::try_from(request).unwrap_err();
+            assert_eq!(
+                (error.code, error.field.as_str()),
+                (ErrorCode::InvalidArgument, field)
+            );
+        }
+    }
+
+    #[test]
+    fn a_drop_event_to_proto() {
+        use crate::kernel::monitor::PacketSummary;
+        let event = PacketEvent {
+            time: std::time::UNIX_EPOCH + std::time::Duration::from_nanos(1_700_000_000_123),
+            verdict: Verdict::Dropped(DropReason::PolicyDenied),
+            hook: Hook::FromPort,
+            ifindex: 9,
+            port_id: Some("p1".into()),
+            original_length: 74,
+            header: vec![1, 2, 3],
+            summary: PacketSummary {
+                source_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                ethertype: 0x0800,
+                addresses: Some(("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap())),
+                protocol: Some(6),
+                ports: Some((1234, 80)),
+                ..PacketSummary::default()
+            },
+        };
+        let proto = pb::PacketEvent::from(&event);
+        assert_eq!(proto.time_unix_nanos, 1_700_000_000_123);
+        assert_eq!(proto.verdict, pb::MonitorVerdict::Dropped as i32);
+        assert_eq!(proto.drop_reason, pb::DropReason::PolicyDenied as i32);
+        assert_eq!(proto.hook, pb::MonitorHook::FromPort as i32);
+        assert_eq!((proto.port_id.as_str(), proto.ifindex), ("p1", 9));
+        assert_eq!(proto.header, [1, 2, 3]);
+        let summary = proto.summary.unwrap();
+        assert_eq!(summary.source_mac, "02:00:00:00:00:01");
+        assert_eq!(
+            (
+                summary.source_address.as_str(),
+                summary.destination_address.as_str()
+            ),
+            ("10.0.0.1", "10.0.0.2")
+        );
+        assert_eq!(
+            (
+                summary.protocol,
+                summary.source_port,
+                summary.destination_port
+            ),
+            (Some(6), Some(1234), Some(80))
+        );
+        assert_eq!((summary.icmp_type, summary.arp_operation), (None, None));
     }
 }

@@ -37,7 +37,17 @@ pub fn validation_status(error: &ValidationError, list: RequestList) -> Status {
         (Some(index), false) => format!("{}[{index}].{}", list.name(), error.field),
         (None, _) => error.field.clone(),
     };
-    let code = match error.code {
+    field_violation(error.code, field, &error.message)
+}
+
+/// The status of a request with no list of resources (a filter, a query) whose field
+/// `error` names is wrong.
+pub fn request_status(error: &ValidationError) -> Status {
+    field_violation(error.code, error.field.clone(), &error.message)
+}
+
+fn field_violation(code: ErrorCode, field: String, message: &str) -> Status {
+    let code = match code {
         ErrorCode::InvalidArgument => Code::InvalidArgument,
         ErrorCode::NotFound => Code::NotFound,
         ErrorCode::AlreadyExists => Code::AlreadyExists,
@@ -45,8 +55,8 @@ pub fn validation_status(error: &ValidationError, list: RequestList) -> Status {
     };
     Status::with_error_details(
         code,
-        format!("{field}: {}", error.message),
-        ErrorDetails::with_bad_request_violation(field, error.message.clone()),
+        format!("{field}: {message}"),
+        ErrorDetails::with_bad_request_violation(field, message),
     )
 }
 
@@ -75,6 +85,10 @@ pub fn query_status(error: NodeError) -> Status {
             Status::internal(format!("{error}: {}", chain(datapath)))
         }
         NodeError::Invalid(ref invalid) => Status::invalid_argument(invalid.to_string()),
+        NodeError::Monitor(ref monitor) => {
+            error!(error = ?monitor, "packet monitor failed");
+            Status::internal(format!("{error}: {}", chain(monitor)))
+        }
         NodeError::Store(ref store) => {
             // Valid, and the datapath took it, but it could not be made durable: undone.
             error!(error = ?store, "storing the desired state failed");

@@ -5,7 +5,10 @@ use std::{pin::Pin, sync::Arc};
 
 use dataplane_proto::v1 as pb;
 use futures::Stream;
-use tokio_stream::{wrappers::BroadcastStream, StreamExt};
+use tokio_stream::{
+    wrappers::{errors::BroadcastStreamRecvError, BroadcastStream},
+    StreamExt,
+};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
@@ -15,8 +18,8 @@ use super::{
         trace_to_proto,
     },
     errors::{
-        field_status, missing_field, node_status, not_found, query_status, trace_status,
-        validation_status, RequestList,
+        field_status, missing_field, node_status, not_found, query_status, request_status,
+        trace_status, validation_status, RequestList,
     },
 };
 use crate::{
@@ -24,7 +27,10 @@ use crate::{
         model::{ResourceKind, ResourceRef},
         trace::Probe,
     },
-    kernel::datapath::Counters,
+    kernel::{
+        datapath::Counters,
+        monitor::{MonitorEvent, MonitorFilter, Subscription},
+    },
     node::{Committed, Connection, Node, NodeEvent},
 };
 
@@ -171,6 +177,13 @@ fn lookup_status(
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type MonitorStream = Pin<Box<dyn Stream<Item = Result<pb::MonitorEvent, Status>> + Send>>;
+
+fn lost(count: u64) -> pb::MonitorEvent {
+    pb::MonitorEvent {
+        event: Some(pb::monitor_event::Event::Lost(pb::LostEvents { count })),
+    }
+}
 
 #[tonic::async_trait]
 impl pb::dataplane_server::Dataplane for DataplaneService {
@@ -563,5 +576,59 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
             related: stats.related,
             expired: stats.expired,
         }))
+    }
+
+    async fn get_port_policy(
+        &self,
+        request: Request<pb::GetPortPolicyRequest>,
+    ) -> Result<Response<pb::PortPolicy>, Status> {
+        let port_id = request.into_inner().port_id;
+        if port_id.is_empty() {
+            return Err(missing_field("port_id"));
+        }
+        let policy = self
+            .node
+            .port_policy(&port_id)
+            .await
+            .map_err(query_status)?;
+        Ok(Response::new(pb::PortPolicy::from(&policy)))
+    }
+
+    type MonitorStream = MonitorStream;
+
+    async fn monitor(
+        &self,
+        request: Request<pb::MonitorRequest>,
+    ) -> Result<Response<Self::MonitorStream>, Status> {
+        let filter =
+            MonitorFilter::try_from(request.into_inner()).map_err(|e| request_status(&e))?;
+        if let Some(port_id) = &filter.port_id {
+            self.node
+                .check_programmed(port_id)
+                .await
+                .map_err(query_status)?;
+        }
+        let monitor = self
+            .node
+            .monitor()
+            .ok_or_else(|| Status::unavailable("this agent has no packet monitor"))?;
+        let Subscription { events, emitting } = monitor.subscribe(filter.trace).map_err(|e| {
+            warn!(error = ?e, "switching the monitor's events on failed");
+            Status::internal(format!("switching the monitor's events on failed: {e}"))
+        })?;
+        // `emitting` lives as long as the stream: the programs emit while it is read.
+        let stream = BroadcastStream::new(events).filter_map(move |event| {
+            let _ = &emitting;
+            match event {
+                Ok(MonitorEvent::Packet(packet)) => filter.matches(&packet).then(|| {
+                    Ok(pb::MonitorEvent {
+                        event: Some(pb::monitor_event::Event::Packet((&*packet).into())),
+                    })
+                }),
+                Ok(MonitorEvent::Lost(count)) => Some(Ok(lost(count))),
+                Err(BroadcastStreamRecvError::Lagged(count)) => Some(Ok(lost(count))),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

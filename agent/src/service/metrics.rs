@@ -101,6 +101,8 @@ pub struct Snapshot {
     pub maps: Vec<(&'static str, u64, u64)>,
     /// What the drift checks put back since start.
     pub drift_repaired: DriftTotals,
+    /// Monitor events the ring buffer had no room for; `None` without a monitor.
+    pub monitor_lost: Option<u64>,
 }
 
 async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
@@ -110,6 +112,7 @@ async fn snapshot(node: &Node) -> Result<Snapshot, NodeError> {
         snat: node.snat_fill().await?,
         maps: node.map_fill().await?,
         drift_repaired: node.drift_repaired(),
+        monitor_lost: node.monitor_lost()?,
     })
 }
 
@@ -386,6 +389,15 @@ pub fn render(snapshot: &Snapshot, apply_latency: &Histogram) -> String {
         repinned,
     );
 
+    if let Some(lost) = snapshot.monitor_lost {
+        counter(
+            &mut registry,
+            "monitor_lost_events",
+            "Packet monitor events dropped: the ring buffer was full",
+            lost,
+        );
+    }
+
     registry.register(
         "apply_duration_seconds",
         "Time from an accepted Apply or Sync to the datapath programmed",
@@ -447,6 +459,7 @@ mod tests {
                 links: 1,
                 pins: 3,
             },
+            monitor_lost: Some(11),
         }
     }
 
@@ -480,6 +493,7 @@ mod tests {
             "dataplane_drift_repaired_total{map=\"FDB\"} 2".to_owned(),
             "dataplane_drift_relinked_total 1".to_owned(),
             "dataplane_drift_repinned_total 3".to_owned(),
+            "dataplane_monitor_lost_events_total 11".to_owned(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),

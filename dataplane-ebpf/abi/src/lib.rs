@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod drop_reason;
+mod monitor;
 mod nat;
 mod policy;
 mod router;
@@ -15,6 +16,7 @@ mod traffic;
 
 pub use conntrack::*;
 pub use drop_reason::DropReason;
+pub use monitor::*;
 pub use nat::*;
 pub use policy::*;
 pub use router::*;
@@ -27,7 +29,8 @@ pub use traffic::*;
 /// v4: `route_flags::EXTERNAL`; the uplink's NAT maps and programs.
 /// v5: IPv6 on external networks (`ROUTER_GW6`, `EXT_ADDRS6`).
 /// v6: two map sets behind a dispatcher (`ACTIVE_SET`, `IN_FLIGHT`, the stage arrays);
-/// pins split into the programs' shared state and one directory per set.
+/// pins split into the programs' shared state and one directory per set; the packet
+/// monitor (`EVENTS`, `EVENTS_LOST`, `MONITOR_CONFIG`).
 pub const ABI_VERSION: u32 = 6;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
@@ -75,6 +78,12 @@ pub mod map_names {
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
     pub const TC_STAGES: &str = "TC_STAGES";
     pub const XDP_STAGES: &str = "XDP_STAGES";
+    /// Ring buffer of [`super::MonitorEvent`]s.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU `u64`: events dropped because `EVENTS` was full.
+    pub const EVENTS_LOST: &str = "EVENTS_LOST";
+    /// Array of one `u32`, a [`super::monitor_mode`], written by the agent.
+    pub const MONITOR_CONFIG: &str = "MONITOR_CONFIG";
 }
 
 /// The desired-state maps exist twice, as map sets 0 and 1: the agent writes a whole
@@ -371,6 +380,7 @@ mod pod {
     unsafe impl aya::Pod for SnatOrigin4 {}
     unsafe impl aya::Pod for SnatFlow4 {}
     unsafe impl aya::Pod for SnatBinding4 {}
+    unsafe impl aya::Pod for MonitorEvent {}
 }
 
 // No implicit padding: each size is the sum of its fields.

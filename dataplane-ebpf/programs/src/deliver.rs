@@ -14,7 +14,7 @@ use dataplane_abi::{
 use crate::{
     drop::{self, Hook},
     eth::{self, ETH_P_IP, ETH_P_IPV6},
-    ipv4, ipv6, maps,
+    ipv4, ipv6, maps, monitor,
     packet::Packet,
     policy, trace,
 };
@@ -71,15 +71,16 @@ pub fn unicast(ctx: &TcContext, fdb: &FdbEntry) -> i32 {
 #[inline(always)]
 fn to_peer(ctx: &TcContext, target: u32) -> i32 {
     let Some((port, stats)) = maps::port(target) else {
-        return drop::shot(Hook::Ingress, None, DropReason::UnknownPort);
+        return drop::shot(ctx, Hook::Peer(target), None, DropReason::UnknownPort);
     };
     if let Err(reason) = accept(ctx, port, stats) {
-        return drop::shot(Hook::Ingress, Some(stats), reason);
+        return drop::shot(ctx, Hook::Peer(target), Some(stats), reason);
     }
     // SAFETY: helper call with plain integer arguments; with flags 0 it cannot fail,
     // the redirect itself happens after return.
     unsafe { bpf_redirect_peer(target, 0) };
     trace::unicast(target);
+    monitor::delivered(ctx.skb.skb, target);
     TC_ACT_REDIRECT as i32
 }
 

@@ -1,8 +1,8 @@
 //! The single exit for dropped frames, and the drop counters.
-use aya_ebpf::bindings::TC_ACT_SHOT;
-use dataplane_abi::{DropReason, PortStats};
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use dataplane_abi::{monitor_hook, DropReason, PortStats};
 
-use crate::{maps::NOPORT_DROPS, trace};
+use crate::{maps::NOPORT_DROPS, monitor, trace};
 
 /// `reason` as an index the verifier can see is in bounds: a reason a BPF function
 /// returned through memory reaches the caller as an unknown number, and the compiler,
@@ -26,20 +26,28 @@ pub fn count(stats: &mut PortStats, reason: DropReason) {
     }
 }
 
-/// Which program drops: only `port_ingress` traces its verdicts. `port_egress` runs
-/// nested inside `port_ingress`'s flood copies (`bpf_clone_redirect` transmits at
-/// once, on the same CPU), where a verdict of its own would overwrite the one the
-/// flood is writing.
+/// Which program drops, and for whom. Only `port_ingress` (with its deliveries to a
+/// peer) and `uplink_ingress` trace their verdicts: `port_egress` runs nested inside
+/// `port_ingress`'s flood copies (`bpf_clone_redirect` transmits at once, on the same
+/// CPU), where a verdict of its own would overwrite the one the flood is writing.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    /// `port_ingress`: a frame the VM of the context's device sent.
     Ingress,
+    /// `port_egress`: a frame on its way to the VM of the context's device.
     Egress,
+    /// `port_ingress` handing the frame straight to the VM of the port on this device
+    /// (`PEER_DELIVERY`): the receiver's checks refused it.
+    Peer(u32),
+    /// `uplink_ingress`.
+    Uplink,
 }
 
 /// Drops the frame: counts it against `stats`, or in `NOPORT_DROPS` when the device
-/// has no port, and traces it from ingress. The only place that returns `TC_ACT_SHOT`.
+/// has no port, traces it except from egress, and reports it to the monitor. The only
+/// place that returns `TC_ACT_SHOT`.
 #[inline(always)]
-pub fn shot(hook: Hook, stats: Option<&mut PortStats>, reason: DropReason) -> i32 {
+pub fn shot(ctx: &TcContext, hook: Hook, stats: Option<&mut PortStats>, reason: DropReason) -> i32 {
     match stats {
         Some(stats) => count(stats, reason),
         None => {
@@ -49,8 +57,18 @@ pub fn shot(hook: Hook, stats: Option<&mut PortStats>, reason: DropReason) -> i3
             }
         }
     }
-    if hook == Hook::Ingress {
+    if hook != Hook::Egress {
         trace::drop(reason);
     }
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the context the kernel passed in.
+    let device = unsafe { (*skb).ifindex };
+    let (monitor_hook, ifindex) = match hook {
+        Hook::Ingress => (monitor_hook::FROM_PORT, device),
+        Hook::Egress => (monitor_hook::TO_PORT, device),
+        Hook::Peer(target) => (monitor_hook::TO_PORT, target),
+        Hook::Uplink => (monitor_hook::UPLINK, device),
+    };
+    monitor::dropped(skb, monitor_hook, ifindex, reason as u32);
     TC_ACT_SHOT
 }

@@ -32,6 +32,7 @@ mod ipv6;
 mod l2;
 mod l4;
 mod maps;
+mod monitor;
 mod nat;
 mod nd;
 mod packet;
@@ -92,7 +93,7 @@ pub fn uplink_xdp_stage(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     let reason = sets::dispatch_tc(&ctx, map_set::UPLINK_INGRESS);
-    drop::shot(Hook::Ingress, uplink_stats(), reason)
+    drop::shot(&ctx, Hook::Uplink, uplink_stats(), reason)
 }
 
 #[classifier]
@@ -135,14 +136,14 @@ fn uplink_ingress_run(ctx: &TcContext) -> i32 {
         }
         // Not for an address this node translates: the host's.
         Ok(None) => TC_ACT_OK,
-        Err(reason) => drop::shot(Hook::Ingress, uplink_stats(), reason),
+        Err(reason) => drop::shot(ctx, Hook::Uplink, uplink_stats(), reason),
     }
 }
 
 #[classifier]
 pub fn port_ingress(ctx: TcContext) -> i32 {
     let reason = sets::dispatch_tc(&ctx, map_set::PORT_INGRESS);
-    drop::shot(Hook::Ingress, None, reason)
+    drop::shot(&ctx, Hook::Ingress, None, reason)
 }
 
 #[classifier]
@@ -156,13 +157,13 @@ pub fn port_ingress_stage(ctx: TcContext) -> i32 {
 fn port_ingress_run(ctx: &TcContext) -> i32 {
     let ifindex = ifindex(ctx);
     let Some((port, stats)) = maps::port(ifindex) else {
-        return drop::shot(Hook::Ingress, None, DropReason::UnknownPort);
+        return drop::shot(ctx, Hook::Ingress, None, DropReason::UnknownPort);
     };
     stats.rx_packets += 1;
     stats.rx_bytes += u64::from(ctx.len());
     match ingress(ctx, port, ifindex, stats) {
         Ok(action) => action,
-        Err(reason) => drop::shot(Hook::Ingress, Some(stats), reason),
+        Err(reason) => drop::shot(ctx, Hook::Ingress, Some(stats), reason),
     }
 }
 
@@ -222,7 +223,7 @@ fn ingress(
 #[classifier]
 pub fn port_egress(ctx: TcContext) -> i32 {
     let reason = sets::dispatch_tc(&ctx, map_set::PORT_EGRESS);
-    drop::shot(Hook::Egress, None, reason)
+    drop::shot(&ctx, Hook::Egress, None, reason)
 }
 
 #[classifier]
@@ -235,19 +236,22 @@ pub fn port_egress_stage(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn port_egress_run(ctx: &TcContext) -> i32 {
     let Some((port, stats)) = maps::port(ifindex(ctx)) else {
-        return drop::shot(Hook::Egress, None, DropReason::UnknownPort);
+        return drop::shot(ctx, Hook::Egress, None, DropReason::UnknownPort);
     };
     // SAFETY: `skb` is the context the kernel passed in.
     let mark = unsafe { (*ctx.skb.skb).mark };
     // Only frames `port_ingress` switched reach a VM, not the host stack's own.
     if mark & MARK_MAGIC_MASK != MARK_FROM_DATAPATH {
-        return drop::shot(Hook::Egress, Some(stats), DropReason::NotFromDatapath);
+        return drop::shot(ctx, Hook::Egress, Some(stats), DropReason::NotFromDatapath);
     }
     // The mark stays: crossing into the VM (veth to another namespace, tap to the VMM)
     // scrubs or drops it, so clearing it would be work for nothing.
     match deliver::accept(ctx, port, stats) {
-        Ok(()) => TC_ACT_OK,
-        Err(reason) => drop::shot(Hook::Egress, Some(stats), reason),
+        Ok(()) => {
+            monitor::delivered(ctx.skb.skb, ifindex(ctx));
+            TC_ACT_OK
+        }
+        Err(reason) => drop::shot(ctx, Hook::Egress, Some(stats), reason),
     }
 }
 

@@ -664,5 +664,9 @@ impl Fnv {
     }
 }
 
+mod view;
+
+pub use view::{port_policy, PortPolicyView, RuleView};
+
 #[cfg(test)]
 mod tests;

@@ -1544,3 +1544,113 @@ fn lookups_agree_with_the_rules_on_random_policies() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// The operator's view
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn the_policy_view_shows_rules_slots_members_and_allowed_addresses() {
+    let web = group(
+        "web",
+        vec![
+            with("from-db", |r| r.remote_group_id = Some("db".to_owned())),
+            with("ssh-out", |r| {
+                r.direction = Direction::Egress;
+                r.port_range_min = Some(22);
+                r.port_range_max = Some(22);
+                r.remote_ip_prefix = Some(net("192.0.2.0/24"))
+            }),
+        ],
+    );
+    let mut p = local(
+        "p",
+        "fa:16:3e:00:00:01",
+        &["web", "web"],
+        &[("s1", "10.0.0.5")],
+    );
+    p.allowed_address_pairs = vec![pair("10.0.0.128/25", Some("02:00:00:00:00:01"))];
+    let member = elsewhere(
+        "m",
+        "fa:16:3e:00:00:0b",
+        &["db"],
+        &[("s2", "10.0.2.11"), ("s2v6", "2001:db8:2::b")],
+    );
+    let open = Port {
+        port_security_enabled: Some(false),
+        ..local("open", "fa:16:3e:00:00:02", &[], &[("s1", "10.0.0.6")])
+    };
+    let state = state_of(vec![
+        web.into(),
+        group("db", Vec::new()).into(),
+        p.into(),
+        member.into(),
+        open.into(),
+    ]);
+    let mut slots = new_slots();
+    let compiled = run(&state, &mut slots);
+
+    let view = port_policy(&state, &compiled, "p").expect("p is programmed");
+    let programmed = info(&compiled, "p");
+    assert!(view.port_security && view.stateful);
+    assert_eq!(view.security_group_ids, ["web"]);
+    assert_eq!(
+        (view.policy_id, view.policy_revision),
+        (programmed.policy_id, programmed.policy_revision)
+    );
+    assert_ne!(view.policy_id, 0);
+    let rules: Vec<(&str, Direction, Option<u32>, Vec<String>)> = view
+        .rules
+        .iter()
+        .map(|r| {
+            (
+                r.rule.id.as_str(),
+                r.rule.direction,
+                r.slot,
+                r.remote_members.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (
+                "from-db",
+                Direction::Ingress,
+                Some(slot(&slots, "from-db")),
+                // The member's IPv6 address is no remote of an IPv4 rule.
+                vec!["10.0.2.11/32".to_owned()]
+            ),
+            (
+                "ssh-out",
+                Direction::Egress,
+                Some(slot(&slots, "ssh-out")),
+                Vec::new()
+            ),
+        ]
+    );
+    let allowed: Vec<String> = view
+        .allowed_addresses
+        .iter()
+        .map(|(mac, net)| format!("{mac} {net}"))
+        .collect();
+    for expected in [
+        "fa:16:3e:00:00:01 10.0.0.5/32",
+        "02:00:00:00:00:01 10.0.0.128/25",
+        "fa:16:3e:00:00:01 fe80::f816:3eff:fe00:1/128",
+    ] {
+        assert!(
+            allowed.iter().any(|a| a == expected),
+            "{expected} not in {allowed:?}"
+        );
+    }
+
+    let open = port_policy(&state, &compiled, "open").expect("open is programmed");
+    assert!(!open.port_security && !open.stateful);
+    assert!(open.security_group_ids.is_empty());
+    assert!(open.rules.is_empty() && open.allowed_addresses.is_empty());
+    assert_eq!(open.policy_id, 0);
+
+    assert_eq!(port_policy(&state, &compiled, "m"), None, "on another node");
+    assert_eq!(port_policy(&state, &compiled, "nope"), None);
+}
