@@ -297,6 +297,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stored = store
         .load()
         .with_context(|| format!("reading the stored state in {}", store_path.display()))?;
+    let stored_slots = store
+        .load_slots()
+        .with_context(|| format!("reading the stored slots in {}", store_path.display()))?;
     let node = Arc::new(Node::new(
         config.node_name.clone(),
         config.uplink.clone().map(|interface| UplinkConfig {
@@ -304,11 +307,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             snat_ports: config.snat_ports,
         }),
         datapath,
-        Slots::new(SlotLimits {
-            max_ports: config.max_ports,
-            max_networks: config.max_ports,
-            max_rules: limits.max_rules,
-        }),
+        Slots::with_assignments(
+            SlotLimits {
+                max_ports: config.max_ports,
+                max_networks: config.max_ports,
+                max_rules: limits.max_rules,
+            },
+            stored_slots,
+        ),
         Some(store),
         Some(monitor),
     ));

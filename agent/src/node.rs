@@ -709,8 +709,19 @@ impl Node {
                 return Err(e.into());
             }
         };
-        if let (Some(store), Operation::Apply | Operation::Sync) = (&self.store, operation) {
-            if let Err(e) = store.save(&inner.state.changes_to(&next)) {
+        if let Some(store) = &self.store {
+            let resources = match operation {
+                Operation::Apply | Operation::Sync => inner.state.changes_to(&next),
+                // What the store holds already, or the same state with other devices.
+                Operation::Restore | Operation::Devices => Vec::new(),
+            };
+            let slot_changes = slots.changes_since(&inner.slots);
+            let saved = if resources.is_empty() && slot_changes.is_empty() {
+                Ok(())
+            } else {
+                store.save(&resources, &slot_changes)
+            };
+            if let Err(e) = saved {
                 drop(staged);
                 self.roll_back(inner);
                 return Err(e.into());

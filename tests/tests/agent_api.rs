@@ -259,7 +259,14 @@ async fn a_restarted_agent_programs_the_stored_state_before_any_sync() -> Result
         .await?
         .into_inner();
 
+    let ports_before = agent.active_set_maps()?.join("PORTS");
+    let ports_map = aya::maps::MapInfo::from_pin(&ports_before)?.id();
+
     agent.restart().await?;
+    // The stored state, slots and all, compiles to what the active set holds: adopted
+    // as it is, no switch to the other set.
+    assert_eq!(agent.active_set_maps()?.join("PORTS"), ports_before);
+    assert_eq!(aya::maps::MapInfo::from_pin(&ports_before)?.id(), ports_map);
     let mut client = agent.client().await?;
     let after = client
         .list_ports(pb::ListRequest::default())

@@ -122,6 +122,32 @@ impl Slots {
         self.policies.get(key.as_slice())
     }
 
+    /// What changed from `old` (`None`: released), to store: [`Slots::with_assignments`]
+    /// of what is held gives the same slots back, and hands out the same ones next (the
+    /// lowest free one, whatever freed it).
+    pub fn changes_since(&self, old: &Slots) -> SlotChanges {
+        SlotChanges {
+            ports: self.ports.changes_since(&old.ports),
+            networks: self.networks.changes_since(&old.networks),
+            rules: self.rules.changes_since(&old.rules),
+            policies: self.policies.changes_since(&old.policies),
+            classes: self.classes.changes_since(&old.classes),
+            routers: self.routers.changes_since(&old.routers),
+        }
+    }
+
+    /// Slots of `limits` holding `assignments` (as stored by an earlier run).
+    pub fn with_assignments(limits: SlotLimits, assignments: SlotAssignments) -> Self {
+        let mut slots = Slots::new(limits);
+        slots.ports.hold(assignments.ports);
+        slots.networks.hold(assignments.networks);
+        slots.rules.hold(assignments.rules);
+        slots.policies.hold(assignments.policies);
+        slots.classes.hold(assignments.classes);
+        slots.routers.hold(assignments.routers);
+        slots
+    }
+
     /// The id of the address class of exactly these rules (slots in any order), if a
     /// programmed policy uses it.
     pub fn class_id(&self, rule_slots: &[u32]) -> Option<u32> {
@@ -129,6 +155,37 @@ impl Slots {
         key.sort_unstable();
         key.dedup();
         self.classes.get(key.as_slice())
+    }
+}
+
+/// Slots by what holds them, per kind: a restarted agent that compiles the same state
+/// with the same slots writes the same tables. `T` is the slot (held) or an optional
+/// slot (a change; `None`: released).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotsBy<T> {
+    pub ports: Vec<(String, T)>,
+    pub networks: Vec<(String, T)>,
+    pub rules: Vec<(String, T)>,
+    /// By the sorted ids of the policy's security groups.
+    pub policies: Vec<(Vec<String>, T)>,
+    /// By the sorted slots of the class's rules.
+    pub classes: Vec<(Vec<u32>, T)>,
+    pub routers: Vec<(String, T)>,
+}
+
+/// The slots held.
+pub type SlotAssignments = SlotsBy<u32>;
+/// Slots taken and released by a commit.
+pub type SlotChanges = SlotsBy<Option<u32>>;
+
+impl SlotChanges {
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+            && self.networks.is_empty()
+            && self.rules.is_empty()
+            && self.policies.is_empty()
+            && self.classes.is_empty()
+            && self.routers.is_empty()
     }
 }
 
@@ -206,6 +263,39 @@ impl<K: Hash + Eq> SlotPool<K> {
 
     fn capacity(&self) -> u32 {
         self.end.saturating_sub(NO_SLOT + 1)
+    }
+
+    /// Keys whose slot is not what it was in `old` (`None`: released).
+    fn changes_since(&self, old: &Self) -> Vec<(K, Option<u32>)>
+    where
+        K: Clone,
+    {
+        let taken = self
+            .assigned
+            .iter()
+            .filter(|(key, slot)| old.assigned.get(*key) != Some(*slot))
+            .map(|(key, slot)| (key.clone(), Some(*slot)));
+        let released = old
+            .assigned
+            .keys()
+            .filter(|key| !self.assigned.contains_key(*key))
+            .map(|key| (key.clone(), None));
+        taken.chain(released).collect()
+    }
+
+    /// Takes `held` as the slots assigned (an empty pool's): every slot below the
+    /// highest one that nobody holds is free. Slots out of range are left out.
+    fn hold(&mut self, held: Vec<(K, u32)>) {
+        for (key, slot) in held {
+            if slot > NO_SLOT && slot < self.end {
+                self.next_unused = self.next_unused.max(slot + 1);
+                self.assigned.insert(key, slot);
+            }
+        }
+        let taken: BTreeSet<u32> = self.assigned.values().copied().collect();
+        self.released = (NO_SLOT + 1..self.next_unused)
+            .filter(|slot| !taken.contains(slot))
+            .collect();
     }
 }
 
