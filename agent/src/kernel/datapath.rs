@@ -465,6 +465,7 @@ fn load_copy(
 /// one. What packets see then changes entry by entry, not all at once.
 pub fn ready_lone_copy(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     let load_err = |program| move |source| DatapathError::Program { program, source };
+    let mut stages = Vec::new();
     for (stage, name, dispatcher) in TC_STAGES {
         for program in [name, dispatcher] {
             let prog = classifier(ebpf, program)?;
@@ -472,52 +473,43 @@ pub fn ready_lone_copy(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
                 prog.load().map_err(load_err(program))?;
             }
         }
-        let fd = classifier(ebpf, name)?
-            .fd()
-            .map_err(load_err(name))?
-            .try_clone()
-            .map_err(|e| DatapathError::Program {
-                program: name,
-                source: ProgramError::IOError(e),
-            })?;
-        let mut stages: ProgramArray<&mut MapData> = ProgramArray::try_from(
-            ebpf.map_mut(map_names::TC_STAGES)
-                .ok_or(DatapathError::Missing {
-                    kind: "map",
-                    name: map_names::TC_STAGES,
-                })?,
-        )
-        .map_err(map_err(map_names::TC_STAGES))?;
-        stages
-            .set(stage * map_set::COUNT, &fd, 0)
-            .map_err(map_err(map_names::TC_STAGES))?;
+        let fd = classifier(ebpf, name)?.fd().map_err(load_err(name))?;
+        stages.push((
+            map_names::TC_STAGES,
+            stage * map_set::COUNT,
+            owned(fd, name)?,
+        ));
     }
-    for program in [program_names::UPLINK_XDP_STAGE, program_names::UPLINK_XDP] {
+    let name = program_names::UPLINK_XDP_STAGE;
+    for program in [name, program_names::UPLINK_XDP] {
         let prog = xdp(ebpf, program)?;
         if prog.fd().is_err() {
             prog.load().map_err(load_err(program))?;
         }
     }
-    let name = program_names::UPLINK_XDP_STAGE;
-    let fd = xdp(ebpf, name)?
-        .fd()
-        .map_err(load_err(name))?
-        .try_clone()
-        .map_err(|e| DatapathError::Program {
-            program: name,
-            source: ProgramError::IOError(e),
+    let fd = xdp(ebpf, name)?.fd().map_err(load_err(name))?;
+    stages.push((map_names::XDP_STAGES, 0, owned(fd, name)?));
+    for (array, index, fd) in stages {
+        let map = ebpf.map_mut(array).ok_or(DatapathError::Missing {
+            kind: "map",
+            name: array,
         })?;
-    let mut stages: ProgramArray<&mut MapData> = ProgramArray::try_from(
-        ebpf.map_mut(map_names::XDP_STAGES)
-            .ok_or(DatapathError::Missing {
-                kind: "map",
-                name: map_names::XDP_STAGES,
-            })?,
-    )
-    .map_err(map_err(map_names::XDP_STAGES))?;
-    stages
-        .set(0, &fd, 0)
-        .map_err(map_err(map_names::XDP_STAGES))
+        ProgramArray::<&mut MapData>::try_from(map)
+            .and_then(|mut stages| stages.set(index, &fd, 0))
+            .map_err(map_err(array))?;
+    }
+    Ok(())
+}
+
+/// A program fd of its own, to use while the object is borrowed for its maps.
+fn owned(
+    fd: &aya::programs::ProgramFd,
+    program: &'static str,
+) -> Result<aya::programs::ProgramFd, DatapathError> {
+    fd.try_clone().map_err(|e| DatapathError::Program {
+        program,
+        source: ProgramError::IOError(e),
+    })
 }
 
 impl Datapath {
@@ -717,11 +709,6 @@ impl Datapath {
     pub fn log_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         self.logger.as_ref().map(|logger| logger.as_raw_fd())
-    }
-
-    /// The map set packets use now.
-    pub fn active_set(&self) -> u32 {
-        self.active
     }
 
     /// Makes what packets see equal to `compiled`, all at once: [`Self::stage`], then
