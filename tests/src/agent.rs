@@ -118,6 +118,19 @@ impl Agent {
         self.wait_ready().await
     }
 
+    /// Stops the agent (SIGTERM) and starts it again with `flags` set (replacing the
+    /// values those flags had); waits until its API answers.
+    pub async fn restart_with(&mut self, flags: &[(&str, &str)]) -> Result<()> {
+        self.terminate()?;
+        for (flag, value) in flags {
+            if let Some(at) = self.flags.iter().position(|f| f == flag) {
+                self.flags.drain(at..=at + 1);
+            }
+            self.flags.extend([(*flag).to_owned(), (*value).to_owned()]);
+        }
+        self.start_again().await
+    }
+
     /// The agent's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

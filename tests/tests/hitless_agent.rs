@@ -512,3 +512,95 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
     );
     Ok(())
 }
+
+/// Pins the object `fd` refers to at `path`.
+fn bpf_obj_pin(fd: i32, path: &Path) -> Result<()> {
+    #[repr(C)]
+    struct ObjPinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let name = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let attr = ObjPinAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: the attr points at a NUL-terminated path alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr as *const ObjPinAttr,
+            std::mem::size_of::<ObjPinAttr>(),
+        )
+    };
+    ensure!(
+        rc == 0,
+        "BPF_OBJ_PIN {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restart_with_a_bigger_conntrack_table_carries_the_connections_over() -> Result<()> {
+    let node = NetNs::new("hl-resize")?;
+    let mut agent = Agent::start(&node, NODE).await?;
+    let mut client = agent.client().await?;
+    let (a, b) = client_and_server(&node, "hl-resize", &mut client).await?;
+    let server: SocketAddr = SERVER.parse()?;
+    let _echo = EchoServer::tcp(&b.ns, server)?;
+    let mut open = tcp_connect(&a.ns, server)?;
+    echo_round_trip(&mut open, b"before")?;
+    // What an agent of an older map layout would have left beside this one's.
+    let pins = agent.pins();
+    let ct = pins.state_dir().join(map_names::CT);
+    let old_version = ct
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .context("pin root")?
+        .join("v5");
+    std::fs::create_dir_all(old_version.join("state"))?;
+    let fd = bpf_obj_get(&ct)?;
+    bpf_obj_pin(fd, &old_version.join("state").join(map_names::CT))?;
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+
+    agent
+        .restart_with(&[("--conntrack-entries", "8192")])
+        .await?;
+    // The connection's replies pass only as established: its entry was copied into
+    // the new, bigger table.
+    echo_round_trip(&mut open, b"after the resize")?;
+    ensure!(
+        aya::maps::MapInfo::from_pin(&ct)?.max_entries() == 8192,
+        "CT not resized"
+    );
+    let logs = agent.logs();
+    ensure!(
+        logs.contains("pinned map has another size; replacing it"),
+        "{logs}"
+    );
+    ensure!(
+        logs.contains("copied the entries of the replaced map"),
+        "{logs}"
+    );
+    // Once the links were taken over, the other layout's pins went.
+    ensure!(
+        !old_version.exists(),
+        "{} still there\n{logs}",
+        old_version.display()
+    );
+    ensure!(
+        !std::fs::read_dir(pins.state_dir())?
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with("-replaced")),
+        "the replaced map's pin is still there"
+    );
+    Ok(())
+}

@@ -410,7 +410,10 @@ fn private_pin_root() -> Result<PathBuf, DatapathError> {
 /// Moves a pin that is not adopted out of the way of the new map: its programs keep
 /// using it until the switch, and it is removed after.
 fn move_aside(path: &Path) -> Result<PathBuf, DatapathError> {
-    let aside = path.with_extension("replaced");
+    // bpffs refuses names with a dot.
+    let mut aside = path.as_os_str().to_owned();
+    aside.push("-replaced");
+    let aside = PathBuf::from(aside);
     std::fs::rename(path, &aside).map_err(|source| DatapathError::PinDir {
         path: path.to_path_buf(),
         source,
