@@ -434,12 +434,22 @@ async fn kill_9_in_the_middle_of_a_large_apply_leaves_the_old_or_the_new_state_w
 #[tokio::test]
 async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> Result<()> {
     let node = NetNs::new("hl-drift")?;
+    // An uplink to nowhere in particular: its XDP dispatcher is one more to detach.
+    let outside = NetNs::new("hl-drift-out")?;
+    let uplink = node.add_veth("up0", Some(&outside), "ext0")?;
     let metrics: SocketAddr = "127.0.0.1:9479".parse()?;
     let metrics_flag = metrics.to_string();
     let agent = Agent::start_with(
         &node,
         NODE,
-        &["--drift-check-seconds", "1", "--metrics", &metrics_flag],
+        &[
+            "--drift-check-seconds",
+            "1",
+            "--metrics",
+            &metrics_flag,
+            "--uplink",
+            "up0",
+        ],
     )
     .await?;
     let mut client = agent.client().await?;
@@ -460,8 +470,11 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
         "no pinned link {}",
         ingress_link.display()
     );
-    // The dispatcher goes off tap-a (a's frames would reach the host stack, not b).
+    // The dispatcher goes off tap-a (a's frames would reach the host stack, not b), and
+    // the uplink's XDP dispatcher off the uplink.
     detach_link(&ingress_link)?;
+    let uplink_xdp = pins.link(uplink, "uplink_xdp");
+    detach_link(&uplink_xdp)?;
     // And pins go: a map of each kind, and a link.
     let ct = pins.state_dir().join(map_names::CT);
     let ports = agent.active_set_maps()?.join(map_names::PORTS);
@@ -473,7 +486,7 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let (mut links, mut repinned) = (0, 0);
-    while links == 0 || repinned < 3 {
+    while links < 2 || repinned < 3 {
         let event = tokio::time::timeout_at(deadline, watch.next())
             .await
             .with_context(|| format!("no drift event in time\n{}", agent.logs()))?
@@ -483,7 +496,7 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
             repinned += drift.pins;
         }
     }
-    for pin in [&ct, &ports, &egress_link, &ingress_link] {
+    for pin in [&ct, &ports, &egress_link, &ingress_link, &uplink_xdp] {
         ensure!(pin.exists(), "{} not pinned again", pin.display());
     }
     ensure!(

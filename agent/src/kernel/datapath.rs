@@ -203,6 +203,8 @@ pub struct Counters {
 struct UplinkAttachment {
     interface: String,
     ifindex: u32,
+    /// XDP in generic mode only (see [`Datapath::attach_uplink`]).
+    generic: bool,
     xdp: Link,
     ingress: Link,
 }
@@ -986,6 +988,7 @@ impl Datapath {
         self.uplink = Some(UplinkAttachment {
             interface: interface.to_owned(),
             ifindex,
+            generic,
             xdp: xdp_link,
             ingress,
         });
@@ -1073,7 +1076,7 @@ impl Datapath {
             }
         }
         detached.dedup();
-        let count = detached.len() as u64;
+        let mut count = detached.len() as u64;
         let ports: Vec<ProgrammedPort> = Vec::new();
         let _ = ports;
         for ifindex in detached {
@@ -1106,6 +1109,35 @@ impl Datapath {
                         egress,
                     },
                 );
+            }
+        }
+        if let Some(uplink) = &self.uplink {
+            let ours = xdp(ebpf, program_names::UPLINK_XDP)?
+                .info()
+                .map_err(|source| DatapathError::Program {
+                    program: program_names::UPLINK_XDP,
+                    source,
+                })?
+                .id();
+            // A device that is gone is the device watch's to notice.
+            if super::links::xdp_program(uplink.ifindex).is_ok_and(|now| now != Some(ours)) {
+                warn!(interface = %uplink.interface, "uplink XDP dispatcher detached behind the agent's back; attaching again");
+                let Some(uplink) = self.uplink.take() else {
+                    return Ok(count);
+                };
+                let pin = uplink.xdp.pin_path().cloned();
+                uplink.xdp.release();
+                let xdp_link = attach::xdp(
+                    xdp(ebpf, program_names::UPLINK_XDP)?,
+                    &uplink.interface,
+                    uplink.generic,
+                    pin,
+                )?;
+                self.uplink = Some(UplinkAttachment {
+                    xdp: xdp_link,
+                    ..uplink
+                });
+                count += 1;
             }
         }
         if let Some(uplink) = &self.uplink {

@@ -38,6 +38,8 @@ mod rtnl {
     pub const IFLA_LINKINFO: u16 = 18;
     pub const IFLA_LINK_NETNSID: u16 = 37;
     pub const IFLA_INFO_KIND: u16 = 1;
+    pub const IFLA_XDP: u16 = 43;
+    pub const IFLA_XDP_PROG_ID: u16 = 4;
     /// Attribute type bits (the rest flag nesting and byte order).
     pub const NLA_TYPE_MASK: u16 = 0x3fff;
 }
@@ -49,6 +51,8 @@ pub struct LinkInfo {
     pub kind: Option<String>,
     /// The device's link (a veth's other end) is in another network namespace.
     pub link_in_other_netns: bool,
+    /// The XDP program attached, by id.
+    pub xdp_program: Option<u32>,
 }
 
 impl LinkInfo {
@@ -64,6 +68,23 @@ impl LinkInfo {
 /// ([`LinkInfo::delivers_to_peer`]): one rtnetlink dump of every link, so the cost of a
 /// refresh does not grow with a request per port.
 pub fn peer_devices() -> io::Result<BTreeSet<u32>> {
+    Ok(dump_links()?
+        .into_iter()
+        .filter(|(_, info)| info.delivers_to_peer())
+        .map(|(ifindex, _)| ifindex)
+        .collect())
+}
+
+/// The id of the XDP program on device `ifindex`, if one is attached.
+pub fn xdp_program(ifindex: u32) -> io::Result<Option<u32>> {
+    Ok(dump_links()?
+        .into_iter()
+        .find(|(index, _)| *index == ifindex)
+        .and_then(|(_, info)| info.xdp_program))
+}
+
+/// Every device of this namespace, from one rtnetlink dump.
+fn dump_links() -> io::Result<Vec<(u32, LinkInfo)>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     let len = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
@@ -73,17 +94,14 @@ pub fn peer_devices() -> io::Result<BTreeSet<u32>> {
     request[6..8].copy_from_slice(&(rtnl::NLM_F_REQUEST | rtnl::NLM_F_DUMP).to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
     socket.send_to(&request, &SocketAddr::new(0, 0), 0)?;
-    let mut peers = BTreeSet::new();
+    let mut links = Vec::new();
     let mut reply = vec![0u8; 64 * 1024];
     loop {
         let n = socket.recv(&mut &mut reply[..], 0)?;
         for message in messages(&reply[..n]) {
             match parse_link(message)? {
-                Some((ifindex, info)) if info.delivers_to_peer() => {
-                    peers.insert(ifindex);
-                }
-                Some(_) => {}
-                None => return Ok(peers),
+                Some(link) => links.push(link),
+                None => return Ok(links),
             }
         }
     }
@@ -161,6 +179,13 @@ fn parse_link(msg: &[u8]) -> io::Result<Option<(u32, LinkInfo)>> {
                         info.kind = Some(String::from_utf8_lossy(text).into_owned());
                     }
                 }
+            }
+            rtnl::IFLA_XDP => {
+                info.xdp_program = attributes(payload)
+                    .find(|(nested, _)| *nested == rtnl::IFLA_XDP_PROG_ID)
+                    .and_then(|(_, value)| value.get(0..4)?.try_into().ok())
+                    .map(u32::from_ne_bytes)
+                    .filter(|id| *id != 0);
             }
             _ => {}
         }
@@ -277,6 +302,19 @@ mod tests {
             &attribute(rtnl::IFLA_INFO_KIND, b"tun\0"),
         );
         assert!(!info(&newlink(9, &[ifname, tun])).delivers_to_peer());
+    }
+
+    #[test]
+    fn the_attached_xdp_program_is_read_from_ifla_xdp() {
+        let xdp = |id: u32| {
+            let mut nested = attribute(1, &[1]); // IFLA_XDP_ATTACHED: driver
+            nested.extend(attribute(rtnl::IFLA_XDP_PROG_ID, &id.to_ne_bytes()));
+            attribute(rtnl::IFLA_XDP | 0x8000, &nested)
+        };
+        assert_eq!(info(&newlink(3, &[xdp(42)])).xdp_program, Some(42));
+        // Id 0, or no attribute: nothing attached.
+        assert_eq!(info(&newlink(3, &[xdp(0)])).xdp_program, None);
+        assert_eq!(info(&newlink(3, &[])).xdp_program, None);
     }
 
     #[test]
