@@ -346,12 +346,10 @@ async fn kill_9_in_the_middle_of_a_large_apply_leaves_the_old_or_the_new_state_w
     // Every Apply carries a newer revision of port b than the last.
     let mut revision = 10;
 
-    let mut outcomes = Vec::new();
-    for (round, delay_ms) in [0u64, 30, 80, 150, 300].into_iter().enumerate() {
-        // Old: b in "server" (8080 open), "big" absent or in force as last time. New:
-        // b in "big" only, whose rules open 8080 again under new rule ids.
-        let mut client = agent.client().await?;
-        let mut moved = port(
+    // How long the Apply takes here and now (the kills fall at fractions of it), then
+    // back to the old state.
+    let moved_to = |group: &str, revision: u64| {
+        let mut p = port(
             "b",
             "net",
             "fa:16:3e:00:00:02",
@@ -359,10 +357,33 @@ async fn kill_9_in_the_middle_of_a_large_apply_leaves_the_old_or_the_new_state_w
             NODE,
             "tap-b",
         );
-        moved.security_group_ids = vec!["big".into()];
+        p.security_group_ids = vec![group.into()];
+        p.revision_number = revision;
+        upsert(p)
+    };
+    revision += 1;
+    let started = std::time::Instant::now();
+    client
+        .apply(apply(vec![
+            big_group(RULES, revision),
+            moved_to("big", revision),
+        ]))
+        .await?;
+    let took = started.elapsed();
+    revision += 1;
+    client
+        .apply(apply(vec![moved_to("server", revision)]))
+        .await?;
+
+    let mut outcomes = Vec::new();
+    let fractions = [0.0, 0.25, 0.5, 0.75, 2.0];
+    for (round, fraction) in fractions.into_iter().enumerate() {
+        let delay_ms = (took.as_secs_f64() * fraction * 1000.0) as u64;
+        // Old: b in "server" (8080 open), "big" absent or in force as last time. New:
+        // b in "big" only, whose rules open 8080 again under new rule ids.
+        let mut client = agent.client().await?;
         revision += 1;
-        moved.revision_number = revision;
-        let request = apply(vec![big_group(RULES, revision), upsert(moved)]);
+        let request = apply(vec![big_group(RULES, revision), moved_to("big", revision)]);
         let applying = tokio::spawn(async move { client.apply(request).await });
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         agent.kill()?;
@@ -408,22 +429,13 @@ async fn kill_9_in_the_middle_of_a_large_apply_leaves_the_old_or_the_new_state_w
         outcomes.push((delay_ms, new, answered));
         if new {
             // Back to the old state for the next round.
-            let mut client = agent.client().await?;
-            let mut back = port(
-                "b",
-                "net",
-                "fa:16:3e:00:00:02",
-                &[("sub", "10.0.0.2")],
-                NODE,
-                "tap-b",
-            );
-            back.security_group_ids = vec!["server".into()];
             revision += 1;
-            back.revision_number = revision;
-            client.apply(apply(vec![upsert(back)])).await?;
+            client
+                .apply(apply(vec![moved_to("server", revision)]))
+                .await?;
         }
     }
-    eprintln!("(delay ms, new state, answered): {outcomes:?}");
+    eprintln!("the Apply took {took:?}; (delay ms, new state, answered): {outcomes:?}");
     ensure!(
         outcomes.iter().any(|(_, new, _)| *new) && outcomes.iter().any(|(_, new, _)| !*new),
         "the kills never fell before and after the Apply took: {outcomes:?}"
