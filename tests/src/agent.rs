@@ -162,6 +162,11 @@ impl Agent {
         &self.node_name
     }
 
+    /// The agent's process id (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }
