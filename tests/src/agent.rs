@@ -131,11 +131,6 @@ impl Agent {
         self.start_again().await
     }
 
-    /// The agent's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     fn spawn(&mut self) -> Result<()> {
         // Appended: a restart's log follows the first run's.
         let log_file = File::options().create(true).append(true).open(&self.log)?;
@@ -195,6 +190,11 @@ impl Agent {
 
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// The agent's process id (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn socket(&self) -> &Path {

@@ -85,6 +85,11 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             require_root("the benchmark (BPF_PROG_TEST_RUN)")?;
+            // The control-plane part starts the agent binary from the same profile.
+            cargo(
+                &root,
+                &["build", "--release", "-p", "dataplane-agent", "--bins"],
+            )?;
             let mut bench = vec![
                 "run",
                 "--release",

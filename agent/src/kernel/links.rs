@@ -35,6 +35,7 @@ mod rtnl {
     pub const NLM_F_DUMP: u16 = 0x300;
     pub const NLMSG_HDRLEN: usize = 16;
     pub const IFINFOMSG_LEN: usize = 16;
+    pub const IFLA_IFNAME: u16 = 3;
     pub const IFLA_LINKINFO: u16 = 18;
     pub const IFLA_LINK_NETNSID: u16 = 37;
     pub const IFLA_INFO_KIND: u16 = 1;
@@ -47,6 +48,8 @@ mod rtnl {
 /// What rtnetlink says about a device that matters to delivery.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LinkInfo {
+    /// `IFLA_IFNAME`.
+    pub name: String,
     /// `IFLA_INFO_KIND`: "veth", "tun", ...; `None` for devices without one.
     pub kind: Option<String>,
     /// The device's link (a veth's other end) is in another network namespace.
@@ -65,10 +68,9 @@ impl LinkInfo {
 }
 
 /// The ifindexes of this namespace's devices that deliver to their peer
-/// ([`LinkInfo::delivers_to_peer`]): one rtnetlink dump of every link, so the cost of a
-/// refresh does not grow with a request per port.
+/// ([`LinkInfo::delivers_to_peer`]).
 pub fn peer_devices() -> io::Result<BTreeSet<u32>> {
-    Ok(dump_links()?
+    Ok(devices()?
         .into_iter()
         .filter(|(_, info)| info.delivers_to_peer())
         .map(|(ifindex, _)| ifindex)
@@ -77,14 +79,14 @@ pub fn peer_devices() -> io::Result<BTreeSet<u32>> {
 
 /// The id of the XDP program on device `ifindex`, if one is attached.
 pub fn xdp_program(ifindex: u32) -> io::Result<Option<u32>> {
-    Ok(dump_links()?
-        .into_iter()
-        .find(|(index, _)| *index == ifindex)
-        .and_then(|(_, info)| info.xdp_program))
+    Ok(devices()?
+        .remove(&ifindex)
+        .and_then(|info| info.xdp_program))
 }
 
-/// Every device of this namespace, from one rtnetlink dump.
-fn dump_links() -> io::Result<Vec<(u32, LinkInfo)>> {
+/// Every device of this namespace, by ifindex: one rtnetlink dump of every link, so
+/// the cost of a refresh does not grow with a request per port.
+pub fn devices() -> io::Result<BTreeMap<u32, LinkInfo>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     let len = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
@@ -94,14 +96,16 @@ fn dump_links() -> io::Result<Vec<(u32, LinkInfo)>> {
     request[6..8].copy_from_slice(&(rtnl::NLM_F_REQUEST | rtnl::NLM_F_DUMP).to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
     socket.send_to(&request, &SocketAddr::new(0, 0), 0)?;
-    let mut links = Vec::new();
+    let mut devices = BTreeMap::new();
     let mut reply = vec![0u8; 64 * 1024];
     loop {
         let n = socket.recv(&mut &mut reply[..], 0)?;
         for message in messages(&reply[..n]) {
             match parse_link(message)? {
-                Some(link) => links.push(link),
-                None => return Ok(links),
+                Some((ifindex, info)) => {
+                    devices.insert(ifindex, info);
+                }
+                None => return Ok(devices),
             }
         }
     }
@@ -171,6 +175,10 @@ fn parse_link(msg: &[u8]) -> io::Result<Option<(u32, LinkInfo)>> {
     let mut info = LinkInfo::default();
     for (attr, payload) in attributes(attrs) {
         match attr {
+            rtnl::IFLA_IFNAME => {
+                let text = payload.split(|b| *b == 0).next().unwrap_or_default();
+                info.name = String::from_utf8_lossy(text).into_owned();
+            }
             rtnl::IFLA_LINK_NETNSID => info.link_in_other_netns = true,
             rtnl::IFLA_LINKINFO => {
                 for (nested, value) in attributes(payload) {
@@ -290,6 +298,7 @@ mod tests {
         let peer = newlink(7, &[ifname.clone(), linkinfo.clone(), netnsid]);
         assert_eq!(parse_link(&peer).unwrap().unwrap().0, 7);
         let peer = info(&peer);
+        assert_eq!(peer.name, "port-a");
         assert_eq!(peer.kind.as_deref(), Some("veth"));
         assert!(peer.link_in_other_netns && peer.delivers_to_peer());
 

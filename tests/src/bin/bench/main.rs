@@ -16,7 +16,11 @@
 //!
 //! Part two (`traffic`), security groups on real traffic between namespaces, ours
 //! against iptables (as Neutron writes it) and nftables sets: see `traffic`.
+//!
+//! Part `control-plane`, the agent binary's Sync, single-rule Apply and memory at
+//! 10,000 ports: see `control`.
 
+mod control;
 mod l3agent;
 mod nat;
 mod peers;
@@ -65,13 +69,17 @@ struct Args {
     json: Option<std::path::PathBuf>,
     /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN), `traffic` (security groups
     /// on real traffic against iptables and nftables), `nat-traffic` (floating IPs on
-    /// real traffic against the L3 agent's Linux router).
+    /// real traffic against the L3 agent's Linux router), `control-plane` (the agent's
+    /// Sync, single-rule Apply and memory at 10,000 ports).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "testrun,traffic,nat-traffic"
+        default_value = "testrun,traffic,nat-traffic,control-plane"
     )]
     parts: Vec<String>,
+    /// Single-rule Applies of the control-plane part.
+    #[arg(long, default_value_t = 200)]
+    applies: usize,
     /// Floating-IP counts of the NAT test-run cases.
     #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     fips: Vec<usize>,
@@ -480,6 +488,9 @@ fn main() -> Result<()> {
             |line| eprintln!("{line}"),
         )?;
         nat::report(&args.nat_fips, args.flows, &results, &mut json);
+    }
+    if args.parts.iter().any(|p| p == "control-plane") {
+        control::run(args.applies, |line| eprintln!("{line}"), &mut json)?;
     }
     if let Some(path) = &args.json {
         std::fs::write(path, format!("[{}]\n", json.join(",\n")))?;
