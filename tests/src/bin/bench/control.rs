@@ -962,7 +962,7 @@ fn sync(
                 let phases = commit_phases(&agent.logs(), "sync")
                     .pop()
                     .unwrap_or_default();
-                for (map, entries) in kernel_entries(&agent.pinned_maps()?)? {
+                for (map, entries) in kernel_entries(&agent.active_set_maps()?)? {
                     let want = expected.fill[map];
                     ensure!(
                         entries as u64 == want,
@@ -1069,7 +1069,7 @@ pub fn run(applies: usize, log: impl Fn(&str), json: &mut Vec<String>) -> Result
         &log,
     )?;
     let after_warm = memory(pid)?;
-    let kernel_entries = kernel_entries(&agent.pinned_maps()?)?;
+    let kernel_entries = kernel_entries(&agent.active_set_maps()?)?;
     let mut resync_rpc = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
