@@ -297,7 +297,7 @@ mod tests {
             peer_devices: &empty,
             uplink: None,
         };
-        compile(state, &view, slots).tables
+        (*compile(state, &view, slots).tables).clone()
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet},
     hash::Hash,
     net::IpAddr,
+    sync::Arc,
 };
 
 use dataplane_abi::{
@@ -368,7 +369,8 @@ pub struct ResourceStatus {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    pub tables: DatapathTables,
+    /// Shared with the datapath, which keeps the tables each map set holds.
+    pub tables: Arc<DatapathTables>,
     /// By port id.
     pub ports: Vec<ProgrammedPort>,
     /// Every resource of the state.
@@ -575,7 +577,7 @@ pub fn compile(state: &State, node: &NodeView<'_>, slots: &mut Slots) -> Compile
     }
 
     Compiled {
-        tables,
+        tables: Arc::new(tables),
         ports: programmed,
         statuses: statuses.0,
         rules: policies.rules,

@@ -14,6 +14,7 @@ mod tables;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -340,8 +341,8 @@ struct MapSet {
     ebpf: Ebpf,
     maps: SetMaps,
     /// What the maps hold, if known: a set adopted from a previous run is not, until
-    /// compared.
-    programmed: Option<DatapathTables>,
+    /// compared. The active set's are the node's compiled tables themselves.
+    programmed: Option<Arc<DatapathTables>>,
     /// Whether the stage arrays hold this copy's programs for the set (not a previous
     /// run's).
     stages_installed: bool,
@@ -639,7 +640,7 @@ impl Datapath {
             sets.push(MapSet {
                 maps: SetMaps::take(&mut ebpf)?,
                 ebpf,
-                programmed: fresh.then(DatapathTables::default),
+                programmed: fresh.then(Arc::default),
                 stages_installed: false,
             });
         }
@@ -729,12 +730,12 @@ impl Datapath {
     pub fn stage(&mut self, compiled: &Compiled) -> Result<Staged, DatapathError> {
         let active = self.active as usize;
         let holds = match &self.sets[active].programmed {
-            Some(tables) => *tables == compiled.tables,
+            Some(tables) => Arc::ptr_eq(tables, &compiled.tables) || *tables == compiled.tables,
             // Adopted from a previous run: compared entry by entry, once.
             None => self.sets[active].maps.holds(&compiled.tables)?,
         };
         let target = if holds {
-            self.sets[active].programmed = Some(compiled.tables.clone());
+            self.sets[active].programmed = Some(Arc::clone(&compiled.tables));
             None
         } else {
             let target = other(self.active);
@@ -747,7 +748,7 @@ impl Datapath {
                     set.maps.repair(&compiled.tables)?;
                 }
             }
-            set.programmed = Some(compiled.tables.clone());
+            set.programmed = Some(Arc::clone(&compiled.tables));
             Some(target)
         };
         self.attach_new(&compiled.ports)?;
@@ -1230,7 +1231,7 @@ impl Datapath {
         }
         let set = &self.sets[self.active as usize];
         let empty = DatapathTables::default();
-        let (m, t) = (&set.maps, set.programmed.as_ref().unwrap_or(&empty));
+        let (m, t) = (&set.maps, set.programmed.as_deref().unwrap_or(&empty));
         macro_rules! fill {
             ($field:ident, $name:ident, $kind:ident) => {
                 (
