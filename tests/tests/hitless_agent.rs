@@ -487,7 +487,8 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
     detach_link(&ingress_link)?;
     let uplink_xdp = pins.link(uplink, "uplink_xdp");
     detach_link(&uplink_xdp)?;
-    // And pins go: a map of each kind, and a link.
+    // And pins go: a map of each kind, and a link (which, held by its pin alone, is
+    // detached with it).
     let ct = pins.state_dir().join(map_names::CT);
     let ports = agent.active_set_maps()?.join(map_names::PORTS);
     // (b's: a's links are attached anew, which pins them anew.)
@@ -498,7 +499,7 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let (mut links, mut repinned) = (0, 0);
-    while links < 2 || repinned < 3 {
+    while links < 3 || repinned < 2 {
         let event = tokio::time::timeout_at(deadline, watch.next())
             .await
             .with_context(|| format!("no drift event in time\n{}", agent.logs()))?

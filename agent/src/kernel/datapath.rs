@@ -1161,7 +1161,8 @@ impl Datapath {
         Ok(count)
     }
 
-    /// Pins again every map and link pin that was removed; how many.
+    /// Pins again every map whose pin was removed; how many. (A link whose pin goes is
+    /// detached with it, and attached again by [`Self::reattach_detached`].)
     fn repin_removed(&mut self) -> Result<u64, DatapathError> {
         let mut repinned = 0;
         for (path, map) in &self.pinned_maps {
@@ -1176,44 +1177,6 @@ impl Datapath {
                 })?;
                 repinned += 1;
             }
-        }
-        let removed = |link: &Link| link.pin_path().is_some_and(|path| !path.exists());
-        if let Some(pins) = &self.pins {
-            let _ = std::fs::create_dir_all(pins.links_dir());
-        }
-        let ifindexes: Vec<u32> = self.attachments.keys().copied().collect();
-        for ifindex in ifindexes {
-            let Some(attachment) = self.attachments.remove(&ifindex) else {
-                continue;
-            };
-            let (mut ingress, mut egress) = (attachment.ingress, attachment.egress);
-            if removed(&ingress) {
-                ingress = ingress.repin()?;
-                repinned += 1;
-            }
-            if removed(&egress) {
-                egress = egress.repin()?;
-                repinned += 1;
-            }
-            self.attachments.insert(
-                ifindex,
-                PortAttachment {
-                    interface: attachment.interface,
-                    ingress,
-                    egress,
-                },
-            );
-        }
-        if let Some(mut uplink) = self.uplink.take() {
-            if removed(&uplink.xdp) {
-                uplink.xdp = uplink.xdp.repin()?;
-                repinned += 1;
-            }
-            if removed(&uplink.ingress) {
-                uplink.ingress = uplink.ingress.repin()?;
-                repinned += 1;
-            }
-            self.uplink = Some(uplink);
         }
         Ok(repinned)
     }

@@ -1,6 +1,8 @@
 //! The dispatchers' links to devices. Pinned, they outlive the agent: traffic keeps its
 //! programs while the agent is stopped, killed or restarted, and the next agent takes a
-//! pinned link over by pointing it at its own dispatcher, in one atomic update.
+//! pinned link over by pointing it at its own dispatcher, in one atomic update. A link
+//! whose pin is removed behind the agent's back is gone with it: the drift check finds
+//! its device without the dispatcher and attaches it again.
 
 use std::path::PathBuf;
 
@@ -14,16 +16,19 @@ use tracing::{debug, info, warn};
 
 use super::DatapathError;
 
-/// One link of a dispatcher to a device, and where it is pinned.
-pub struct Link {
-    fd: FdLink,
-    pin: Option<PathBuf>,
+/// One link of a dispatcher to a device.
+pub enum Link {
+    /// Held by its pin alone: no fd is kept (two per port would take most of a
+    /// process's file limit at 10,000 ports). Removing the pin detaches it.
+    Pinned(PathBuf),
+    /// Held by its fd (a datapath without a pin root), which is dropped to detach.
+    Held { _fd: FdLink },
 }
 
 impl Link {
-    /// Detaches: the pin goes, then the last fd.
+    /// Detaches: the pin or the fd goes.
     pub fn release(self) {
-        if let Some(pin) = &self.pin {
+        if let Link::Pinned(pin) = &self {
             if let Err(e) = std::fs::remove_file(pin) {
                 debug!(pin = %pin.display(), error = %e, "link pin already gone");
             }
@@ -31,39 +36,29 @@ impl Link {
     }
 
     pub fn pin_path(&self) -> Option<&PathBuf> {
-        self.pin.as_ref()
-    }
-
-    /// Pins the link again where it was (its pin was removed behind the agent's back).
-    pub fn repin(self) -> Result<Self, DatapathError> {
-        let Some(path) = self.pin else {
-            return Ok(self);
-        };
-        let pinned = self
-            .fd
-            .pin(&path)
-            .map_err(|source| DatapathError::PinLink {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Self {
-            fd: pinned.into(),
-            pin: Some(path),
-        })
+        match self {
+            Link::Pinned(pin) => Some(pin),
+            Link::Held { .. } => None,
+        }
     }
 
     fn new(fd: FdLink, pin: Option<PathBuf>) -> Result<Self, DatapathError> {
         let Some(path) = pin else {
-            return Ok(Self { fd, pin: None });
+            return Ok(Link::Held { _fd: fd });
         };
-        let pinned = fd.pin(&path).map_err(|source| DatapathError::PinLink {
+        fd.pin(&path).map_err(|source| DatapathError::PinLink {
             path: path.clone(),
             source,
         })?;
-        Ok(Self {
-            fd: pinned.into(),
-            pin: Some(path),
-        })
+        Ok(Link::Pinned(path))
+    }
+
+    /// A link taken over from its pin (its fd, just opened, is not needed).
+    fn taken_over(fd: FdLink, pin: Option<PathBuf>) -> Self {
+        match pin {
+            Some(path) => Link::Pinned(path),
+            None => Link::Held { _fd: fd },
+        }
     }
 }
 
@@ -113,10 +108,8 @@ pub fn tc(
                 Ok(id) => {
                     let link = dispatcher.take_link(id).map_err(attach_err)?;
                     info!(interface, ?direction, "took over the pinned link");
-                    return Ok(Link {
-                        fd: FdLink::try_from(link).map_err(DatapathError::Link)?,
-                        pin,
-                    });
+                    let fd = FdLink::try_from(link).map_err(DatapathError::Link)?;
+                    return Ok(Link::taken_over(fd, pin));
                 }
                 Err(e) => defunct(pin.as_ref(), &e),
             }
@@ -152,10 +145,8 @@ pub fn xdp(
                 Ok(id) => {
                     let link = dispatcher.take_link(id).map_err(attach_err)?;
                     info!(interface, "took over the pinned XDP link");
-                    return Ok(Link {
-                        fd: FdLink::try_from(link).map_err(DatapathError::Link)?,
-                        pin,
-                    });
+                    let fd = FdLink::try_from(link).map_err(DatapathError::Link)?;
+                    return Ok(Link::taken_over(fd, pin));
                 }
                 Err(e) => defunct(pin.as_ref(), &e),
             }
