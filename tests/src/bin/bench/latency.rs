@@ -104,7 +104,9 @@ fn measure(
         for _ in 0..transactions {
             let start = Instant::now();
             stream.write_all(&byte)?;
-            stream.read_exact(&mut byte).context("waiting for the echo")?;
+            stream
+                .read_exact(&mut byte)
+                .context("waiting for the echo")?;
             rr.push(start.elapsed().as_secs_f64() * 1e6);
         }
         ensure!(byte == [7], "the echo changed the byte");
@@ -224,6 +226,9 @@ impl Part for Latency {
     }
 }
 
+/// Reads one percentile of a round's latencies.
+type Percentile = fn(&Latencies) -> f64;
+
 fn add(
     ctx: &mut Context<'_>,
     scenario: &str,
@@ -240,12 +245,16 @@ fn add(
         "new flow: TCP connect (SYN -> SYN/ACK), {} connections",
         part.connects
     );
-    let series: [(&str, &str, Box<dyn Fn(&Latencies) -> f64>); 5] = [
-        (&rr_case, "round trip p50", Box::new(|l| l.rr[0])),
-        (&rr_case, "round trip p90", Box::new(|l| l.rr[1])),
-        (&rr_case, "round trip p99", Box::new(|l| l.rr[2])),
-        (&connect_case, "first-packet round trip p50", Box::new(|l| l.connect[0])),
-        (&connect_case, "first-packet round trip p99", Box::new(|l| l.connect[1])),
+    let series: [(&str, &str, Percentile); 5] = [
+        (&rr_case, "round trip p50", |l| l.rr[0]),
+        (&rr_case, "round trip p90", |l| l.rr[1]),
+        (&rr_case, "round trip p99", |l| l.rr[2]),
+        (&connect_case, "first-packet round trip p50", |l| {
+            l.connect[0]
+        }),
+        (&connect_case, "first-packet round trip p99", |l| {
+            l.connect[1]
+        }),
     ];
     for (case, metric, value) in series {
         ctx.results.add(

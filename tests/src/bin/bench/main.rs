@@ -578,10 +578,13 @@ fn main() -> Result<()> {
         repeat: args.repeat.unwrap_or(pick(quick, 200_000, 1_000_000)),
         new_flows: args.new_flows.unwrap_or(pick(quick, 2_000, 20_000)),
         rounds: args.rounds.unwrap_or(pick(quick, 3, 5)),
-        rules: args
-            .rules
-            .clone()
-            .unwrap_or_else(|| pick(quick, vec![10, 1000, 10_000], vec![10, 100, 1000, 10_000, 100_000])),
+        rules: args.rules.clone().unwrap_or_else(|| {
+            pick(
+                quick,
+                vec![10, 1000, 10_000],
+                vec![10, 100, 1000, 10_000, 100_000],
+            )
+        }),
         fips: args
             .fips
             .clone()
@@ -611,7 +614,11 @@ fn main() -> Result<()> {
                 sizes: args.sizes.clone(),
                 flows: args.flows,
                 flow_counts: args.flow_counts.clone().unwrap_or_else(|| {
-                    pick(quick, vec![1, 1000, 100_000], vec![1, 100, 10_000, 100_000, 1_000_000])
+                    pick(
+                        quick,
+                        vec![1, 1000, 100_000],
+                        vec![1, 100, 10_000, 100_000, 1_000_000],
+                    )
                 }),
                 rounds,
                 duration,
@@ -619,10 +626,9 @@ fn main() -> Result<()> {
             "traffic" => Box::new(traffic::SecurityGroups {
                 settings: traffic::Settings {
                     systems: systems.clone(),
-                    rules: args
-                        .traffic_rules
-                        .clone()
-                        .unwrap_or_else(|| pick(quick, vec![10, 1000], vec![10, 100, 1000, 10_000])),
+                    rules: args.traffic_rules.clone().unwrap_or_else(|| {
+                        pick(quick, vec![10, 1000], vec![10, 100, 1000, 10_000])
+                    }),
                     rounds,
                     flows: args.flows,
                     duration,
@@ -859,11 +865,7 @@ fn test_run_cases(
         )?);
     }
     measure("noop_tc", noop.clone(), noop.clone());
-    measure(
-        "L2: port_ingress, no port security",
-        l2_open,
-        noop.clone(),
-    );
+    measure("L2: port_ingress, no port security", l2_open, noop.clone());
     measure(
         "L2: port_ingress, port security + allow-all stateless SG",
         l2_stateless,
@@ -946,4 +948,3 @@ fn test_run_cases(
     rows.extend(measure_rules);
     Ok(rows)
 }
-

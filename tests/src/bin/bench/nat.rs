@@ -183,8 +183,7 @@ fn frame(
     Ok(frame)
 }
 
-const NAT_FIPS: &str =
-    "NAT against floating-IP count, one program run (BPF_PROG_TEST_RUN)";
+const NAT_FIPS: &str = "NAT against floating-IP count, one program run (BPF_PROG_TEST_RUN)";
 
 /// The test-run cases of NAT, for each floating-IP count in `counts`.
 pub fn test_run_cases(

@@ -43,6 +43,17 @@ fn number(value: f64) -> String {
     }
 }
 
+/// A count as a tick: 1, 100, 10k, 1M.
+fn count(value: f64) -> String {
+    if value >= 1e6 {
+        format!("{}M", value / 1e6)
+    } else if value >= 1e4 {
+        format!("{}k", value / 1e3)
+    } else {
+        format!("{value}")
+    }
+}
+
 fn case_label(r: &Record) -> String {
     match &r.variant {
         Some(v) => format!("{}, {v}", r.case),
@@ -125,13 +136,7 @@ pub fn summary(results: &Results) -> String {
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | **{:.2}x** ({:.2}–{:.2}) |",
-                r.scenario,
-                r.case,
-                r.metric,
-                r.peer,
-                r.median,
-                r.min,
-                r.max
+                r.scenario, r.case, r.metric, r.peer, r.median, r.min, r.max
             );
         }
     }
@@ -170,9 +175,7 @@ pub fn summary(results: &Results) -> String {
                 for p in &peers {
                     let cell = ratios_of(results, &part, &scenario)
                         .into_iter()
-                        .find(|r| {
-                            r.metric == metric && &&r.peer == p && r.case == case
-                        })
+                        .find(|r| r.metric == metric && &&r.peer == p && r.case == case)
                         .map(|r| format!("{:.2}x ({:.2}–{:.2})", r.median, r.min, r.max))
                         .unwrap_or_else(|| "–".into());
                     let _ = write!(line, " {cell} |");
@@ -181,15 +184,16 @@ pub fn summary(results: &Results) -> String {
             }
             md.push('\n');
         }
-        let checks: Vec<&String> = records
-            .iter()
-            .flat_map(|r| &r.checks)
-            .fold(vec![], |mut seen, c| {
-                if !seen.contains(&c) {
-                    seen.push(c);
-                }
-                seen
-            });
+        let checks: Vec<&String> =
+            records
+                .iter()
+                .flat_map(|r| &r.checks)
+                .fold(vec![], |mut seen, c| {
+                    if !seen.contains(&c) {
+                        seen.push(c);
+                    }
+                    seen
+                });
         if !checks.is_empty() {
             md.push_str("Checked on every measurement:\n");
             for c in checks {
@@ -320,7 +324,11 @@ fn legend(svg: &mut String, systems: &[String], x0: f64, y: f64) {
 /// Cost against a swept parameter, log-scaled x, one line per system (and variant).
 fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
     let (name, unit) = (
-        records[0].sweep.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+        records[0]
+            .sweep
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_default(),
         records[0].unit.clone(),
     );
     let mut series: BTreeMap<String, Vec<(f64, &Record)>> = BTreeMap::new();
@@ -338,12 +346,19 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
         k.sort_by_key(|s| (!s.starts_with("ours"), s.clone()));
         k
     };
-    let xs: Vec<f64> = records.iter().filter_map(|r| r.sweep.as_ref().map(|s| s.1)).collect();
+    let xs: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.sweep.as_ref().map(|s| s.1))
+        .collect();
     let (xmin, xmax) = (
         xs.iter().copied().fold(f64::MAX, f64::min).max(1.0),
         xs.iter().copied().fold(1.0_f64, f64::max),
     );
-    let ymax = records.iter().map(|r| r.max).fold(0.0_f64, f64::max).max(1e-9);
+    let ymax = records
+        .iter()
+        .map(|r| r.max)
+        .fold(0.0_f64, f64::max)
+        .max(1e-9);
     let (left, top, width, height) = (70.0, 40.0, 480.0, 240.0);
     let lx = |v: f64| {
         let span = (xmax.log10() - xmin.log10()).max(1e-9);
@@ -357,7 +372,7 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
          <line x1=\"{left}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\
          <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} {}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">0</text>\
          <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{} (log scale)</text>",
-        left + width + 200.0,
+        left + width + 320.0,
         top + height + 80.0,
         escape(title),
         top + height,
@@ -383,7 +398,7 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
             "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
             lx(t),
             top + height + 14.0,
-            number(t)
+            count(t)
         );
     }
     for (i, key) in keys.iter().enumerate() {
@@ -453,7 +468,11 @@ fn ratio_chart(title: &str, ratios: &[&Ratio], caption: &str) -> String {
     );
     for (i, r) in ratios.iter().enumerate() {
         let y = top + i as f64 * bar_h;
-        let fill = if r.median >= 1.0 { "#2ca02c" } else { "#d62728" };
+        let fill = if r.median >= 1.0 {
+            "#2ca02c"
+        } else {
+            "#d62728"
+        };
         let _ = write!(
             svg,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} / {}</text>\
@@ -509,8 +528,11 @@ pub fn html(results: &Results) -> String {
     for ((part, scenario), records) in results.scenarios() {
         let _ = write!(body, "<h2>{}</h2>", escape(&scenario));
         for (metric, unit) in metrics(&records) {
-            let of_metric: Vec<&Record> =
-                records.iter().copied().filter(|r| r.metric == metric).collect();
+            let of_metric: Vec<&Record> = records
+                .iter()
+                .copied()
+                .filter(|r| r.metric == metric)
+                .collect();
             let swept: Vec<f64> = of_metric
                 .iter()
                 .filter_map(|r| r.sweep.as_ref().map(|s| s.1))
@@ -522,7 +544,14 @@ pub fn html(results: &Results) -> String {
                 });
             if swept.len() >= 2 && of_metric.iter().all(|r| r.sweep.is_some()) {
                 body.push_str(&sweep_chart(
-                    &format!("{scenario}: {metric} against {}", of_metric[0].sweep.as_ref().map(|s| s.0.as_str()).unwrap_or("")),
+                    &format!(
+                        "{scenario}: {metric} against {}",
+                        of_metric[0]
+                            .sweep
+                            .as_ref()
+                            .map(|s| s.0.as_str())
+                            .unwrap_or("")
+                    ),
                     &of_metric,
                     &caption,
                 ));
@@ -544,12 +573,9 @@ pub fn html(results: &Results) -> String {
                 &caption,
             ));
         }
-        let better = records
-            .iter()
-            .any(|r| r.better == Better::Lower)
-            .then_some("<p>Lower is better for costs and latencies.</p>")
-            .unwrap_or("");
-        body.push_str(better);
+        if records.iter().any(|r| r.better == Better::Lower) {
+            body.push_str("<p>Lower is better for costs and latencies.</p>");
+        }
     }
     format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Packet-path benchmark</title>\

@@ -151,10 +151,15 @@ impl Results {
         self.records.push(record);
     }
 
-    /// Ours over every peer measured beside it, pair by pair.
+    /// Ours over every peer measured beside it, pair by pair (not of shares such as
+    /// drop ratios, whose quotient says little).
     pub fn compute_ratios(&mut self) {
         let mut ratios = vec![];
-        for ours in self.records.iter().filter(|r| r.system == "ours") {
+        for ours in self
+            .records
+            .iter()
+            .filter(|r| r.system == "ours" && r.unit != "share")
+        {
             for peer in self.records.iter().filter(|r| {
                 r.system != "ours"
                     && r.system != "floor"
