@@ -134,7 +134,6 @@ fn flows_spread_over_templates() -> Result<()> {
     let (sent, captured) = receiver.capture_while(Duration::from_millis(800), || {
         sender.run(|| generator.send_for_each(&templates, Duration::from_millis(1)))?
     })?;
-    let sent = sent?;
     ensure!(
         sent.packets % 4 == 0,
         "{} frames: not whole cycles",
