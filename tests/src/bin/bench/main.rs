@@ -131,6 +131,10 @@ struct Args {
     /// Flow counts of the L2 flow sweep.
     #[arg(long, value_delimiter = ',')]
     flow_counts: Option<Vec<u32>>,
+    /// Flow counts of the security-group flow sweep (at `--latency-rules` rules; at
+    /// most 50,000: one source address). None in the quick mode.
+    #[arg(long, value_delimiter = ',')]
+    sg_flow_counts: Option<Vec<u32>>,
     /// Frame sizes on the wire (with FCS) of the L2 comparison.
     #[arg(long, value_delimiter = ',', default_value = "64,512,1500")]
     sizes: Vec<usize>,
@@ -143,7 +147,7 @@ struct Args {
     /// New connections per first-packet latency measurement.
     #[arg(long)]
     connects: Option<u32>,
-    /// Rule count of the security-group latency comparison.
+    /// Rule count of the security-group latency comparison and flow sweep.
     #[arg(long, default_value_t = 1000)]
     latency_rules: usize,
 }
@@ -631,6 +635,11 @@ fn main() -> Result<()> {
                     }),
                     rounds,
                     flows: args.flows,
+                    flow_counts: args
+                        .sg_flow_counts
+                        .clone()
+                        .unwrap_or_else(|| pick(quick, vec![], vec![1, 1000, 50_000])),
+                    flow_rules: args.latency_rules,
                     duration,
                 },
             }),
@@ -669,11 +678,15 @@ fn main() -> Result<()> {
     };
     let mut notes = args.note.clone();
     if kind != generator::Kind::LiveFrames {
-        notes.push(
-            "live frames were unavailable: the userspace AF_PACKET generator ran, and its \
-             own cost limits the offered load"
-                .into(),
-        );
+        notes.push(format!(
+            "the userspace AF_PACKET generator ran ({}): its own cost limits the offered \
+             load",
+            if args.generator == "auto" {
+                "live frames did not work here"
+            } else {
+                "chosen with --generator"
+            }
+        ));
     }
     let mut results = Results::new(environment(mode, kind, notes)?);
     let progress = progress::Progress::new(parts.iter().map(|p| p.steps()).sum());

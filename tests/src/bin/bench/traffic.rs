@@ -129,14 +129,35 @@ pub struct Rate {
 
 pub struct Settings {
     pub systems: Vec<System>,
+    /// The rule sweep, at `flows` flows.
     pub rules: Vec<usize>,
     pub rounds: usize,
     pub flows: u32,
+    /// The flow sweep, at `flow_rules` rules (one source address: at most
+    /// [`MAX_FLOWS`]).
+    pub flow_counts: Vec<u32>,
+    pub flow_rules: usize,
     pub duration: Duration,
 }
 
-/// Every measurement: (rules, mix, system) to one rate per round.
-pub type Results = BTreeMap<(usize, Mix, System), Vec<Rate>>;
+/// Flows of one source address: source ports from `FIRST_SOURCE_PORT` up.
+pub const MAX_FLOWS: u32 = 50_000;
+
+impl Settings {
+    /// Every (rules, flows) measured: the rule sweep, then the flow sweep.
+    fn cases(&self) -> Vec<(usize, u32)> {
+        let mut cases: Vec<(usize, u32)> = self.rules.iter().map(|&r| (r, self.flows)).collect();
+        for &flows in &self.flow_counts {
+            if !cases.contains(&(self.flow_rules, flows)) {
+                cases.push((self.flow_rules, flows));
+            }
+        }
+        cases
+    }
+}
+
+/// Every measurement: (rules, flows, mix, system) to one rate per round.
+pub type Results = BTreeMap<(usize, u32, Mix, System), Vec<Rate>>;
 
 fn decoy(i: usize) -> BenchRule {
     BenchRule {
@@ -467,10 +488,11 @@ fn measure(
     system: System,
     ports: &[BenchPort; 2],
     lab: &mut Lab,
-    settings: &Settings,
+    flows: u32,
+    duration: Duration,
 ) -> Result<[Rate; 2]> {
     let topo = configure(system, ports, lab)?;
-    let result = measure_on(system, &topo, ports, lab, settings);
+    let result = measure_on(system, &topo, ports, lab, flows, duration);
     release(system, &topo, lab)?;
     result
 }
@@ -480,7 +502,8 @@ fn measure_on(
     topo: &Topology,
     ports: &[BenchPort; 2],
     lab: &mut Lab,
-    settings: &Settings,
+    flows: u32,
+    duration: Duration,
 ) -> Result<[Rate; 2]> {
     let [a, b] = ports;
     let sink = Sink::attach(&topo.b.ns, VM_DEV)?;
@@ -500,11 +523,11 @@ fn measure_on(
     );
 
     let frame = frame_to(SERVER_PORT);
-    let mut generator = Generator::new(a_dev, settings.flows, FIRST_SOURCE_PORT)?;
+    let mut generator = Generator::new(a_dev, flows, FIRST_SOURCE_PORT)?;
     let rx_before = lab.rx_a()?;
-    let unreplied = rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?;
-    answer_every_flow(topo, ports, settings.flows)?;
-    let established = rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?;
+    let unreplied = rate(&topo.a.ns, &mut generator, &sink, &frame, duration)?;
+    answer_every_flow(topo, ports, flows)?;
+    let established = rate(&topo.a.ns, &mut generator, &sink, &frame, duration)?;
     for r in [unreplied, established] {
         ensure!(
             r.delivered > 0.0,
@@ -522,23 +545,34 @@ fn measure_on(
     Ok([unreplied, established])
 }
 
-/// Every (rules, mix, system), `rounds` times, interleaved: round by round, each rule
-/// count, each system in turn, so drift over the run touches all alike.
+/// Every (rules, flows, mix, system), `rounds` times, interleaved: round by round,
+/// each case, each system in turn, so drift over the run touches all alike.
 pub fn run(lab: &mut Lab, settings: &Settings, progress: &Progress) -> Result<Results> {
+    let cases = settings.cases();
+    ensure!(
+        cases
+            .iter()
+            .all(|(_, flows)| (1..=MAX_FLOWS).contains(flows)),
+        "security groups: flows must be 1 to {MAX_FLOWS} (one source address)"
+    );
     let mut results = Results::new();
     for round in 0..settings.rounds {
-        for &count in &settings.rules {
+        for &(count, flows) in &cases {
             let ports = ports(count);
             for &system in &settings.systems {
                 progress.step(&format!(
-                    "security groups: round {}/{}, {count} rules, {}",
+                    "security groups: round {}/{}, {count} rules, {flows} flows, {}",
                     round + 1,
                     settings.rounds,
                     system.name()
                 ));
-                let [unreplied, established] = measure(system, &ports, lab, settings)?;
+                let [unreplied, established] =
+                    measure(system, &ports, lab, flows, settings.duration)?;
                 for (mix, r) in [(Mix::Unreplied, unreplied), (Mix::Established, established)] {
-                    results.entry((count, mix, system)).or_default().push(r);
+                    results
+                        .entry((count, flows, mix, system))
+                        .or_default()
+                        .push(r);
                 }
             }
         }
@@ -605,26 +639,45 @@ impl Part for SecurityGroups {
     }
 
     fn steps(&self) -> u64 {
-        (self.settings.rounds * self.settings.rules.len() * self.settings.systems.len()) as u64
+        (self.settings.rounds * self.settings.cases().len() * self.settings.systems.len()) as u64
     }
 
     fn run(&mut self, ctx: &mut Context<'_>) -> Result<()> {
         let results = run(ctx.lab, &self.settings, ctx.progress)?;
-        let scenario = format!(
-            "{SCENARIO}: UDP/IPv4 60-byte frames over {} flows",
-            self.settings.flows
+        let settings = &self.settings;
+        let by_rules = format!(
+            "{SCENARIO}: rule count, UDP/IPv4 60-byte frames over {} flows",
+            settings.flows
         );
-        for ((count, mix, system), rates) in &results {
-            add_rates(
-                ctx.results,
-                self.name(),
-                &scenario,
-                &format!("{count} rules"),
-                system.name(),
-                rates,
-                &CHECKS,
-                |r| r.sweep("rules", *count as f64).variant(mix.name()),
-            );
+        let by_flows = format!(
+            "{SCENARIO}: flow count, {} rules, UDP/IPv4 60-byte frames",
+            settings.flow_rules
+        );
+        for ((count, flows, mix, system), rates) in &results {
+            if *flows == settings.flows && settings.rules.contains(count) {
+                add_rates(
+                    ctx.results,
+                    self.name(),
+                    &by_rules,
+                    &format!("{count} rules"),
+                    system.name(),
+                    rates,
+                    &CHECKS,
+                    |r| r.sweep("rules", *count as f64).variant(mix.name()),
+                );
+            }
+            if *count == settings.flow_rules && settings.flow_counts.contains(flows) {
+                add_rates(
+                    ctx.results,
+                    self.name(),
+                    &by_flows,
+                    &format!("{flows} flows"),
+                    system.name(),
+                    rates,
+                    &CHECKS,
+                    |r| r.sweep("flows", f64::from(*flows)).variant(mix.name()),
+                );
+            }
         }
         Ok(())
     }
