@@ -3,8 +3,11 @@
 //! from it pair by pair, and the report (`report`) is written from it alone.
 //!
 //! A part is anything that implements [`Part`]: it gets the suite's [`Context`] (the
-//! loaded datapath, the mode, the progress bar) and adds records. Parts that need no
-//! datapath (the control plane's) ignore the lab.
+//! loaded datapath, the progress bar, the results) and adds records. Parts that need
+//! no datapath (the control plane's) ignore the lab. Adding one: `impl Part`, and an
+//! arm naming it in `main`'s list of parts (its settings from `Args` and the mode);
+//! its records then appear in `results.json`, the summary and the HTML report like
+//! every other part's, with ratios wherever it records `ours` beside a peer.
 
 use std::collections::BTreeMap;
 
