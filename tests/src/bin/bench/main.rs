@@ -76,6 +76,10 @@ struct Args {
     /// Also write results.json here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure nothing: write the report of an earlier run's results.json (to `--out`,
+    /// default next to it), e.g. after merging records of several runs.
+    #[arg(long)]
+    render: Option<PathBuf>,
     /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN against no-op), `l2` (L2
     /// switching on real traffic against a Linux bridge), `traffic` (security groups
     /// on real traffic against iptables and nftables), `nat-traffic` (floating IPs on
@@ -576,6 +580,22 @@ impl Part for TestRun {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.render {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is no results.json", path.display()))?;
+        let out = match &args.out {
+            Some(dir) => dir.clone(),
+            None => path.parent().map(PathBuf::from).unwrap_or_default(),
+        };
+        report::write(&results, &out)?;
+        println!(
+            "wrote {}/{{results.json,report.html,summary.md}}",
+            out.display()
+        );
+        return Ok(());
+    }
     let mode = if args.quick { Mode::Quick } else { Mode::Full };
     let quick = mode == Mode::Quick;
     let test_run = TestRunSettings {
@@ -818,7 +838,11 @@ fn environment(mode: Mode, kind: generator::Kind, notes: Vec<String>) -> Result<
         },
         command: format!(
             "cargo xtask bench -- {}",
-            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+            std::env::args()
+                .skip(1)
+                .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+                .collect::<Vec<_>>()
+                .join(" ")
         ),
         generator: kind.name().into(),
         cpu_cost: cpu::meter().method().describe(traffic::FILTER_CPU),

@@ -204,9 +204,14 @@ pub fn summary(results: &Results) -> String {
     md
 }
 
-const COLOURS: [&str; 6] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#7f7f7f",
+const COLOURS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
 ];
+
+/// Wide enough for `title` at the plots' title size.
+fn width_for(title: &str, plot: f64) -> f64 {
+    plot.max(20.0 + 8.5 * title.chars().count() as f64)
+}
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -243,7 +248,7 @@ fn bar_chart(title: &str, unit: &str, records: &[&Record], caption: &str) -> Str
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\
          <text x=\"10\" y=\"18\" font-size=\"14\" font-weight=\"bold\">{}</text>",
         escape(title),
-        w = left + width + 120.0
+        w = width_for(title, left + width + 120.0)
     );
     for (ci, case) in cases.iter().enumerate() {
         let y0 = top + ci as f64 * group_h;
@@ -346,6 +351,25 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
         k.sort_by_key(|s| (!s.starts_with("ours"), s.clone()));
         k
     };
+    // A colour per system, a dash pattern per variant.
+    let system_names = systems(records);
+    let mut variants: Vec<String> = vec![];
+    for r in records {
+        if let Some(v) = &r.variant {
+            if !variants.contains(v) {
+                variants.push(v.clone());
+            }
+        }
+    }
+    let style = |key: &str| -> (&'static str, &'static str) {
+        let r = series[key][0].1;
+        let dash = match &r.variant {
+            Some(v) if variants.iter().position(|x| x == v) == Some(1) => "6 3",
+            Some(v) if variants.iter().position(|x| x == v).unwrap_or(0) >= 2 => "2 2",
+            _ => "none",
+        };
+        (colour(&system_names, &r.system), dash)
+    };
     let xs: Vec<f64> = records
         .iter()
         .filter_map(|r| r.sweep.as_ref().map(|s| s.1))
@@ -372,7 +396,7 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
          <line x1=\"{left}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\
          <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} {}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">0</text>\
          <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{} (log scale)</text>",
-        left + width + 320.0,
+        width_for(title, left + width + 320.0),
         top + height + 80.0,
         escape(title),
         top + height,
@@ -404,18 +428,14 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
     for (i, key) in keys.iter().enumerate() {
         let mut points = series[key].clone();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let c = if key.starts_with("floor") {
-            "#bbbbbb"
-        } else {
-            COLOURS[i % COLOURS.len()]
-        };
+        let (c, dash) = style(key);
         let path: Vec<String> = points
             .iter()
             .map(|(x, r)| format!("{:.1},{:.1}", lx(*x), ly(r.median)))
             .collect();
         let _ = write!(
             svg,
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>",
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>",
             path.join(" ")
         );
         for (x, r) in &points {
@@ -437,10 +457,11 @@ fn sweep_chart(title: &str, records: &[&Record], caption: &str) -> String {
         }
         let _ = write!(
             svg,
-            "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            left + width + 16.0,
-            top + 16.0 * i as f64,
-            left + width + 30.0,
+            "<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1}\" y2=\"{2:.1}\" stroke=\"{c}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/><text x=\"{3}\" y=\"{4}\">{5}</text>",
+            left + width + 12.0,
+            left + width + 34.0,
+            top + 5.0 + 16.0 * i as f64,
+            left + width + 40.0,
             top + 9.0 + 16.0 * i as f64,
             escape(key)
         );
@@ -463,7 +484,7 @@ fn ratio_chart(title: &str, ratios: &[&Ratio], caption: &str) -> String {
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\
          <text x=\"10\" y=\"18\" font-size=\"14\" font-weight=\"bold\">{}</text>",
-        left + width + 80.0,
+        width_for(title, left + width + 80.0),
         escape(title)
     );
     for (i, r) in ratios.iter().enumerate() {

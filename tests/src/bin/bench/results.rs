@@ -12,12 +12,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{progress::Progress, Lab};
 
 /// Which way a metric is better.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Better {
     Higher,
@@ -28,7 +28,7 @@ pub enum Better {
 /// `part`, `scenario`, `case` and `metric` but different `system` were measured on the
 /// same topology and traffic, round by round interleaved, so sample `i` of each belongs
 /// together.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     /// The part that measured it (`testrun`, `l2`, `security-groups`, ...).
     pub part: String,
@@ -105,7 +105,7 @@ impl Record {
 /// Ours over one peer in one case: per round the ratio of the same round's figures,
 /// oriented so that above 1 means ours is better (pps: ours / peer; costs and
 /// latencies: peer / ours), then the median and spread of those ratios.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ratio {
     pub part: String,
     pub scenario: String,
@@ -120,7 +120,7 @@ pub struct Ratio {
 }
 
 /// What the figures were measured on.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Environment {
     pub machine: String,
     pub cpus: usize,
@@ -134,7 +134,7 @@ pub struct Environment {
     pub notes: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub environment: Environment,
     pub records: Vec<Record>,
