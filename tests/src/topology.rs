@@ -158,6 +158,19 @@ fn open_packet_socket(dev: &str) -> Result<OwnedFd> {
         }
         OwnedFd::from_raw_fd(fd)
     };
+    // Room for bursts (the benchmark's generator sends thousands of frames per run):
+    // 16 MiB, beyond rmem_max (we are root).
+    let buffer: libc::c_int = 16 << 20;
+    // SAFETY: plain syscall with a pointer to an int of the size given.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&buffer).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
     let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     address.sll_family = libc::AF_PACKET as u16;
     address.sll_protocol = protocol;

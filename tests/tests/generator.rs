@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 use anyhow::{ensure, Result};
 use dataplane_tests::{
     frames::{self, offsets, proto, ETH_HLEN, IPV4_HLEN, IPV6_HLEN},
-    generator::{udp_frame, Generator, Sink},
+    generator::{udp_frame, Generator, Kind, Sink},
     netns::NetNs,
     topology::{Vm, VM_DEV},
 };
@@ -65,13 +65,19 @@ fn the_sink_counts_every_generated_frame() -> Result<()> {
     Ok(())
 }
 
+/// Both kinds: live frames and the `AF_PACKET` fallback write the same frames.
 #[test]
 fn frames_cycle_through_the_flows_with_valid_checksums() -> Result<()> {
-    for v6 in [false, true] {
+    for (kind, v6) in [
+        (Kind::LiveFrames, false),
+        (Kind::LiveFrames, true),
+        (Kind::PacketSocket, false),
+        (Kind::PacketSocket, true),
+    ] {
         let (sender, receiver, ifindex) = pair("gen-flows")?;
         let (src, dst) = addresses(v6);
         let frame = udp_frame(SENDER_MAC, RECEIVER_MAC, src, dst, 9, 128);
-        let mut generator = Generator::new(ifindex, 5, 3000)?;
+        let mut generator = Generator::with_kind(kind, ifindex, 5, 3000)?;
         let (_, captured) = receiver.capture_while(Duration::from_millis(500), || {
             sender.run(|| generator.send(&frame, 20))?
         })?;
@@ -94,19 +100,60 @@ fn frames_cycle_through_the_flows_with_valid_checksums() -> Result<()> {
             ];
             ensure!(
                 frames::checksum(&pseudo) == 0,
-                "v6={v6}: bad UDP checksum on source port {sport}"
+                "{kind:?} v6={v6}: bad UDP checksum on source port {sport}"
             );
         }
         ensure!(
             ports.len() == 20,
-            "v6={v6}: captured {} frames",
+            "{kind:?} v6={v6}: captured {} frames",
             ports.len()
         );
         let distinct: BTreeSet<u16> = ports.iter().copied().collect();
         ensure!(
             distinct == (3000..3005).collect(),
-            "v6={v6}: source ports {ports:?}"
+            "{kind:?} v6={v6}: source ports {ports:?}"
         );
     }
+    Ok(())
+}
+
+/// Over several templates, every run is whole cycles of the ports with one template,
+/// and every template gets its runs: sources x ports flows.
+#[test]
+fn flows_spread_over_templates() -> Result<()> {
+    let (sender, receiver, ifindex) = pair("gen-spread")?;
+    let dst: IpAddr = "10.9.0.2".parse()?;
+    let templates: Vec<Vec<u8>> = ["10.9.1.1", "10.9.1.2", "10.9.1.3"]
+        .iter()
+        .map(|src| {
+            let src: IpAddr = src.parse().expect("an address");
+            udp_frame(SENDER_MAC, RECEIVER_MAC, src, dst, 9, 60)
+        })
+        .collect();
+    let mut generator = Generator::new(ifindex, 4, 4000)?;
+    let (sent, captured) = receiver.capture_while(Duration::from_millis(800), || {
+        sender.run(|| generator.send_for_each(&templates, Duration::from_millis(1)))?
+    })?;
+    ensure!(
+        sent.packets % 4 == 0,
+        "{} frames: not whole cycles",
+        sent.packets
+    );
+    let udp_at = ETH_HLEN + IPV4_HLEN;
+    let flows: BTreeSet<([u8; 4], u16)> = captured
+        .iter()
+        .filter(|f| f.len() == 60)
+        .map(|f| {
+            let src = offsets::IPV4_SRC;
+            (
+                [f[src], f[src + 1], f[src + 2], f[src + 3]],
+                u16::from_be_bytes([f[udp_at], f[udp_at + 1]]),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<([u8; 4], u16)> = (1..=3)
+        .flat_map(|host| (4000..4004).map(move |port| ([10, 9, 1, host], port)))
+        .collect();
+    ensure!(flows == expected, "flows {flows:?}");
     Ok(())
 }

@@ -31,8 +31,17 @@ enum Task {
     },
     /// Build everything and show the datapath switching and policing real traffic.
     Demo,
-    /// Measure the packet path against a no-op program, side by side.
+    /// Measure the packet path beside the alternatives (Linux bridge, iptables as
+    /// Neutron writes it, nftables sets, the L3 agent's router) and a no-op floor, and
+    /// write the report (results.json, report.html, summary.md) to target/bench/<UTC
+    /// timestamp>/.
     Bench {
+        /// The quick mode (under 3 minutes); without it the full run (under 30).
+        #[arg(long)]
+        quick: bool,
+        /// Directory of the report instead of target/bench/<timestamp>/.
+        #[arg(long)]
+        out: Option<String>,
         /// Arguments for the benchmark binary (see `--help` after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -83,7 +92,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&root, &["build", "-p", "dataplane-agent", "--bins"])?;
             cargo(&root, &["run", "-p", "dataplane-tests", "--bin", "demo"])
         }
-        Task::Bench { args } => {
+        Task::Bench { quick, out, args } => {
             require_root("the benchmark (BPF_PROG_TEST_RUN)")?;
             // The control-plane part starts the agent binary from the same profile.
             cargo(
@@ -99,6 +108,12 @@ fn main() -> anyhow::Result<()> {
                 "bench",
                 "--",
             ];
+            if quick {
+                bench.push("--quick");
+            }
+            if let Some(out) = &out {
+                bench.extend(["--out", out]);
+            }
             bench.extend(args.iter().map(String::as_str));
             cargo(&root, &bench)
         }

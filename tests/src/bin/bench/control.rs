@@ -1391,3 +1391,54 @@ fn report(results: &Results, json: &mut Vec<String>) {
         ));
     }
 }
+
+/// The control plane as a part of the suite: its figures, one sample each, as records.
+pub struct ControlPlane {
+    pub applies: usize,
+}
+
+impl crate::results::Part for ControlPlane {
+    fn name(&self) -> &'static str {
+        "control-plane"
+    }
+
+    fn steps(&self) -> u64 {
+        1
+    }
+
+    fn run(&mut self, ctx: &mut crate::results::Context<'_>) -> Result<()> {
+        let mut lines = Vec::new();
+        run(self.applies, |line| ctx.progress.note(line), &mut lines)?;
+        for line in lines {
+            let figures: serde_json::Value = serde_json::from_str(&line)?;
+            let case = figures["case"].as_str().unwrap_or_default().to_owned();
+            let Some(fields) = figures.as_object() else {
+                continue;
+            };
+            for (metric, value) in fields {
+                let Some(value) = value.as_f64() else {
+                    continue;
+                };
+                let unit = if metric.ends_with("_ms") {
+                    "ms"
+                } else if metric.ends_with("_kb") {
+                    "KiB"
+                } else {
+                    "count"
+                };
+                ctx.results.add(crate::results::Record::new(
+                    "control-plane",
+                    "control plane at 10,000 ports",
+                    &case,
+                    "ours",
+                    metric,
+                    unit,
+                    crate::results::Better::Lower,
+                    vec![value],
+                ));
+            }
+        }
+        ctx.progress.step("control plane");
+        Ok(())
+    }
+}

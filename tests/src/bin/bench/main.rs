@@ -1,37 +1,48 @@
-//! `cargo xtask bench`: the packet path's cost, always beside a reference measured in the
-//! same run, reported as ratios.
+//! `cargo xtask bench`: the packet path measured beside the alternatives a user would
+//! otherwise choose, on the same topology and traffic in the same run, written up as a
+//! report (see `report`): `results.json`, `report.html`, `summary.md`.
 //!
-//! Part one, the port programs under BPF_PROG_TEST_RUN beside the no-op classifier.
-//! The datapath is the agent's own: its compiler builds the tables, its kernel layer
-//! writes them. Cases:
-//! - L2: a unicast IPv4 frame between two ports without security groups' cost (port
-//!   security off), and the same with port security and an allow-all stateless policy;
-//! - security groups at 10, 1,000 and 100,000 rules: a packet of an established TCP
-//!   connection (conntrack hit) and a new connection's SYN (classification + conntrack
-//!   insert), each through `port_ingress` of the sender.
+//! Parts (`--parts`), each a [`results::Part`] adding records to one [`Results`]:
+//! - `testrun`: the port programs under BPF_PROG_TEST_RUN beside the no-op classifier
+//!   (L2, L3, security groups against rule count, NAT against floating-IP count). The
+//!   datapath is the agent's own: its compiler builds the tables, its kernel layer
+//!   writes them. Established and L2 cases run `--repeat` times per call; a new flow
+//!   must be new every time, so it runs once per call with a fresh source port, and is
+//!   compared with the no-op run the same way;
+//! - `l2`: L2 switching on real traffic, ours against a Linux bridge and the path's
+//!   floor, over packet sizes, IPv4/IPv6 and flow counts (`l2`);
+//! - `traffic`: security groups on real traffic, ours against iptables as Neutron
+//!   writes it and nftables sets (`traffic`, `peers`);
+//! - `nat-traffic`: floating IPs on real traffic, ours against the L3 agent's Linux
+//!   router (`nat`, `l3agent`);
+//! - `latency`: TCP round trips and new-flow latency against the same peers
+//!   (`latency`).
 //!
-//! Established and L2 cases run `--repeat` times per call; a new flow must be new every
-//! time, so it runs once per call with a fresh source port, and is compared with the
-//! no-op run the same way. Rounds alternate between cases; medians are reported.
-//!
-//! Part two (`traffic`), security groups on real traffic between namespaces, ours
-//! against iptables (as Neutron writes it) and nftables sets: see `traffic`.
-//!
-//! Part `control-plane`, the agent binary's Sync, single-rule Apply and memory at
-//! 10,000 ports: see `control`.
+//! Rounds interleave the systems compared, so drift touches all alike; medians and
+//! spreads are reported, ratios taken round by round. A measurement whose sanity check
+//! fails (nothing delivered, a denied frame delivered, counters short of the sink)
+//! stops the run rather than being reported.
 
 mod control;
+mod cpu;
+mod l2;
 mod l3agent;
+mod latency;
 mod nat;
 mod peers;
+mod progress;
+mod report;
+mod results;
 mod traffic;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::Duration,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
 use dataplane_abi::{program_names, MARK_FROM_DATAPATH};
 use dataplane_agent::{
@@ -46,65 +57,109 @@ use dataplane_agent::{
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
     api::{network, port, router, router_port, rule, security_group, subnet, IntoResource},
-    netns::device_lab,
+    generator::{self, udp_frame, Receiver},
+    netns::{device_lab, NetNs},
 };
 use etherparse::PacketBuilder;
+use results::{Better, Context, Environment, Mode, Part, Record, Results};
 
+/// Every figure's setting; unset ones take the mode's default (quick, full).
 #[derive(Parser)]
 struct Args {
-    /// Runs of the program per measurement (one BPF_PROG_TEST_RUN call).
-    #[arg(long, default_value_t = 1_000_000)]
-    repeat: u32,
-    /// Calls per new-flow measurement (each a new connection).
-    #[arg(long, default_value_t = 20_000)]
-    new_flows: u32,
-    /// Measurements per case; the median is reported.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Rule counts of the security-group cases.
-    #[arg(long, value_delimiter = ',', default_value = "10,1000,100000")]
-    rules: Vec<usize>,
-    /// Also write the results as JSON here.
+    /// The quick mode (under 3 minutes): fewer rounds, shorter measurements, smaller
+    /// sweeps. Without it, the full mode (under 30 minutes).
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
-    /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN), `traffic` (security groups
+    quick: bool,
+    /// Directory of the report (results.json, report.html, summary.md); default
+    /// target/bench/<UTC timestamp>/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write results.json here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Measure nothing: write the report of an earlier run's results.json (to `--out`,
+    /// default next to it), e.g. after merging records of several runs.
+    #[arg(long)]
+    render: Option<PathBuf>,
+    /// Which parts to run: `testrun` (BPF_PROG_TEST_RUN against no-op), `l2` (L2
+    /// switching on real traffic against a Linux bridge), `traffic` (security groups
     /// on real traffic against iptables and nftables), `nat-traffic` (floating IPs on
-    /// real traffic against the L3 agent's Linux router), `control-plane` (the agent's
-    /// Sync, single-rule Apply and memory at 10,000 ports).
+    /// real traffic against the L3 agent's Linux router), `latency` (TCP round trips
+    /// and new-flow latency against the same peers), `control-plane` (the agent's Sync,
+    /// single-rule Apply and memory at 10,000 ports; not in the default run: it takes
+    /// a quarter of an hour of its own).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "testrun,traffic,nat-traffic,control-plane"
+        default_value = "testrun,l2,traffic,nat-traffic,latency"
     )]
     parts: Vec<String>,
+    /// The traffic source: `auto` (live frames if they work here, else the socket
+    /// fallback), `live-frames`, `af-packet`.
+    #[arg(long, default_value = "auto")]
+    generator: String,
+    /// A note recorded with the run (repeatable), e.g. what else ran on the machine.
+    #[arg(long)]
+    note: Vec<String>,
+    /// Runs of the program per measurement (one BPF_PROG_TEST_RUN call).
+    #[arg(long)]
+    repeat: Option<u32>,
+    /// Calls per new-flow measurement (each a new connection).
+    #[arg(long)]
+    new_flows: Option<u32>,
+    /// Measurements per test-run case; the median is reported.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Rule counts of the security-group test-run cases.
+    #[arg(long, value_delimiter = ',')]
+    rules: Option<Vec<usize>>,
     /// Single-rule Applies of the control-plane part.
     #[arg(long, default_value_t = 200)]
     applies: usize,
     /// Floating-IP counts of the NAT test-run cases.
-    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
-    fips: Vec<usize>,
+    #[arg(long, value_delimiter = ',')]
+    fips: Option<Vec<usize>>,
     /// Floating-IP counts of the NAT real-traffic comparison.
-    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
-    nat_fips: Vec<usize>,
-    /// Systems of the real-traffic comparison.
+    #[arg(long, value_delimiter = ',')]
+    nat_fips: Option<Vec<usize>>,
+    /// Systems of the security-group comparison.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "ours,iptables-legacy,iptables-nft,nftables-sets"
     )]
     systems: Vec<String>,
-    /// Rule counts of the real-traffic comparison.
-    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
-    traffic_rules: Vec<usize>,
+    /// Rule counts of the security-group real-traffic comparison.
+    #[arg(long, value_delimiter = ',')]
+    traffic_rules: Option<Vec<usize>>,
     /// Measurements per real-traffic case; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    traffic_rounds: usize,
+    #[arg(long)]
+    traffic_rounds: Option<usize>,
     /// UDP flows of the real traffic (source ports in turn).
     #[arg(long, default_value_t = 1024)]
     flows: u32,
-    /// Seconds of traffic per real-traffic measurement.
-    #[arg(long, default_value_t = 0.4)]
-    seconds: f64,
+    /// Flow counts of the L2 flow sweep.
+    #[arg(long, value_delimiter = ',')]
+    flow_counts: Option<Vec<u32>>,
+    /// Flow counts of the security-group flow sweep (at `--latency-rules` rules; at
+    /// most 50,000: one source address). None in the quick mode.
+    #[arg(long, value_delimiter = ',')]
+    sg_flow_counts: Option<Vec<u32>>,
+    /// Frame sizes on the wire (with FCS) of the L2 comparison.
+    #[arg(long, value_delimiter = ',', default_value = "64,512,1500")]
+    sizes: Vec<usize>,
+    /// Seconds of traffic per real-traffic measurement (plus half as long to warm up).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Request/response transactions per latency measurement.
+    #[arg(long)]
+    transactions: Option<u32>,
+    /// New connections per first-packet latency measurement.
+    #[arg(long)]
+    connects: Option<u32>,
+    /// Rule count of the security-group latency comparison and flow sweep.
+    #[arg(long, default_value_t = 1000)]
+    latency_rules: usize,
 }
 
 const NODE: &str = "bench-node";
@@ -271,8 +326,21 @@ fn tcp_frame(from_a: bool, sport: u16, dport: u16, flags: Flags) -> Result<Vec<u
     Ok(frame)
 }
 
-/// A case: its name, its samples, and the no-op samples measured the same way.
-type Row = (String, Vec<f64>, Vec<f64>);
+/// A test-run case: where it goes in the report, its samples (ns per run), and the
+/// no-op samples measured the same way, round by round.
+struct Row {
+    scenario: &'static str,
+    case: String,
+    variant: Option<String>,
+    sweep: Option<(&'static str, f64)>,
+    /// The no-op program itself (the floor), not a datapath program.
+    floor_only: bool,
+    samples: Vec<f64>,
+    floor: Vec<f64>,
+}
+
+const SWITCHING: &str = "Switching and routing, one program run (BPF_PROG_TEST_RUN)";
+const SG_RULES: &str = "Security groups against rule count, one program run (BPF_PROG_TEST_RUN)";
 
 fn median(samples: &[f64]) -> (f64, f64, f64) {
     let mut sorted = samples.to_vec();
@@ -423,9 +491,209 @@ impl Lab {
     }
 }
 
+/// Settings of the test-run part.
+struct TestRunSettings {
+    repeat: u32,
+    new_flows: u32,
+    rounds: usize,
+    rules: Vec<usize>,
+    fips: Vec<usize>,
+}
+
+/// The port programs under BPF_PROG_TEST_RUN beside the no-op programs.
+struct TestRun {
+    settings: TestRunSettings,
+}
+
+impl Part for TestRun {
+    fn name(&self) -> &'static str {
+        "testrun"
+    }
+
+    fn steps(&self) -> u64 {
+        // One step per group of cases: switching and routing, each rule count, each
+        // floating-IP count.
+        (2 + self.settings.rules.len() + self.settings.fips.len()) as u64
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) -> Result<()> {
+        let settings = &self.settings;
+        let names = ["bench-a", "bench-b", nat::UPLINK].map(str::to_owned);
+        let (ns, devices) = device_lab("bench", &names)?;
+        let lab = &mut *ctx.lab;
+        (lab.a, lab.b) = (devices["bench-a"], devices["bench-b"]);
+        let progress = ctx.progress;
+        progress.step("test runs: switching and routing");
+        let mut rows = ns.run(|| test_run_cases(lab, &devices, settings, progress))??;
+        for &count in &settings.fips {
+            progress.step(&format!("test runs: NAT, {count} floating IPs"));
+            rows.extend(ns.run(|| {
+                nat::test_run_cases(
+                    lab,
+                    &devices,
+                    &[count],
+                    settings.rounds,
+                    settings.new_flows,
+                    settings.repeat,
+                )
+            })??);
+        }
+        // Off these devices before they go (see `traffic::measure`).
+        ns.run(|| lab.program(&State::default(), &devices, &BTreeSet::new()))??;
+        for row in rows {
+            let system = if row.floor_only { "floor" } else { "ours" };
+            let over: Vec<f64> = row
+                .samples
+                .iter()
+                .zip(&row.floor)
+                .map(|(s, f)| s / f)
+                .collect();
+            let shape = |mut r: Record| {
+                if let Some(v) = &row.variant {
+                    r = r.variant(v);
+                }
+                if let Some((name, value)) = row.sweep {
+                    r = r.sweep(name, value);
+                }
+                r.checks(&["each run's return code is the expected verdict"])
+            };
+            ctx.results.add(shape(Record::new(
+                self.name(),
+                row.scenario,
+                &row.case,
+                system,
+                "ns per packet",
+                "ns",
+                Better::Lower,
+                row.samples.clone(),
+            )));
+            if !row.floor_only {
+                ctx.results.add(shape(Record::new(
+                    self.name(),
+                    row.scenario,
+                    &row.case,
+                    system,
+                    "cost over the no-op program, same round",
+                    "x",
+                    Better::Lower,
+                    over,
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    let largest = args.rules.iter().copied().max().unwrap_or(10) as u32;
+    if let Some(path) = &args.render {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is no results.json", path.display()))?;
+        let out = match &args.out {
+            Some(dir) => dir.clone(),
+            None => path.parent().map(PathBuf::from).unwrap_or_default(),
+        };
+        report::write(&results, &out)?;
+        println!(
+            "wrote {}/{{results.json,report.html,summary.md}}",
+            out.display()
+        );
+        return Ok(());
+    }
+    let mode = if args.quick { Mode::Quick } else { Mode::Full };
+    let quick = mode == Mode::Quick;
+    let test_run = TestRunSettings {
+        repeat: args.repeat.unwrap_or(pick(quick, 200_000, 1_000_000)),
+        new_flows: args.new_flows.unwrap_or(pick(quick, 2_000, 20_000)),
+        rounds: args.rounds.unwrap_or(pick(quick, 3, 5)),
+        rules: args.rules.clone().unwrap_or_else(|| {
+            pick(
+                quick,
+                vec![10, 1000, 10_000],
+                vec![10, 100, 1000, 10_000, 100_000],
+            )
+        }),
+        fips: args
+            .fips
+            .clone()
+            .unwrap_or_else(|| pick(quick, vec![1, 1000], vec![1, 100, 10_000])),
+    };
+    let rounds = args.traffic_rounds.unwrap_or(pick(quick, 3, 5));
+    let duration = Duration::from_secs_f64(args.seconds.unwrap_or(pick(quick, 0.2, 0.5)));
+    let systems = args
+        .systems
+        .iter()
+        .map(|name| {
+            traffic::System::from_name(name).with_context(|| format!("no system {name} to compare"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut parts: Vec<Box<dyn Part>> = vec![];
+    for name in &args.parts {
+        let part: Box<dyn Part> = match name.as_str() {
+            "testrun" => Box::new(TestRun {
+                settings: TestRunSettings {
+                    rules: test_run.rules.clone(),
+                    fips: test_run.fips.clone(),
+                    ..test_run
+                },
+            }),
+            "l2" => Box::new(l2::Switching {
+                sizes: args.sizes.clone(),
+                flows: args.flows,
+                flow_counts: args.flow_counts.clone().unwrap_or_else(|| {
+                    pick(
+                        quick,
+                        vec![1, 1000, 100_000],
+                        vec![1, 100, 10_000, 100_000, 1_000_000],
+                    )
+                }),
+                rounds,
+                duration,
+            }),
+            "traffic" => Box::new(traffic::SecurityGroups {
+                settings: traffic::Settings {
+                    systems: systems.clone(),
+                    rules: args.traffic_rules.clone().unwrap_or_else(|| {
+                        pick(quick, vec![10, 1000], vec![10, 100, 1000, 10_000])
+                    }),
+                    rounds,
+                    flows: args.flows,
+                    flow_counts: args
+                        .sg_flow_counts
+                        .clone()
+                        .unwrap_or_else(|| pick(quick, vec![], vec![1, 1000, 50_000])),
+                    flow_rules: args.latency_rules,
+                    duration,
+                },
+            }),
+            "nat-traffic" => Box::new(nat::FloatingIps {
+                counts: args
+                    .nat_fips
+                    .clone()
+                    .unwrap_or_else(|| pick(quick, vec![10, 1000], vec![10, 1000, 10_000])),
+                rounds,
+                flows: args.flows,
+                duration,
+            }),
+            "latency" => Box::new(latency::Latency {
+                rules: args.latency_rules,
+                rounds,
+                transactions: args.transactions.unwrap_or(pick(quick, 2_000, 20_000)),
+                connects: args.connects.unwrap_or(pick(quick, 200, 1_000)),
+            }),
+            "control-plane" => Box::new(control::ControlPlane {
+                applies: args.applies,
+            }),
+            other => bail!("no part {other}"),
+        };
+        parts.push(part);
+    }
+
+    let kind = select_generator(&args.generator)?;
+    let largest = test_run.rules.iter().copied().max().unwrap_or(10) as u32;
     // Conntrack sized as the agent sizes it by default.
     let mut limits = MapLimits::for_node(64, DEFAULT_CONNTRACK_ENTRIES);
     limits.max_rules = limits.max_rules.max(largest + 16);
@@ -437,85 +705,191 @@ fn main() -> Result<()> {
         b: 0,
         slot_a: 0,
     };
-    let mut json = Vec::new();
-    if args.parts.iter().any(|p| p == "testrun") {
-        let names = ["bench-a", "bench-b", nat::UPLINK].map(str::to_owned);
-        let (ns, devices) = device_lab("bench", &names)?;
-        (lab.a, lab.b) = (devices["bench-a"], devices["bench-b"]);
-        let mut rows = ns.run(|| test_run_cases(&mut lab, &devices, &args))??;
-        rows.extend(ns.run(|| {
-            nat::test_run_cases(
-                &mut lab,
-                &devices,
-                &args.fips,
-                args.rounds,
-                args.new_flows,
-                args.repeat,
-            )
-        })??);
-        // Off these devices before they go (see `traffic::measure`).
-        ns.run(|| lab.program(&State::default(), &devices, &BTreeSet::new()))??;
-        report_test_run(&args, &rows, &mut json);
+    let mut notes = args.note.clone();
+    if kind != generator::Kind::LiveFrames {
+        notes.push(format!(
+            "the userspace AF_PACKET generator ran ({}): its own cost limits the offered \
+             load",
+            if args.generator == "auto" {
+                "live frames did not work here"
+            } else {
+                "chosen with --generator"
+            }
+        ));
     }
-    if args.parts.iter().any(|p| p == "traffic") {
-        let systems = args
-            .systems
-            .iter()
-            .map(|name| {
-                traffic::System::from_name(name)
-                    .with_context(|| format!("no system {name} to compare"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let settings = traffic::Settings {
-            systems,
-            rules: args.traffic_rules.clone(),
-            rounds: args.traffic_rounds,
-            flows: args.flows,
-            duration: Duration::from_secs_f64(args.seconds),
+    let mut results = Results::new(environment(mode, kind, notes)?);
+    let progress = progress::Progress::new(parts.iter().map(|p| p.steps()).sum());
+    let started = Instant::now();
+    for part in &mut parts {
+        let mut ctx = Context {
+            lab: &mut lab,
+            progress: &progress,
+            results: &mut results,
         };
-        let ceiling = traffic::source_ceiling(&settings)?;
-        let results = traffic::run(&mut lab, &settings, |line| eprintln!("{line}"))?;
-        report_traffic(&settings, ceiling, &results, &mut json);
+        part.run(&mut ctx)
+            .with_context(|| format!("part {}", part.name()))?;
+        progress.note(&format!(
+            "{} done at {:.0} s",
+            part.name(),
+            started.elapsed().as_secs_f64()
+        ));
     }
-    if args.parts.iter().any(|p| p == "nat-traffic") {
-        let duration = Duration::from_secs_f64(args.seconds);
-        let results = nat::run(
-            &mut lab,
-            &args.nat_fips,
-            args.traffic_rounds,
-            args.flows,
-            duration,
-            |line| eprintln!("{line}"),
-        )?;
-        nat::report(&args.nat_fips, args.flows, &results, &mut json);
-    }
-    if args.parts.iter().any(|p| p == "control-plane") {
-        control::run(args.applies, |line| eprintln!("{line}"), &mut json)?;
-    }
+    progress.finish();
+    results.compute_ratios();
+    let out = match &args.out {
+        Some(dir) => dir.clone(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/bench")
+            .join(command_output(&["date", "-u", "+%Y%m%d-%H%M%S"])?),
+    };
+    report::write(&results, &out)?;
     if let Some(path) = &args.json {
-        std::fs::write(path, format!("[{}]\n", json.join(",\n")))?;
-        println!("wrote {}", path.display());
+        std::fs::write(path, serde_json::to_string_pretty(&results)? + "\n")?;
     }
+    println!("{}", report::summary(&results));
+    println!(
+        "wrote {}/{{results.json,report.html,summary.md}} in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
-fn test_run_cases(lab: &mut Lab, devices: &BTreeMap<String, u32>, args: &Args) -> Result<Vec<Row>> {
+/// The quick mode's value or the full mode's.
+fn pick<T>(quick: bool, quick_value: T, full_value: T) -> T {
+    if quick {
+        quick_value
+    } else {
+        full_value
+    }
+}
+
+/// The generator every measurement uses: live frames where a probe shows they work,
+/// else the socket fallback (or what `choice` forces).
+fn select_generator(choice: &str) -> Result<generator::Kind> {
+    let kind = match choice {
+        "live-frames" => generator::Kind::LiveFrames,
+        "af-packet" => generator::Kind::PacketSocket,
+        "auto" => {
+            let ns = NetNs::new("bench-probe")?;
+            ns.add_veth("probe0", None, "probe1")?;
+            ns.set_up("probe0", true)?;
+            ns.set_up("probe1", true)?;
+            let _receiver = Receiver::attach(&ns, "probe1")?;
+            let ifindex = ns.ifindex("probe0")?;
+            let frame = udp_frame(
+                MAC_A,
+                MAC_B,
+                [10, 0, 0, 1].into(),
+                [10, 0, 0, 2].into(),
+                SERVER_PORT,
+                60,
+            );
+            if ns.run(|| generator::live_frames_work(ifindex, &frame))? {
+                generator::Kind::LiveFrames
+            } else {
+                generator::Kind::PacketSocket
+            }
+        }
+        other => bail!("no generator {other} (auto, live-frames, af-packet)"),
+    };
+    Ok(generator::select(kind))
+}
+
+fn command_output(argv: &[&str]) -> Result<String> {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .with_context(|| format!("running {argv:?}"))?;
+    ensure!(out.status.success(), "{argv:?} failed");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn environment(mode: Mode, kind: generator::Kind, notes: Vec<String>) -> Result<Environment> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|m| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| format!(", {:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let commit = command_output(&["git", "rev-parse", "--short=12", "HEAD"])
+        .unwrap_or_else(|_| "unknown".into());
+    let dirty = command_output(&["git", "status", "--porcelain", "--untracked-files=no"])
+        .map(|s| !s.is_empty())
+        .unwrap_or(false);
+    Ok(Environment {
+        machine: format!("{model}{memory}"),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .to_owned(),
+        commit: if dirty {
+            format!("{commit} (with uncommitted changes)")
+        } else {
+            commit
+        },
+        started: command_output(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])?,
+        mode: match mode {
+            Mode::Quick => "quick".into(),
+            Mode::Full => "full".into(),
+        },
+        command: format!(
+            "cargo xtask bench -- {}",
+            std::env::args()
+                .skip(1)
+                .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        generator: kind.name().into(),
+        cpu_cost: cpu::meter().method().describe(traffic::FILTER_CPU),
+        notes,
+    })
+}
+
+fn test_run_cases(
+    lab: &mut Lab,
+    devices: &BTreeMap<String, u32>,
+    settings: &TestRunSettings,
+    progress: &progress::Progress,
+) -> Result<Vec<Row>> {
     let frame = tcp_frame(true, 40000, SERVER_PORT, Flags::Ack)?;
     let mut rows: Vec<Row> = Vec::new();
-    let mut measure =
-        |name: String, samples: Vec<f64>, floor: Vec<f64>| rows.push((name, samples, floor));
+    let mut measure = |case: &str, samples: Vec<f64>, floor: Vec<f64>| {
+        rows.push(Row {
+            scenario: SWITCHING,
+            case: case.to_owned(),
+            variant: None,
+            sweep: None,
+            floor_only: case.starts_with("noop"),
+            samples,
+            floor,
+        })
+    };
     let (mut noop, mut l2_open, mut l2_stateless, mut egress) = (vec![], vec![], vec![], vec![]);
     let open = state(vec![], &[], &[])?;
     let stateless = state(vec![allow_all_stateless()], &["open"], &["open"])?;
-    for _ in 0..args.rounds {
+    for _ in 0..settings.rounds {
         lab.program(&open, devices, &BTreeSet::new())?;
-        noop.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, args.repeat, 0)?);
+        noop.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, settings.repeat, 0)?);
         l2_open.push(lab.time(
             program_names::PORT_INGRESS,
             lab.a,
             0,
             &frame,
-            args.repeat,
+            settings.repeat,
             7,
         )?);
         egress.push(lab.time(
@@ -523,7 +897,7 @@ fn test_run_cases(lab: &mut Lab, devices: &BTreeMap<String, u32>, args: &Args) -
             lab.b,
             MARK_FROM_DATAPATH | lab.slot_a,
             &frame,
-            args.repeat,
+            settings.repeat,
             0,
         )?);
         lab.program(&stateless, devices, &BTreeSet::new())?;
@@ -532,49 +906,43 @@ fn test_run_cases(lab: &mut Lab, devices: &BTreeMap<String, u32>, args: &Args) -
             lab.a,
             0,
             &frame,
-            args.repeat,
+            settings.repeat,
             7,
         )?);
     }
-    measure("noop_tc (floor)".into(), noop.clone(), noop.clone());
+    measure("noop_tc", noop.clone(), noop.clone());
+    measure("L2: port_ingress, no port security", l2_open, noop.clone());
     measure(
-        "L2: port_ingress, no port security".into(),
-        l2_open,
-        noop.clone(),
-    );
-    measure(
-        "L2: port_ingress, port security + allow-all stateless SG".into(),
+        "L2: port_ingress, port security + allow-all stateless SG",
         l2_stateless,
         noop.clone(),
     );
-    measure("L2: port_egress, delivery".into(), egress, noop.clone());
+    measure("L2: port_egress, delivery", egress, noop.clone());
 
     // Routing rewrites the frame (TTL, MACs), and a test run keeps one frame across its
     // repeats: one run per call, against the no-op run the same way.
     let routed_state = routed()?;
     let routed_frame = routed_frame()?;
     let (mut routed_runs, mut floor) = (vec![], vec![]);
-    for _ in 0..args.rounds {
+    for _ in 0..settings.rounds {
         lab.program(&routed_state, devices, &BTreeSet::new())?;
-        floor.push(lab.noop_single(args.new_flows)?);
+        floor.push(lab.noop_single(settings.new_flows)?);
         let mut total = 0.0;
-        for _ in 0..args.new_flows {
+        for _ in 0..settings.new_flows {
             total += lab.time(program_names::PORT_INGRESS, lab.a, 0, &routed_frame, 1, 7)?;
         }
-        routed_runs.push(total / f64::from(args.new_flows));
+        routed_runs.push(total / f64::from(settings.new_flows));
     }
     measure(
-        "L3: port_ingress, routed between subnets (one run per call)".into(),
+        "L3: port_ingress, routed between subnets (one run per call)",
         routed_runs,
         floor.clone(),
     );
-    measure(
-        "L3: noop, one run per call (floor)".into(),
-        floor.clone(),
-        floor,
-    );
+    measure("noop_tc, one run per call", floor.clone(), floor);
 
-    for &count in &args.rules {
+    let mut measure_rules = vec![];
+    for &count in &settings.rules {
+        progress.step(&format!("test runs: security groups, {count} rules"));
         let sg = state(
             vec![sender_group(count), receiver_group()],
             &["sender"],
@@ -584,156 +952,45 @@ fn test_run_cases(lab: &mut Lab, devices: &BTreeMap<String, u32>, args: &Args) -
         lab.establish()?;
         let (mut established, mut new, mut floor_single, mut floor) =
             (vec![], vec![], vec![], vec![]);
-        for round in 0..args.rounds {
-            floor.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, args.repeat, 0)?);
+        for round in 0..settings.rounds {
+            floor.push(lab.time(program_names::NOOP_TC, lab.a, 0, &frame, settings.repeat, 0)?);
             established.push(lab.time(
                 program_names::PORT_INGRESS,
                 lab.a,
                 0,
                 &frame,
-                args.repeat,
+                settings.repeat,
                 7,
             )?);
-            floor_single.push(lab.noop_single(args.new_flows)?);
-            new.push(lab.new_flows(args.new_flows, round)?);
+            floor_single.push(lab.noop_single(settings.new_flows)?);
+            new.push(lab.new_flows(settings.new_flows, round)?);
         }
-        measure(
-            format!("SG {count} rules: established TCP (conntrack hit)"),
-            established,
-            floor,
-        );
-        measure(
-            format!("SG {count} rules: new connection (SYN, one run per call)"),
-            new,
-            floor_single.clone(),
-        );
-        measure(
-            format!("SG {count} rules: noop, one run per call (floor)"),
-            floor_single.clone(),
-            floor_single,
-        );
+        for (variant, samples, floor, floor_only) in [
+            ("established TCP (conntrack hit)", established, floor, false),
+            (
+                "new connection (SYN, one run per call)",
+                new,
+                floor_single.clone(),
+                false,
+            ),
+            (
+                "noop_tc, one run per call",
+                floor_single.clone(),
+                floor_single,
+                true,
+            ),
+        ] {
+            measure_rules.push(Row {
+                scenario: SG_RULES,
+                case: format!("{count} rules"),
+                variant: Some(variant.into()),
+                sweep: Some(("rules", count as f64)),
+                floor_only,
+                samples,
+                floor,
+            });
+        }
     }
+    rows.extend(measure_rules);
     Ok(rows)
-}
-
-fn report_test_run(args: &Args, rows: &[Row], json: &mut Vec<String>) {
-    println!("Port programs under BPF_PROG_TEST_RUN, 60-byte TCP/IPv4 frames, {} rounds (median, min-max)\n", args.rounds);
-    println!(
-        "{:<62} {:>9} {:>17} {:>9}",
-        "case", "ns/pkt", "spread", "x no-op"
-    );
-    for (name, samples, floor) in rows {
-        let (mid, min, max) = median(samples);
-        let (floor_mid, _, _) = median(floor);
-        let ratio = mid / floor_mid;
-        println!("{name:<62} {mid:>9.1} {min:>8.1}-{max:<8.1} {ratio:>9.2}");
-        json.push(format!(
-            "{{\"case\":\"{name}\",\"ns_per_packet\":{mid:.2},\"min\":{min:.2},\"max\":{max:.2},\"floor_ns\":{floor_mid:.2},\"ratio_to_noop\":{ratio:.3}}}"
-        ));
-    }
-    let established = |count: usize| {
-        rows.iter()
-            .find(|(name, _, _)| {
-                name == &format!("SG {count} rules: established TCP (conntrack hit)")
-            })
-            .map(|(_, s, _)| median(s).0)
-    };
-    let new = |count: usize| {
-        rows.iter()
-            .find(|(name, _, _)| {
-                name == &format!("SG {count} rules: new connection (SYN, one run per call)")
-            })
-            .map(|(_, s, _)| median(s).0)
-    };
-    if let (Some(&few), Some(&many)) = (args.rules.first(), args.rules.last()) {
-        if let (Some(e_few), Some(e_many), Some(n_few), Some(n_many)) =
-            (established(few), established(many), new(few), new(many))
-        {
-            println!(
-                "\ncost growth from {few} to {many} rules: established {:.2}x, new connection {:.2}x",
-                e_many / e_few,
-                n_many / n_few
-            );
-        }
-    }
-}
-
-/// Delivered pps per system, and ours over each peer: the ratio is taken round by round
-/// (the same round's measurements, made one after the other) and its median reported.
-fn report_traffic(
-    settings: &traffic::Settings,
-    ceiling: f64,
-    results: &traffic::Results,
-    json: &mut Vec<String>,
-) {
-    use traffic::{Mix, System};
-    println!(
-        "\nSecurity groups on real traffic: UDP/IPv4 60-byte frames over {} flows, XDP live-frames source -> veth -> \
-         filter -> veth -> tc sink; delivered packets per second, median of {} rounds",
-        settings.flows, settings.rounds
-    );
-    println!(
-        "source ceiling (generator straight into a sink): {:.0} pps\n",
-        ceiling
-    );
-    let peers: Vec<System> = settings
-        .systems
-        .iter()
-        .copied()
-        .filter(|s| *s != System::Ours)
-        .collect();
-    let mut header = format!("{:>7} {:<12} {:>10}", "rules", "traffic", "ours");
-    for peer in &peers {
-        header += &format!(" {:>16}", peer.name());
-    }
-    for peer in &peers {
-        header += &format!(" {:>22}", format!("ours/{}", peer.name()));
-    }
-    println!("{header}");
-    for mix in [Mix::Unreplied, Mix::Established] {
-        for &count in &settings.rules {
-            let Some(ours) = results.get(&(count, mix, System::Ours)) else {
-                continue;
-            };
-            let pps = |system| -> Vec<f64> {
-                results
-                    .get(&(count, mix, system))
-                    .map(|rates| rates.iter().map(|r| r.pps).collect())
-                    .unwrap_or_default()
-            };
-            let mut line = format!(
-                "{count:>7} {:<12} {:>10.0}",
-                mix.name(),
-                median(&pps(System::Ours)).0
-            );
-            for &peer in &peers {
-                line += &format!(" {:>16.0}", median(&pps(peer)).0);
-            }
-            for &peer in &peers {
-                let ratios: Vec<f64> = ours.iter().zip(pps(peer)).map(|(o, p)| o.pps / p).collect();
-                let (mid, min, max) = median(&ratios);
-                line += &format!(" {:>22}", format!("{mid:.2}x ({min:.2}-{max:.2})"));
-                json.push(format!(
-                    "{{\"case\":\"traffic {count} rules {}: ours / {}\",\"ratio\":{mid:.3},\"min\":{min:.3},\"max\":{max:.3}}}",
-                    mix.name(),
-                    peer.name()
-                ));
-            }
-            for &system in &settings.systems {
-                let rates = &results[&(count, mix, system)];
-                let (mid, min, max) = median(&rates.iter().map(|r| r.pps).collect::<Vec<_>>());
-                let (delivered, _, _) =
-                    median(&rates.iter().map(|r| r.delivered).collect::<Vec<_>>());
-                json.push(format!(
-                    "{{\"case\":\"traffic {count} rules {}: {}\",\"pps\":{mid:.0},\"min\":{min:.0},\"max\":{max:.0},\"delivered_share\":{delivered:.3}}}",
-                    mix.name(),
-                    system.name()
-                ));
-            }
-            println!("{line}");
-        }
-    }
-    json.push(format!(
-        "{{\"case\":\"traffic source ceiling\",\"pps\":{ceiling:.0}}}"
-    ));
 }

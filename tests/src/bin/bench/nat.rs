@@ -45,8 +45,9 @@ use ipnet::Ipv4Net;
 
 use crate::{
     l3agent::{self, FloatingIp},
-    median,
-    traffic::{pin_napi_threads, rate, Rate, FILTER_CPU},
+    progress::Progress,
+    results::{Context, Part},
+    traffic::{add_rates, pin_napi_threads, rate, Rate, FILTER_CPU},
     Lab, Row, NODE, SERVER_PORT,
 };
 
@@ -182,6 +183,8 @@ fn frame(
     Ok(frame)
 }
 
+const NAT_FIPS: &str = "NAT against floating-IP count, one program run (BPF_PROG_TEST_RUN)";
+
 /// The test-run cases of NAT, for each floating-IP count in `counts`.
 pub fn test_run_cases(
     lab: &mut Lab,
@@ -231,36 +234,39 @@ pub fn test_run_cases(
         } else {
             format!("{count} floating IPs")
         };
-        rows.push((
-            format!("NAT {fips}: floating IP in, uplink_ingress (one run per call)"),
-            fip_in,
-            floor.clone(),
-        ));
-        rows.push((
-            format!("NAT {fips}: floating IP out, port_ingress (one run per call)"),
-            fip_outbound,
-            floor.clone(),
-        ));
-        rows.push((
-            format!("NAT {fips}: SNAT out, bound, port_ingress (one run per call)"),
-            snat,
-            floor.clone(),
-        ));
-        rows.push((
-            format!("NAT {fips}: noop_tc, one run per call (floor)"),
-            floor.clone(),
-            floor,
-        ));
-        rows.push((
-            format!("NAT {fips}: uplink_xdp, floating IP"),
-            xdp,
-            xdp_floor.clone(),
-        ));
-        rows.push((
-            format!("NAT {fips}: noop_xdp (floor)"),
-            xdp_floor.clone(),
-            xdp_floor,
-        ));
+        for (variant, samples, floor, floor_only) in [
+            (
+                "floating IP in, uplink_ingress (one run per call)",
+                fip_in,
+                floor.clone(),
+                false,
+            ),
+            (
+                "floating IP out, port_ingress (one run per call)",
+                fip_outbound,
+                floor.clone(),
+                false,
+            ),
+            (
+                "SNAT out, bound, port_ingress (one run per call)",
+                snat,
+                floor.clone(),
+                false,
+            ),
+            ("noop_tc, one run per call", floor.clone(), floor, true),
+            ("uplink_xdp, floating IP", xdp, xdp_floor.clone(), false),
+            ("noop_xdp", xdp_floor.clone(), xdp_floor, true),
+        ] {
+            rows.push(Row {
+                scenario: NAT_FIPS,
+                case: fips.clone(),
+                variant: Some(variant.into()),
+                sweep: Some(("floating IPs", count as f64)),
+                floor_only,
+                samples,
+                floor,
+            });
+        }
     }
     Ok(rows)
 }
@@ -466,14 +472,14 @@ pub fn run(
     rounds: usize,
     flows: u32,
     duration: Duration,
-    progress: impl Fn(&str),
+    progress: &Progress,
 ) -> Result<NatResults> {
     let mut results = NatResults::new();
     for round in 0..rounds {
         for &count in counts {
             for system in NatSystem::ALL {
-                progress(&format!(
-                    "NAT traffic: round {}/{rounds}, {count} floating IPs, {}",
+                progress.step(&format!(
+                    "NAT: round {}/{rounds}, {count} floating IPs, {}",
                     round + 1,
                     system.name()
                 ));
@@ -485,51 +491,52 @@ pub fn run(
     Ok(results)
 }
 
-/// Delivered pps per system, and ours over each Linux router, round by round.
-pub fn report(counts: &[usize], flows: u32, results: &NatResults, json: &mut Vec<String>) {
-    println!(
-        "\nFloating IPs on real traffic: UDP/IPv4 60-byte frames over {flows} flows, XDP live-frames source -> uplink veth -> \
-         DNAT + routing -> VM veth -> tc sink; delivered packets per second, median of rounds"
-    );
-    let mut header = format!("{:>7} {:>10}", "FIPs", "ours");
-    for peer in &NatSystem::ALL[1..] {
-        header += &format!(" {:>26}", peer.name());
+/// The part: floating IPs on real traffic, ours against the L3 agent's router.
+pub struct FloatingIps {
+    pub counts: Vec<usize>,
+    pub rounds: usize,
+    pub flows: u32,
+    pub duration: Duration,
+}
+
+impl Part for FloatingIps {
+    fn name(&self) -> &'static str {
+        "nat-traffic"
     }
-    for peer in &NatSystem::ALL[1..] {
-        header += &format!(" {:>32}", format!("ours/{}", peer.name()));
+
+    fn steps(&self) -> u64 {
+        (self.rounds * self.counts.len() * NatSystem::ALL.len()) as u64
     }
-    println!("{header}");
-    for &count in counts {
-        let pps = |system| -> Vec<f64> {
-            results
-                .get(&(count, system))
-                .map(|rates| rates.iter().map(|r| r.pps).collect())
-                .unwrap_or_default()
-        };
-        let ours = pps(NatSystem::Ours);
-        if ours.is_empty() {
-            continue;
+
+    fn run(&mut self, ctx: &mut Context<'_>) -> Result<()> {
+        let results = run(
+            ctx.lab,
+            &self.counts,
+            self.rounds,
+            self.flows,
+            self.duration,
+            ctx.progress,
+        )?;
+        let scenario = format!(
+            "Floating IPs on real traffic (DNAT + routing): UDP/IPv4 60-byte frames over {} flows",
+            self.flows
+        );
+        for ((count, system), rates) in &results {
+            add_rates(
+                ctx.results,
+                self.name(),
+                &scenario,
+                &format!("{count} floating IPs"),
+                system.name(),
+                rates,
+                &[
+                    "frames to an address no floating IP has never reach the VM",
+                    "translated traffic is delivered",
+                    "ours: the uplink counted at least every frame the sink received",
+                ],
+                |r| r.sweep("floating IPs", *count as f64),
+            );
         }
-        let mut line = format!("{count:>7} {:>10.0}", median(&ours).0);
-        for &peer in &NatSystem::ALL[1..] {
-            line += &format!(" {:>26.0}", median(&pps(peer)).0);
-        }
-        for &peer in &NatSystem::ALL[1..] {
-            let ratios: Vec<f64> = ours.iter().zip(pps(peer)).map(|(o, p)| o / p).collect();
-            let (mid, min, max) = median(&ratios);
-            line += &format!(" {:>32}", format!("{mid:.2}x ({min:.2}-{max:.2})"));
-            json.push(format!(
-                "{{\"case\":\"nat traffic {count} floating IPs: ours / {}\",\"ratio\":{mid:.3},\"min\":{min:.3},\"max\":{max:.3}}}",
-                peer.name()
-            ));
-        }
-        for system in NatSystem::ALL {
-            let (mid, min, max) = median(&pps(system));
-            json.push(format!(
-                "{{\"case\":\"nat traffic {count} floating IPs: {}\",\"pps\":{mid:.0},\"min\":{min:.0},\"max\":{max:.0}}}",
-                system.name()
-            ));
-        }
-        println!("{line}");
+        Ok(())
     }
 }

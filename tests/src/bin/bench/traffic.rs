@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Context as _, Result};
 use dataplane_agent::{core::model::State, kernel::links};
 use dataplane_proto::v1 as pb;
 use dataplane_tests::{
@@ -42,7 +42,12 @@ use dataplane_tests::{
 };
 use ipnet::Ipv4Net;
 
-use crate::{peers, state, Lab, MAC_A, MAC_B, SERVER_PORT};
+use crate::{
+    peers,
+    progress::Progress,
+    results::{Better, Context, Part, Record},
+    state, Lab, MAC_A, MAC_B, SERVER_PORT,
+};
 
 /// A port no rule allows: the sanity check's target.
 const DENIED_PORT: u16 = 5002;
@@ -113,24 +118,46 @@ impl Mix {
     }
 }
 
-/// Delivered packets per second of one measurement, and the share of sent frames
-/// that arrived.
+/// Delivered packets per second of one measurement, the share of sent frames that
+/// arrived, and the receive side's CPU cost per delivered packet (see `cpu`).
 #[derive(Clone, Copy, Debug)]
 pub struct Rate {
     pub pps: f64,
     pub delivered: f64,
+    pub cpu_per_packet: f64,
 }
 
 pub struct Settings {
     pub systems: Vec<System>,
+    /// The rule sweep, at `flows` flows.
     pub rules: Vec<usize>,
     pub rounds: usize,
     pub flows: u32,
+    /// The flow sweep, at `flow_rules` rules (one source address: at most
+    /// [`MAX_FLOWS`]).
+    pub flow_counts: Vec<u32>,
+    pub flow_rules: usize,
     pub duration: Duration,
 }
 
-/// Every measurement: (rules, mix, system) to one rate per round.
-pub type Results = BTreeMap<(usize, Mix, System), Vec<Rate>>;
+/// Flows of one source address: source ports from `FIRST_SOURCE_PORT` up.
+pub const MAX_FLOWS: u32 = 50_000;
+
+impl Settings {
+    /// Every (rules, flows) measured: the rule sweep, then the flow sweep.
+    fn cases(&self) -> Vec<(usize, u32)> {
+        let mut cases: Vec<(usize, u32)> = self.rules.iter().map(|&r| (r, self.flows)).collect();
+        for &flows in &self.flow_counts {
+            if !cases.contains(&(self.flow_rules, flows)) {
+                cases.push((self.flow_rules, flows));
+            }
+        }
+        cases
+    }
+}
+
+/// Every measurement: (rules, flows, mix, system) to one rate per round.
+pub type Results = BTreeMap<(usize, u32, Mix, System), Vec<Rate>>;
 
 fn decoy(i: usize) -> BenchRule {
     BenchRule {
@@ -221,10 +248,10 @@ fn our_state(ports: &[BenchPort; 2]) -> Result<State> {
     )
 }
 
-struct Topology {
-    node: NetNs,
-    a: Vm,
-    b: Vm,
+pub struct Topology {
+    pub node: NetNs,
+    pub a: Vm,
+    pub b: Vm,
     devices: BTreeMap<String, u32>,
     _receiver: Receiver,
 }
@@ -358,20 +385,41 @@ pub fn rate(
     frame: &[u8],
     duration: Duration,
 ) -> Result<Rate> {
-    let mut before = 0;
+    rate_each(
+        sender,
+        generator,
+        sink,
+        std::slice::from_ref(&frame.to_vec()),
+        duration,
+    )
+}
+
+/// As [`rate`], over `templates` in turn (see `Generator::send_for_each`).
+pub fn rate_each(
+    sender: &NetNs,
+    generator: &mut Generator,
+    sink: &Sink,
+    templates: &[Vec<u8>],
+    duration: Duration,
+) -> Result<Rate> {
+    let meter = crate::cpu::meter();
+    let (mut before, mut cpu_before) = (0, 0.0);
     let sent = sender.run(|| -> Result<_> {
         pin(0, GENERATOR_CPU)?;
-        generator.send_for(frame, duration / 2)?;
+        generator.send_for_each(templates, duration / 2)?;
         (before, _) = sink.count()?;
-        generator.send_for(frame, duration)
+        cpu_before = meter.read()?;
+        generator.send_for_each(templates, duration)
     })??;
     // Frames still in the receiving queues.
     std::thread::sleep(Duration::from_millis(30));
     let (after, _) = sink.count()?;
+    let cpu = meter.read()? - cpu_before;
     let delivered = (after - before) as f64;
     Ok(Rate {
         pps: delivered / sent.elapsed.as_secs_f64(),
         delivered: delivered / sent.packets as f64,
+        cpu_per_packet: cpu / delivered.max(1.0),
     })
 }
 
@@ -390,13 +438,8 @@ fn answer_every_flow(topo: &Topology, ports: &[BenchPort; 2], flows: u32) -> Res
     Ok(())
 }
 
-/// Both mixes through `system` with `ports`' policy, on a topology of their own.
-fn measure(
-    system: System,
-    ports: &[BenchPort; 2],
-    lab: &mut Lab,
-    settings: &Settings,
-) -> Result<[Rate; 2]> {
+/// A topology of its own for `ports`, with `system` enforcing their policy.
+pub fn configure(system: System, ports: &[BenchPort; 2], lab: &mut Lab) -> Result<Topology> {
     let topo = Topology::build(ports)?;
     match system {
         System::Ours => {
@@ -426,13 +469,31 @@ fn measure(
         }
         System::NftablesSets => topo.bridge(ports, &["nft", "-f"], &peers::nftables_sets(ports))?,
     }
-    let result = measure_on(system, &topo, ports, lab, settings);
+    Ok(topo)
+}
+
+/// Takes ours off `topo`'s devices before they go: a new device may get the same
+/// ifindex.
+pub fn release(system: System, topo: &Topology, lab: &mut Lab) -> Result<()> {
     if system == System::Ours {
-        // Detached before the devices go: a new device may get the same ifindex.
         let devices = topo.devices.clone();
         topo.node
             .run(|| lab.program(&State::default(), &devices, &BTreeSet::new()))??;
     }
+    Ok(())
+}
+
+/// Both mixes through `system` with `ports`' policy, on a topology of their own.
+fn measure(
+    system: System,
+    ports: &[BenchPort; 2],
+    lab: &mut Lab,
+    flows: u32,
+    duration: Duration,
+) -> Result<[Rate; 2]> {
+    let topo = configure(system, ports, lab)?;
+    let result = measure_on(system, &topo, ports, lab, flows, duration);
+    release(system, &topo, lab)?;
     result
 }
 
@@ -441,7 +502,8 @@ fn measure_on(
     topo: &Topology,
     ports: &[BenchPort; 2],
     lab: &mut Lab,
-    settings: &Settings,
+    flows: u32,
+    duration: Duration,
 ) -> Result<[Rate; 2]> {
     let [a, b] = ports;
     let sink = Sink::attach(&topo.b.ns, VM_DEV)?;
@@ -461,11 +523,11 @@ fn measure_on(
     );
 
     let frame = frame_to(SERVER_PORT);
-    let mut generator = Generator::new(a_dev, settings.flows, FIRST_SOURCE_PORT)?;
+    let mut generator = Generator::new(a_dev, flows, FIRST_SOURCE_PORT)?;
     let rx_before = lab.rx_a()?;
-    let unreplied = rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?;
-    answer_every_flow(topo, ports, settings.flows)?;
-    let established = rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?;
+    let unreplied = rate(&topo.a.ns, &mut generator, &sink, &frame, duration)?;
+    answer_every_flow(topo, ports, flows)?;
+    let established = rate(&topo.a.ns, &mut generator, &sink, &frame, duration)?;
     for r in [unreplied, established] {
         ensure!(
             r.delivered > 0.0,
@@ -483,23 +545,34 @@ fn measure_on(
     Ok([unreplied, established])
 }
 
-/// Every (rules, mix, system), `rounds` times, interleaved: round by round, each rule
-/// count, each system in turn, so drift over the run touches all alike.
-pub fn run(lab: &mut Lab, settings: &Settings, progress: impl Fn(&str)) -> Result<Results> {
+/// Every (rules, flows, mix, system), `rounds` times, interleaved: round by round,
+/// each case, each system in turn, so drift over the run touches all alike.
+pub fn run(lab: &mut Lab, settings: &Settings, progress: &Progress) -> Result<Results> {
+    let cases = settings.cases();
+    ensure!(
+        cases
+            .iter()
+            .all(|(_, flows)| (1..=MAX_FLOWS).contains(flows)),
+        "security groups: flows must be 1 to {MAX_FLOWS} (one source address)"
+    );
     let mut results = Results::new();
     for round in 0..settings.rounds {
-        for &count in &settings.rules {
+        for &(count, flows) in &cases {
             let ports = ports(count);
             for &system in &settings.systems {
-                progress(&format!(
-                    "real traffic: round {}/{}, {count} rules, {}",
+                progress.step(&format!(
+                    "security groups: round {}/{}, {count} rules, {flows} flows, {}",
                     round + 1,
                     settings.rounds,
                     system.name()
                 ));
-                let [unreplied, established] = measure(system, &ports, lab, settings)?;
+                let [unreplied, established] =
+                    measure(system, &ports, lab, flows, settings.duration)?;
                 for (mix, r) in [(Mix::Unreplied, unreplied), (Mix::Established, established)] {
-                    results.entry((count, mix, system)).or_default().push(r);
+                    results
+                        .entry((count, flows, mix, system))
+                        .or_default()
+                        .push(r);
                 }
             }
         }
@@ -507,25 +580,105 @@ pub fn run(lab: &mut Lab, settings: &Settings, progress: impl Fn(&str)) -> Resul
     Ok(results)
 }
 
-/// The generator straight into a sink on the port's device: the most the source can
-/// offer, for comparison with every figure above.
-pub fn source_ceiling(settings: &Settings) -> Result<f64> {
-    let ports = ports(1);
-    let topo = Topology::build(&ports)?;
-    let [a, b] = &ports;
-    let sink = Sink::attach(&topo.node, &a.device)?;
-    let frame = udp_frame(
-        a.mac,
-        b.mac,
-        IpAddr::V4(a.ip),
-        IpAddr::V4(b.ip),
-        SERVER_PORT,
-        60,
-    );
-    let mut generator = Generator::new(
-        topo.a.ns.ifindex(VM_DEV)?,
-        settings.flows,
-        FIRST_SOURCE_PORT,
-    )?;
-    Ok(rate(&topo.a.ns, &mut generator, &sink, &frame, settings.duration)?.pps)
+const SCENARIO: &str = "Security groups on real traffic";
+
+/// Checks every figure of the traffic parts passed.
+pub const CHECKS: [&str; 3] = [
+    "frames to a port no rule allows (5002) are not delivered at all",
+    "allowed traffic is delivered",
+    "ours: the sending port counted at least every frame the sink received",
+];
+
+/// The records of one (case, system): delivered pps, drop ratio, CPU per packet.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rates(
+    out: &mut crate::results::Results,
+    part: &str,
+    scenario: &str,
+    case: &str,
+    system: &str,
+    rates: &[Rate],
+    checks: &[&str],
+    shape: impl Fn(Record) -> Record,
+) {
+    let (cpu_metric, cpu_unit) = crate::cpu::meter().method().metric();
+    for (metric, unit, better, values) in [
+        (
+            "delivered packets per second",
+            "pps",
+            Better::Higher,
+            rates.iter().map(|r| r.pps).collect::<Vec<_>>(),
+        ),
+        (
+            "drop ratio at the generator's offered load",
+            "share",
+            Better::Lower,
+            rates.iter().map(|r| 1.0 - r.delivered).collect(),
+        ),
+        (
+            cpu_metric,
+            cpu_unit,
+            Better::Lower,
+            rates.iter().map(|r| r.cpu_per_packet).collect(),
+        ),
+    ] {
+        out.add(shape(
+            Record::new(part, scenario, case, system, metric, unit, better, values).checks(checks),
+        ));
+    }
+}
+
+/// The part: every (rules, mix, system) on real traffic.
+pub struct SecurityGroups {
+    pub settings: Settings,
+}
+
+impl Part for SecurityGroups {
+    fn name(&self) -> &'static str {
+        "traffic"
+    }
+
+    fn steps(&self) -> u64 {
+        (self.settings.rounds * self.settings.cases().len() * self.settings.systems.len()) as u64
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) -> Result<()> {
+        let results = run(ctx.lab, &self.settings, ctx.progress)?;
+        let settings = &self.settings;
+        let by_rules = format!(
+            "{SCENARIO}: rule count, UDP/IPv4 60-byte frames over {} flows",
+            settings.flows
+        );
+        let by_flows = format!(
+            "{SCENARIO}: flow count, {} rules, UDP/IPv4 60-byte frames",
+            settings.flow_rules
+        );
+        for ((count, flows, mix, system), rates) in &results {
+            if *flows == settings.flows && settings.rules.contains(count) {
+                add_rates(
+                    ctx.results,
+                    self.name(),
+                    &by_rules,
+                    &format!("{count} rules"),
+                    system.name(),
+                    rates,
+                    &CHECKS,
+                    |r| r.sweep("rules", *count as f64).variant(mix.name()),
+                );
+            }
+            if *count == settings.flow_rules && settings.flow_counts.contains(flows) {
+                add_rates(
+                    ctx.results,
+                    self.name(),
+                    &by_flows,
+                    &format!("{flows} flows"),
+                    system.name(),
+                    rates,
+                    &CHECKS,
+                    |r| r.sweep("flows", f64::from(*flows)).variant(mix.name()),
+                );
+            }
+        }
+        Ok(())
+    }
 }
