@@ -1,6 +1,8 @@
 //! The benchmark's traffic generator and sink (`dataplane_tests::generator`): frames
 //! really leave by the device, each flow's source port in turn, with valid checksums,
-//! and the sink counts exactly what arrives. Needs root.
+//! from live frames and from the `AF_PACKET` fallback alike; flows spread over several
+//! templates reach every (source, port); and the sink counts exactly what arrives.
+//! Needs root.
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use anyhow::{ensure, Result};
