@@ -65,6 +65,26 @@ impl Vm {
         Ok(vm)
     }
 
+    /// VMs `<tag>-a` (10.0.0.1/24 on `tap-a`, MAC fa:16:3e:00:00:01) and `<tag>-b`
+    /// (10.0.0.2/24 on `tap-b`, fa:16:3e:00:00:02) on `node`.
+    pub fn pair(node: &NetNs, tag: &str) -> Result<(Vm, Vm)> {
+        let a = Vm::create(
+            node,
+            &format!("{tag}-a"),
+            "tap-a",
+            [0xfa, 0x16, 0x3e, 0, 0, 1],
+            &["10.0.0.1/24".parse()?],
+        )?;
+        let b = Vm::create(
+            node,
+            &format!("{tag}-b"),
+            "tap-b",
+            [0xfa, 0x16, 0x3e, 0, 0, 2],
+            &["10.0.0.2/24".parse()?],
+        )?;
+        Ok((a, b))
+    }
+
     pub fn add_address(&self, address: IpNet) -> Result<()> {
         let text = address.to_string();
         match address {

@@ -208,20 +208,7 @@ async fn two_ports(
     tag: &str,
     client: &mut DataplaneClient<Channel>,
 ) -> Result<(Vm, Vm)> {
-    let a = Vm::create(
-        node,
-        &format!("{tag}-a"),
-        "tap-a",
-        [0xfa, 0x16, 0x3e, 0, 0, 1],
-        &["10.0.0.1/24".parse()?],
-    )?;
-    let b = Vm::create(
-        node,
-        &format!("{tag}-b"),
-        "tap-b",
-        [0xfa, 0x16, 0x3e, 0, 0, 2],
-        &["10.0.0.2/24".parse()?],
-    )?;
+    let (a, b) = Vm::pair(node, tag)?;
     client
         .apply(apply(vec![
             upsert(default_security_group()),

@@ -71,20 +71,7 @@ async fn client_and_server(
     tag: &str,
     client: &mut DataplaneClient<Channel>,
 ) -> Result<(Vm, Vm)> {
-    let a = Vm::create(
-        node,
-        &format!("{tag}-a"),
-        "tap-a",
-        [0xfa, 0x16, 0x3e, 0, 0, 1],
-        &["10.0.0.1/24".parse()?],
-    )?;
-    let b = Vm::create(
-        node,
-        &format!("{tag}-b"),
-        "tap-b",
-        [0xfa, 0x16, 0x3e, 0, 0, 2],
-        &["10.0.0.2/24".parse()?],
-    )?;
+    let (a, b) = Vm::pair(node, tag)?;
     let mut pa = port(
         "a",
         "net",
@@ -166,6 +153,7 @@ fn raw_entries(path: &Path, key_size: u32, value_size: u32) -> Result<Vec<Vec<u8
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -199,10 +187,10 @@ fn bpf_map_op(cmd: libc::c_long, fd: i32, key: Option<&[u8]>, out: &mut [u8]) ->
     }
 }
 
-/// An fd of the object pinned at `path`.
-fn bpf_obj_get(path: &Path) -> Result<i32> {
+/// `BPF_OBJ_GET` or `BPF_OBJ_PIN` of `path` (with `fd`, for a pin): the syscall's result.
+fn bpf_obj(cmd: libc::c_long, path: &Path, fd: u32) -> Result<i64> {
     #[repr(C)]
-    struct ObjGetAttr {
+    struct ObjAttr {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
@@ -210,29 +198,39 @@ fn bpf_obj_get(path: &Path) -> Result<i32> {
         _pad: u32,
     }
     let name = CString::new(path.as_os_str().as_encoded_bytes())?;
-    let attr = ObjGetAttr {
+    let attr = ObjAttr {
         pathname: name.as_ptr() as u64,
-        bpf_fd: 0,
+        bpf_fd: fd,
         file_flags: 0,
         path_fd: 0,
         _pad: 0,
     };
     // SAFETY: the attr points at a NUL-terminated path alive for the call.
-    let fd = unsafe {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>(),
+            cmd,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
         )
     };
     ensure!(
-        fd >= 0,
-        "BPF_OBJ_GET {}: {}",
+        rc >= 0,
+        "bpf command {cmd} on {}: {}",
         path.display(),
         std::io::Error::last_os_error()
     );
-    Ok(fd as i32)
+    Ok(rc)
+}
+
+/// An fd of the object pinned at `path`.
+fn bpf_obj_get(path: &Path) -> Result<i32> {
+    Ok(bpf_obj(BPF_OBJ_GET, path, 0)? as i32)
+}
+
+/// Pins the object `fd` refers to at `path`.
+fn bpf_obj_pin(fd: i32, path: &Path) -> Result<()> {
+    bpf_obj(BPF_OBJ_PIN, path, fd as u32).map(drop)
 }
 
 /// Detaches the link pinned at `path` from its device, as `bpftool link detach` does.
@@ -535,39 +533,6 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
     ensure!(
         logs.contains("map pin removed behind the agent's back"),
         "{logs}"
-    );
-    Ok(())
-}
-
-/// Pins the object `fd` refers to at `path`.
-fn bpf_obj_pin(fd: i32, path: &Path) -> Result<()> {
-    #[repr(C)]
-    struct ObjPinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    let name = CString::new(path.as_os_str().as_encoded_bytes())?;
-    let attr = ObjPinAttr {
-        pathname: name.as_ptr() as u64,
-        bpf_fd: fd as u32,
-        file_flags: 0,
-    };
-    // SAFETY: the attr points at a NUL-terminated path alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &attr as *const ObjPinAttr,
-            std::mem::size_of::<ObjPinAttr>(),
-        )
-    };
-    ensure!(
-        rc == 0,
-        "BPF_OBJ_PIN {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
     );
     Ok(())
 }
