@@ -240,12 +240,16 @@ impl Node {
     }
 
     /// Replaces the whole desired state.
-    pub async fn sync(&self, resources: &[Resource]) -> Result<Committed, NodeError> {
+    pub async fn sync(&self, resources: Vec<Resource>) -> Result<Committed, NodeError> {
         let started = Instant::now();
         let mut inner = self.inner.lock().await;
-        let next = State::replace(resources)?;
+        let next = State::replace(&resources)?;
         let named: Vec<ResourceRef> = resources.iter().map(Resource::reference).collect();
-        let committed = self.commit(&mut inner, next, Operation::Sync, resources.len(), &named)?;
+        let count = resources.len();
+        // The state holds its own copy: at a large node's scale the request is tens of
+        // megabytes the commit's peak need not carry.
+        drop(resources);
+        let committed = self.commit(&mut inner, next, Operation::Sync, count, &named)?;
         self.apply_seconds.observe(started.elapsed().as_secs_f64());
         Ok(committed)
     }
@@ -727,16 +731,21 @@ impl Node {
         };
         let datapath_done = Instant::now();
         if let Some(store) = &self.store {
-            let resources = match operation {
-                Operation::Apply | Operation::Sync => inner.state.changes_to(&next),
-                // What the store holds already, or the same state with other devices.
-                Operation::Restore | Operation::Devices => Vec::new(),
-            };
-            let slot_changes = slots.changes_since(&inner.slots);
-            let saved = if resources.is_empty() && slot_changes.is_empty() {
-                Ok(())
-            } else {
-                store.save(&resources, &slot_changes)
+            let saved = {
+                let mut resources = match operation {
+                    Operation::Apply | Operation::Sync => Some(inner.state.changes_to(&next)),
+                    // What the store holds already, or the same state with other devices.
+                    Operation::Restore | Operation::Devices => None,
+                }
+                .into_iter()
+                .flatten()
+                .peekable();
+                let slot_changes = slots.changes_since(&inner.slots);
+                if resources.peek().is_none() && slot_changes.is_empty() {
+                    Ok(())
+                } else {
+                    store.save(resources, &slot_changes)
+                }
             };
             if let Err(e) = saved {
                 drop(staged);

@@ -163,7 +163,7 @@ impl Store {
     /// took and released, all or nothing.
     pub fn save(
         &self,
-        changes: &[(ResourceRef, Option<Resource>)],
+        changes: impl IntoIterator<Item = (ResourceRef, Option<Resource>)>,
         slots: &SlotChanges,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(database)?;
@@ -179,10 +179,10 @@ impl Store {
         {
             let mut table = txn.open_table(RESOURCES).map_err(database)?;
             for (reference, resource) in changes {
-                let key = key(reference);
+                let key = key(&reference);
                 match resource {
                     Some(resource) => {
-                        let bytes = pb::Resource::from(resource).encode_to_vec();
+                        let bytes = pb::Resource::from(&resource).encode_to_vec();
                         table
                             .insert(key.as_str(), bytes.as_slice())
                             .map_err(database)?;
@@ -252,12 +252,12 @@ mod tests {
             assert!(store.load().unwrap().is_empty());
             let no_slots = SlotChanges::default();
             store
-                .save(&State::default().changes_to(&first), &no_slots)
+                .save(State::default().changes_to(&first), &no_slots)
                 .unwrap();
             // b deleted, a changed, the rest untouched.
-            let changes = first.changes_to(&second);
+            let changes: Vec<_> = first.changes_to(&second).collect();
             assert_eq!(changes.len(), 2, "{changes:?}");
-            store.save(&changes, &no_slots).unwrap();
+            store.save(changes, &no_slots).unwrap();
         }
         let loaded = Store::open(&db.0).unwrap().load().unwrap();
         assert_eq!(state(loaded), second);
@@ -316,7 +316,7 @@ mod tests {
             let (state, devices) = bound(ids);
             let before = slots.clone();
             tables = compiled(&state, &devices, &mut slots);
-            store.save(&[], &slots.changes_since(&before)).unwrap();
+            store.save([], &slots.changes_since(&before)).unwrap();
         }
         drop(store);
 

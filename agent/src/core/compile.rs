@@ -22,6 +22,7 @@ use dataplane_abi::{
     RouterGateway6, RouterIf, RuleKey, MAX_FLOOD_PORTS, NO_SLOT, PORT_ADDR_FIXED_BITS,
 };
 use ipnet::{IpNet, Ipv6Net};
+use rustc_hash::FxHashMap;
 
 use super::model::{MacAddr, Network, Port, ResourceKind, ResourceRef, State};
 
@@ -195,7 +196,7 @@ impl SlotChanges {
 struct SlotPool<K: Hash + Eq> {
     /// One past the highest slot.
     end: u32,
-    assigned: HashMap<K, u32>,
+    assigned: FxHashMap<K, u32>,
     /// Freed slots below `next_unused`, handed out again lowest first.
     released: BTreeSet<u32>,
     next_unused: u32,
@@ -205,7 +206,7 @@ impl<K: Hash + Eq> SlotPool<K> {
     fn new(end: u32) -> Self {
         Self {
             end,
-            assigned: HashMap::new(),
+            assigned: FxHashMap::default(),
             released: BTreeSet::new(),
             next_unused: NO_SLOT + 1,
         }

@@ -758,37 +758,31 @@ impl State {
     }
 
     /// What changed from this state to `next`: each new or changed resource as it is in
-    /// `next`, each removed one as `None`.
-    pub fn changes_to(&self, next: &State) -> Vec<(ResourceRef, Option<Resource>)> {
-        let mut out = Vec::new();
-        changes_of(
-            &mut out,
-            ResourceKind::Network,
-            &self.networks,
-            &next.networks,
-        );
-        changes_of(&mut out, ResourceKind::Subnet, &self.subnets, &next.subnets);
-        changes_of(&mut out, ResourceKind::Port, &self.ports, &next.ports);
-        changes_of(
-            &mut out,
-            ResourceKind::SecurityGroup,
-            &self.security_groups,
-            &next.security_groups,
-        );
-        changes_of(&mut out, ResourceKind::Router, &self.routers, &next.routers);
-        changes_of(
-            &mut out,
-            ResourceKind::FloatingIp,
-            &self.floating_ips,
-            &next.floating_ips,
-        );
-        changes_of(
-            &mut out,
-            ResourceKind::QosPolicy,
-            &self.qos_policies,
-            &next.qos_policies,
-        );
-        out
+    /// `next`, each removed one as `None`. Made one at a time as the caller takes them,
+    /// so that storing a Sync of every resource does not copy them all at once.
+    pub fn changes_to<'a>(
+        &'a self,
+        next: &'a State,
+    ) -> impl Iterator<Item = (ResourceRef, Option<Resource>)> + 'a {
+        changes_of(ResourceKind::Network, &self.networks, &next.networks)
+            .chain(changes_of(ResourceKind::Subnet, &self.subnets, &next.subnets))
+            .chain(changes_of(ResourceKind::Port, &self.ports, &next.ports))
+            .chain(changes_of(
+                ResourceKind::SecurityGroup,
+                &self.security_groups,
+                &next.security_groups,
+            ))
+            .chain(changes_of(ResourceKind::Router, &self.routers, &next.routers))
+            .chain(changes_of(
+                ResourceKind::FloatingIp,
+                &self.floating_ips,
+                &next.floating_ips,
+            ))
+            .chain(changes_of(
+                ResourceKind::QosPolicy,
+                &self.qos_policies,
+                &next.qos_policies,
+            ))
     }
 
     /// Inserts or replaces; no checks (the caller validates the resulting state).
@@ -832,24 +826,24 @@ impl State {
     }
 }
 
-fn changes_of<T: PartialEq + Clone + Into<Resource>>(
-    out: &mut Vec<(ResourceRef, Option<Resource>)>,
+fn changes_of<'a, T: PartialEq + Clone + Into<Resource>>(
     kind: ResourceKind,
-    old: &BTreeMap<String, T>,
-    new: &BTreeMap<String, T>,
-) {
-    let reference = |id: &String| ResourceRef {
+    old: &'a BTreeMap<String, T>,
+    new: &'a BTreeMap<String, T>,
+) -> impl Iterator<Item = (ResourceRef, Option<Resource>)> + 'a {
+    let reference = move |id: &String| ResourceRef {
         kind,
         id: id.clone(),
     };
-    for (id, resource) in new {
-        if old.get(id) != Some(resource) {
-            out.push((reference(id), Some(resource.clone().into())));
-        }
-    }
-    for id in old.keys().filter(|id| !new.contains_key(*id)) {
-        out.push((reference(id), None));
-    }
+    let changed = new
+        .iter()
+        .filter(|(id, resource)| old.get(*id) != Some(*resource))
+        .map(move |(id, resource)| (reference(id), Some(resource.clone().into())));
+    let removed = old
+        .keys()
+        .filter(|id| !new.contains_key(*id))
+        .map(move |id| (reference(id), None));
+    changed.chain(removed)
 }
 
 fn add_differences<T: PartialEq>(

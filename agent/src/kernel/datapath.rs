@@ -8,6 +8,7 @@
 //! the next run adopts it without changing what packets see.
 
 mod attach;
+mod batch;
 mod pins;
 mod tables;
 

@@ -212,7 +212,7 @@ impl pb::dataplane_server::Dataplane for DataplaneService {
             .map_err(|e| validation_status(&e, RequestList::Resources))?;
         let committed = self
             .node
-            .sync(&resources)
+            .sync(resources)
             .await
             .map_err(|e| node_status(e, RequestList::Resources))?;
         Ok(Response::new(pb::SyncResponse {

@@ -10,13 +10,14 @@
 //! slots are held in [`Slots`] and keep their numbers while in use, so recompiling an
 //! unchanged state gives the same tables and the same revisions.
 
-use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{btree_map, BTreeMap, HashSet};
 
 use dataplane_abi::{
     sg_direction, RemoteKey4, RemoteKey6, RuleKey, REMOTE_FIXED_BITS, RULE_CLASS_BITS,
     RULE_PROTOCOL_BITS,
 };
 use ipnet::IpNet;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 
 use super::{DatapathTables, Slots};
 use crate::core::model::{
@@ -104,29 +105,34 @@ pub(super) fn compile_policies<'s>(
         .flatten()
         .filter_map(|id| state.security_groups.get(*id).map(|group| (*id, group)))
         .collect();
-    let used_rules: BTreeSet<&str> = groups
+    let mut used_rules: Vec<&str> = groups
         .values()
         .flat_map(|group| &group.rules)
         .map(|rule| rule.id.as_str())
         .collect();
-    slots.rules.retain(|id| used_rules.contains(id.as_str()));
-    let mut rules = BTreeMap::new();
-    for id in &used_rules {
-        if let Some(slot) = slots.rules.assign(*id) {
-            rules.insert((*id).to_owned(), slot);
-        }
+    used_rules.sort_unstable();
+    used_rules.dedup();
+    {
+        let used: FxHashSet<&str> = used_rules.iter().copied().collect();
+        slots.rules.retain(|id| used.contains(id.as_str()));
     }
+    // Looked up by id many times per rule below: hashed, not ordered.
+    let slot_of: HashMap<&str, u32> = used_rules
+        .iter()
+        .filter_map(|id| slots.rules.assign(*id).map(|slot| (*id, slot)))
+        .collect();
+    let rule_slot = |rule: &SecurityGroupRule| slot_of.get(rule.id.as_str()).copied();
     let rule_capacity = slots.rules.capacity();
     let encodings: HashMap<u32, Vec<Match>> = groups
         .values()
         .flat_map(|group| &group.rules)
-        .filter_map(|rule| rules.get(&rule.id).map(|&slot| (slot, matches_of(rule))))
+        .filter_map(|rule| rule_slot(rule).map(|slot| (slot, matches_of(rule))))
         .collect();
 
-    let remote_groups: HashSet<&str> = groups
+    let remote_groups: FxHashSet<&str> = groups
         .values()
         .flat_map(|group| &group.rules)
-        .filter(|rule| rules.contains_key(&rule.id))
+        .filter(|rule| rule_slot(rule).is_some())
         .filter_map(|rule| rule.remote_group_id.as_deref())
         .collect();
     let members = remote_members(state, &remote_groups);
@@ -147,7 +153,7 @@ pub(super) fn compile_policies<'s>(
                 .filter(|rule| {
                     rule.direction == *direction && rule.ethertype.ip_version() == *version
                 })
-                .filter_map(|rule| rules.get(&rule.id).map(|&slot| (slot, rule)))
+                .filter_map(|rule| rule_slot(rule).map(|slot| (slot, rule)))
                 .collect();
             remotes[lookup] = classify(&lookup_rules, &members, *version, &mut classes);
         }
@@ -155,7 +161,7 @@ pub(super) fn compile_policies<'s>(
             group
                 .rules
                 .iter()
-                .find(|rule| !rules.contains_key(&rule.id))
+                .find(|rule| rule_slot(rule).is_none())
                 .map(|rule| {
                     format!(
                         "no free rule slot on this node (all {rule_capacity} in use): rule {} \
@@ -186,6 +192,11 @@ pub(super) fn compile_policies<'s>(
             .expect("class ids are not exhausted");
     }
 
+    // The entries are gathered, then sorted into the tables at once: inserting them one
+    // by one in this order costs more than the rest of the compiler.
+    let mut sg_rules = Vec::new();
+    let (mut sg_remote4, mut sg_remote6) = (Vec::new(), Vec::new());
+
     // Rule entries, once per class.
     let mut class_digests = vec![0; classes.sets.len()];
     for (class, set) in classes.sets.iter().enumerate() {
@@ -198,7 +209,7 @@ pub(super) fn compile_policies<'s>(
                 port: port.to_be_bytes(),
                 _pad: 0,
             };
-            tables.sg_rules.insert((len, key), slot);
+            sg_rules.push(((len, key), slot));
             digest.u32(len);
             digest.bytes(&[protocol]);
             digest.bytes(&key.port);
@@ -231,7 +242,7 @@ pub(super) fn compile_policies<'s>(
                             _pad: [0; 3],
                             addr: (prefix.addr as u32).to_be_bytes(),
                         };
-                        tables.sg_remote4.insert((len, key), class_id);
+                        sg_remote4.push(((len, key), class_id));
                     }
                     IpVersion::V6 => {
                         let key = RemoteKey6 {
@@ -240,7 +251,7 @@ pub(super) fn compile_policies<'s>(
                             _pad: [0; 3],
                             addr: prefix.addr.to_be_bytes(),
                         };
-                        tables.sg_remote6.insert((len, key), class_id);
+                        sg_remote6.push(((len, key), class_id));
                     }
                 }
                 digest.bytes(&[prefix.len]);
@@ -265,10 +276,18 @@ pub(super) fn compile_policies<'s>(
         });
     }
 
+    // Keys are distinct: a class's entries, and a policy's lookups' prefixes, are.
+    tables.sg_rules = sg_rules.into_iter().collect();
+    tables.sg_remote4 = sg_remote4.into_iter().collect();
+    tables.sg_remote6 = sg_remote6.into_iter().collect();
+
     Policies {
         policies,
         by_port: port_keys.into_iter().collect(),
-        rules,
+        rules: used_rules
+            .iter()
+            .filter_map(|id| slot_of.get(id).map(|&slot| ((*id).to_owned(), slot)))
+            .collect(),
     }
 }
 
@@ -350,8 +369,11 @@ impl Members {
 
 /// Every address of every port (any host, any network) in each of `wanted`: fixed IPs
 /// as host prefixes, allowed address pairs as given (masked).
-fn remote_members<'s>(state: &'s State, wanted: &HashSet<&str>) -> HashMap<&'s str, Members> {
-    let mut members: HashMap<&str, Members> = HashMap::new();
+fn remote_members<'s>(
+    state: &'s State,
+    wanted: &FxHashSet<&str>,
+) -> HashMap<&'s str, Members> {
+    let mut members: HashMap<&str, Members> = HashMap::default();
     if wanted.is_empty() {
         return members;
     }
@@ -406,7 +428,7 @@ fn classify(
     classes: &mut Classes,
 ) -> Vec<(Prefix, usize)> {
     // The rules naming each prefix exactly. Rules of one remote group go in together.
-    let mut named: HashMap<Prefix, Vec<u32>> = HashMap::new();
+    let mut named: HashMap<Prefix, Vec<u32>> = HashMap::default();
     let mut by_group: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     for (slot, rule) in rules {
         match (&rule.remote_ip_prefix, &rule.remote_group_id) {
@@ -436,7 +458,8 @@ fn classify(
     // Shorter prefixes first: a prefix's class is its own rules and the class of its
     // nearest ancestor among the named prefixes, which holds every rule naming a wider
     // prefix around it (prefixes around one address nest).
-    let mut class_of: HashMap<Prefix, usize> = HashMap::with_capacity(named.len());
+    let mut class_of: HashMap<Prefix, usize> =
+        HashMap::with_capacity_and_hasher(named.len(), Default::default());
     let mut remotes = Vec::with_capacity(named.len());
     for (prefix, mut own) in named {
         own.sort_unstable();
@@ -617,7 +640,8 @@ fn class_entries(rules: &[u32], encodings: &HashMap<u32, Vec<Match>>) -> Vec<(u3
         }
     }
     // Key order is length first: an entry's ancestors are settled before it.
-    let mut kept: HashMap<Match, u32> = HashMap::with_capacity(wanted.len());
+    let mut kept: HashMap<Match, u32> =
+        HashMap::with_capacity_and_hasher(wanted.len(), Default::default());
     let mut entries = Vec::with_capacity(wanted.len());
     for ((len, protocol, port), slot) in wanted {
         let port_ancestors = (RULE_PROTOCOL_BITS..len).rev().map(|shorter| {

@@ -1,16 +1,23 @@
 //! Writing a compiled [`DatapathTables`] into one map set: by difference from what it
 //! holds, or, when that is not known, by comparing with what the maps actually hold.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    os::fd::{AsFd, BorrowedFd},
+};
 
-use aya::maps::{
-    lpm_trie::{Key as LpmKey, LpmTrie},
-    HashMap, MapData, MapError,
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        HashMap, IterableMap, MapData, MapError,
+    },
+    sys::SyscallError,
 };
 use dataplane_abi::map_names;
 use tracing::warn;
 
-use super::{DatapathError, SetMaps};
+use super::{batch, DatapathError, SetMaps};
 use crate::core::compile::DatapathTables;
 
 /// Every map the agent writes from `DatapathTables`, once: `$each!(field, NAME, kind)`
@@ -49,229 +56,249 @@ macro_rules! written_maps {
 pub(super) use written_maps;
 
 impl SetMaps {
-    /// Makes the maps hold `new` instead of `old` by writing only the difference, in an
-    /// order that never lets a packet see a port before its address and forwarding
-    /// entries exist, nor forwarding entries outlive their port. The order matters only
-    /// for the active set (drift repair); the inactive set is not read while written.
+    /// Makes the maps of the idle set hold `new` instead of `old` by writing only the
+    /// difference. Packets do not read the set while it is written, so the maps need no
+    /// order among them; the others keep one anyway (a port after its address and
+    /// forwarding entries, and removed before them).
     pub fn write(&mut self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
+        let m = self;
+        std::thread::scope(|scope| {
+            // The largest table is written on a thread of its own beside the others
+            // (each trie has its own lock in the kernel): a node's commit is mostly
+            // these writes.
+            let remote4 = fd_of(&m.sg_remote4)
+                .try_clone_to_owned()
+                .map_err(batch_err(map_names::SG_REMOTE4, "dup"))?;
+            let remote4 = scope.spawn(move || -> MapResult {
+                upsert_trie_map(
+                    remote4.as_fd(),
+                    &old.sg_remote4,
+                    &new.sg_remote4,
+                    map_names::SG_REMOTE4,
+                )?;
+                remove_trie_map(
+                    remote4.as_fd(),
+                    &old.sg_remote4,
+                    &new.sg_remote4,
+                    map_names::SG_REMOTE4,
+                )
+            });
+            let others = m.write_others(old, new);
+            let remote4 = remote4
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            others.and(remote4)
+        })
+    }
+
+    /// [`SetMaps::write`] of every map but `SG_REMOTE4`.
+    fn write_others(&mut self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
         let m = self;
         // Rules before the address classes that lead to them, both before the ports.
         upsert_trie_map(
-            &mut m.sg_rules,
+            fd_of(&m.sg_rules),
             &old.sg_rules,
             &new.sg_rules,
             map_names::SG_RULES,
         )?;
         upsert_trie_map(
-            &mut m.sg_remote4,
-            &old.sg_remote4,
-            &new.sg_remote4,
-            map_names::SG_REMOTE4,
-        )?;
-        upsert_trie_map(
-            &mut m.sg_remote6,
+            fd_of(&m.sg_remote6),
             &old.sg_remote6,
             &new.sg_remote6,
             map_names::SG_REMOTE6,
         )?;
         upsert_set(
-            &mut m.port_macs,
+            fd_of(&m.port_macs),
             &old.port_macs,
             &new.port_macs,
             map_names::PORT_MACS,
         )?;
         upsert_set(
-            &mut m.port_ip4,
+            fd_of(&m.port_ip4),
             &old.port_ip4,
             &new.port_ip4,
             map_names::PORT_IP4,
         )?;
         upsert_set(
-            &mut m.port_ip6,
+            fd_of(&m.port_ip6),
             &old.port_ip6,
             &new.port_ip6,
             map_names::PORT_IP6,
         )?;
         upsert_trie(
-            &mut m.port_net4,
+            fd_of(&m.port_net4),
             &old.port_net4,
             &new.port_net4,
             map_names::PORT_NET4,
         )?;
         upsert_trie(
-            &mut m.port_net6,
+            fd_of(&m.port_net6),
             &old.port_net6,
             &new.port_net6,
             map_names::PORT_NET6,
         )?;
-        upsert_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
-        upsert_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
+        upsert_map(fd_of(&m.fdb), &old.fdb, &new.fdb, map_names::FDB)?;
+        upsert_map(fd_of(&m.flood), &old.flood, &new.flood, map_names::FLOOD)?;
         // Routes and neighbours before the interfaces that lead to them; translations
         // before the external routes and addresses that lead to them.
-        upsert_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
-        upsert_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
-        upsert_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
+        upsert_map(fd_of(&m.neigh4), &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
+        upsert_map(fd_of(&m.neigh6), &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
+        upsert_map(fd_of(&m.fips4), &old.fips4, &new.fips4, map_names::FIPS4)?;
         upsert_map(
-            &mut m.fip_of4,
+            fd_of(&m.fip_of4),
             &old.fip_of4,
             &new.fip_of4,
             map_names::FIP_OF4,
         )?;
         upsert_map(
-            &mut m.router_gw,
+            fd_of(&m.router_gw),
             &old.router_gw,
             &new.router_gw,
             map_names::ROUTER_GW,
         )?;
         upsert_map(
-            &mut m.ext_addrs4,
+            fd_of(&m.ext_addrs4),
             &old.ext_addrs4,
             &new.ext_addrs4,
             map_names::EXT_ADDRS4,
         )?;
         upsert_map(
-            &mut m.router_gw6,
+            fd_of(&m.router_gw6),
             &old.router_gw6,
             &new.router_gw6,
             map_names::ROUTER_GW6,
         )?;
         upsert_map(
-            &mut m.ext_addrs6,
+            fd_of(&m.ext_addrs6),
             &old.ext_addrs6,
             &new.ext_addrs6,
             map_names::EXT_ADDRS6,
         )?;
         upsert_trie_map(
-            &mut m.routes4,
+            fd_of(&m.routes4),
             &old.routes4,
             &new.routes4,
             map_names::ROUTES4,
         )?;
         upsert_trie_map(
-            &mut m.routes6,
+            fd_of(&m.routes6),
             &old.routes6,
             &new.routes6,
             map_names::ROUTES6,
         )?;
         upsert_map(
-            &mut m.router_ifs,
+            fd_of(&m.router_ifs),
             &old.router_ifs,
             &new.router_ifs,
             map_names::ROUTER_IFS,
         )?;
         upsert_map(
-            &mut m.gateway_macs,
+            fd_of(&m.gateway_macs),
             &old.gateway_macs,
             &new.gateway_macs,
             map_names::GATEWAY_MACS,
         )?;
-        upsert_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
+        upsert_map(fd_of(&m.ports), &old.ports, &new.ports, map_names::PORTS)?;
 
         // (While the set is active, the port is what turns a device's frames on.)
-        remove_map(&mut m.ports, &old.ports, &new.ports, map_names::PORTS)?;
+        remove_map(fd_of(&m.ports), &old.ports, &new.ports, map_names::PORTS)?;
         remove_map(
-            &mut m.gateway_macs,
+            fd_of(&m.gateway_macs),
             &old.gateway_macs,
             &new.gateway_macs,
             map_names::GATEWAY_MACS,
         )?;
         remove_map(
-            &mut m.router_ifs,
+            fd_of(&m.router_ifs),
             &old.router_ifs,
             &new.router_ifs,
             map_names::ROUTER_IFS,
         )?;
         remove_trie_map(
-            &mut m.routes6,
+            fd_of(&m.routes6),
             &old.routes6,
             &new.routes6,
             map_names::ROUTES6,
         )?;
         remove_trie_map(
-            &mut m.routes4,
+            fd_of(&m.routes4),
             &old.routes4,
             &new.routes4,
             map_names::ROUTES4,
         )?;
         remove_map(
-            &mut m.ext_addrs6,
+            fd_of(&m.ext_addrs6),
             &old.ext_addrs6,
             &new.ext_addrs6,
             map_names::EXT_ADDRS6,
         )?;
         remove_map(
-            &mut m.router_gw6,
+            fd_of(&m.router_gw6),
             &old.router_gw6,
             &new.router_gw6,
             map_names::ROUTER_GW6,
         )?;
         remove_map(
-            &mut m.ext_addrs4,
+            fd_of(&m.ext_addrs4),
             &old.ext_addrs4,
             &new.ext_addrs4,
             map_names::EXT_ADDRS4,
         )?;
         remove_map(
-            &mut m.router_gw,
+            fd_of(&m.router_gw),
             &old.router_gw,
             &new.router_gw,
             map_names::ROUTER_GW,
         )?;
         remove_map(
-            &mut m.fip_of4,
+            fd_of(&m.fip_of4),
             &old.fip_of4,
             &new.fip_of4,
             map_names::FIP_OF4,
         )?;
-        remove_map(&mut m.fips4, &old.fips4, &new.fips4, map_names::FIPS4)?;
-        remove_map(&mut m.neigh6, &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
-        remove_map(&mut m.neigh4, &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
-        remove_map(&mut m.flood, &old.flood, &new.flood, map_names::FLOOD)?;
-        remove_map(&mut m.fdb, &old.fdb, &new.fdb, map_names::FDB)?;
+        remove_map(fd_of(&m.fips4), &old.fips4, &new.fips4, map_names::FIPS4)?;
+        remove_map(fd_of(&m.neigh6), &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
+        remove_map(fd_of(&m.neigh4), &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
+        remove_map(fd_of(&m.flood), &old.flood, &new.flood, map_names::FLOOD)?;
+        remove_map(fd_of(&m.fdb), &old.fdb, &new.fdb, map_names::FDB)?;
         remove_trie(
-            &mut m.port_net6,
+            fd_of(&m.port_net6),
             &old.port_net6,
             &new.port_net6,
             map_names::PORT_NET6,
         )?;
         remove_trie(
-            &mut m.port_net4,
+            fd_of(&m.port_net4),
             &old.port_net4,
             &new.port_net4,
             map_names::PORT_NET4,
         )?;
         remove_set(
-            &mut m.port_ip6,
+            fd_of(&m.port_ip6),
             &old.port_ip6,
             &new.port_ip6,
             map_names::PORT_IP6,
         )?;
         remove_set(
-            &mut m.port_ip4,
+            fd_of(&m.port_ip4),
             &old.port_ip4,
             &new.port_ip4,
             map_names::PORT_IP4,
         )?;
         remove_set(
-            &mut m.port_macs,
+            fd_of(&m.port_macs),
             &old.port_macs,
             &new.port_macs,
             map_names::PORT_MACS,
         )?;
         remove_trie_map(
-            &mut m.sg_remote6,
+            fd_of(&m.sg_remote6),
             &old.sg_remote6,
             &new.sg_remote6,
             map_names::SG_REMOTE6,
         )?;
         remove_trie_map(
-            &mut m.sg_remote4,
-            &old.sg_remote4,
-            &new.sg_remote4,
-            map_names::SG_REMOTE4,
-        )?;
-        remove_trie_map(
-            &mut m.sg_rules,
+            fd_of(&m.sg_rules),
             &old.sg_rules,
             &new.sg_rules,
             map_names::SG_RULES,
@@ -322,16 +349,16 @@ impl SetMaps {
         let (m, t) = (self, wanted);
         macro_rules! same {
             ($field:ident, $name:ident, hash) => {
-                read_hash(&m.$field) == t.$field
+                read_hash(&m.$field, map_names::$name)? == t.$field
             };
             ($field:ident, $name:ident, set) => {
-                read_hash(&m.$field) == as_set_map(&t.$field)
+                read_hash(&m.$field, map_names::$name)? == as_set_map(&t.$field)
             };
             ($field:ident, $name:ident, trie) => {
-                read_trie(&m.$field) == t.$field
+                read_trie(&m.$field, map_names::$name)? == t.$field
             };
             ($field:ident, $name:ident, trie_set) => {
-                read_trie(&m.$field) == as_set_map(&t.$field)
+                read_trie(&m.$field, map_names::$name)? == as_set_map(&t.$field)
             };
         }
         Ok(written_maps!(same).into_iter().all(|same| same))
@@ -344,8 +371,43 @@ pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
+/// The map's file, for the batch calls.
+fn fd_of<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
+    map.map().fd().as_fd()
+}
+
+fn batch_err(name: &'static str, call: &'static str) -> impl Fn(io::Error) -> DatapathError {
+    move |io_error| DatapathError::Map {
+        map: name,
+        source: MapError::SyscallError(SyscallError { call, io_error }),
+    }
+}
+
+fn write_entries<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    entries: &[(K, V)],
+    name: &'static str,
+) -> MapResult {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    batch::update(fd, entries).map_err(batch_err(name, "bpf_map_update_batch"))
+}
+
+/// A removal of an entry that is already gone is what the caller wanted anyway.
+fn remove_keys<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], name: &'static str) -> MapResult {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let gone = batch::delete(fd, keys).map_err(batch_err(name, "bpf_map_delete_batch"))?;
+    if gone > 0 {
+        warn!(map = name, entries = gone, "entries to remove were already gone");
+    }
+    Ok(())
+}
+
 fn upsert_map<K, V>(
-    map: &mut HashMap<MapData, K, V>,
+    map: BorrowedFd<'_>,
     old: &BTreeMap<K, V>,
     new: &BTreeMap<K, V>,
     name: &'static str,
@@ -354,16 +416,16 @@ where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
 {
-    for (key, value) in new {
-        if old.get(key) != Some(value) {
-            map.insert(key, value, 0).map_err(map_err(name))?;
-        }
-    }
-    Ok(())
+    let changed: Vec<(K, V)> = new
+        .iter()
+        .filter(|(key, value)| old.get(*key) != Some(*value))
+        .map(|(key, value)| (*key, *value))
+        .collect();
+    write_entries(map, &changed, name)
 }
 
 fn remove_map<K, V>(
-    map: &mut HashMap<MapData, K, V>,
+    map: BorrowedFd<'_>,
     old: &BTreeMap<K, V>,
     new: &BTreeMap<K, V>,
     name: &'static str,
@@ -372,86 +434,86 @@ where
     K: aya::Pod + Ord,
     V: aya::Pod,
 {
-    for key in old.keys().filter(|key| !new.contains_key(key)) {
-        remove_present(map.remove(key), name)?;
-    }
-    Ok(())
+    let gone: Vec<K> = old
+        .keys()
+        .filter(|key| !new.contains_key(key))
+        .copied()
+        .collect();
+    remove_keys(map, &gone, name)
 }
 
 fn upsert_set<K: aya::Pod + Ord>(
-    map: &mut HashMap<MapData, K, u32>,
+    map: BorrowedFd<'_>,
     old: &BTreeSet<K>,
     new: &BTreeSet<K>,
     name: &'static str,
 ) -> MapResult {
-    for key in new.difference(old) {
-        map.insert(key, 1, 0).map_err(map_err(name))?;
-    }
-    Ok(())
+    let added: Vec<(K, u32)> = new.difference(old).map(|key| (*key, 1)).collect();
+    write_entries(map, &added, name)
 }
 
 fn remove_set<K: aya::Pod + Ord>(
-    map: &mut HashMap<MapData, K, u32>,
+    map: BorrowedFd<'_>,
     old: &BTreeSet<K>,
     new: &BTreeSet<K>,
     name: &'static str,
 ) -> MapResult {
-    for key in old.difference(new) {
-        remove_present(map.remove(key), name)?;
-    }
-    Ok(())
+    let gone: Vec<K> = old.difference(new).copied().collect();
+    remove_keys(map, &gone, name)
 }
 
 fn upsert_trie<K: aya::Pod + Ord>(
-    trie: &mut LpmTrie<MapData, K, u32>,
+    trie: BorrowedFd<'_>,
     old: &BTreeSet<(u32, K)>,
     new: &BTreeSet<(u32, K)>,
     name: &'static str,
 ) -> MapResult {
-    for (prefix_len, data) in new.difference(old) {
-        trie.insert(&LpmKey::new(*prefix_len, *data), 1, 0)
-            .map_err(map_err(name))?;
-    }
-    Ok(())
+    let added: Vec<(LpmKey<K>, u32)> = new
+        .difference(old)
+        .map(|(prefix_len, data)| (LpmKey::new(*prefix_len, *data), 1))
+        .collect();
+    write_entries(trie, &added, name)
 }
 
 fn remove_trie<K: aya::Pod + Ord>(
-    trie: &mut LpmTrie<MapData, K, u32>,
+    trie: BorrowedFd<'_>,
     old: &BTreeSet<(u32, K)>,
     new: &BTreeSet<(u32, K)>,
     name: &'static str,
 ) -> MapResult {
-    for (prefix_len, data) in old.difference(new) {
-        remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
-    }
-    Ok(())
+    let gone: Vec<LpmKey<K>> = old
+        .difference(new)
+        .map(|(prefix_len, data)| LpmKey::new(*prefix_len, *data))
+        .collect();
+    remove_keys(trie, &gone, name)
 }
 
 fn upsert_trie_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
-    trie: &mut LpmTrie<MapData, K, V>,
+    trie: BorrowedFd<'_>,
     old: &BTreeMap<(u32, K), V>,
     new: &BTreeMap<(u32, K), V>,
     name: &'static str,
 ) -> MapResult {
-    for ((prefix_len, data), value) in new {
-        if old.get(&(*prefix_len, *data)) != Some(value) {
-            trie.insert(&LpmKey::new(*prefix_len, *data), *value, 0)
-                .map_err(map_err(name))?;
-        }
-    }
-    Ok(())
+    let changed: Vec<(LpmKey<K>, V)> = new
+        .iter()
+        .filter(|(key, value)| old.get(*key) != Some(*value))
+        .map(|((prefix_len, data), value)| (LpmKey::new(*prefix_len, *data), *value))
+        .collect();
+    write_entries(trie, &changed, name)
 }
 
 fn remove_trie_map<K: aya::Pod + Ord, V: aya::Pod>(
-    trie: &mut LpmTrie<MapData, K, V>,
+    trie: BorrowedFd<'_>,
     old: &BTreeMap<(u32, K), V>,
     new: &BTreeMap<(u32, K), V>,
     name: &'static str,
 ) -> MapResult {
-    for (prefix_len, data) in old.keys().filter(|key| !new.contains_key(key)) {
-        remove_present(trie.remove(&LpmKey::new(*prefix_len, *data)), name)?;
-    }
-    Ok(())
+    let gone: Vec<LpmKey<K>> = old
+        .keys()
+        .filter(|key| !new.contains_key(key))
+        .map(|(prefix_len, data)| LpmKey::new(*prefix_len, *data))
+        .collect();
+    remove_keys(trie, &gone, name)
 }
 
 /// A key set as the map the agent writes it into: each key with value 1.
@@ -479,11 +541,11 @@ where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
 {
-    let actual = read_hash(map);
+    let actual = read_hash(map, name)?;
     let wrong = drift(&actual, wanted);
     if wrong > 0 {
-        upsert_map(map, &actual, wanted, name)?;
-        remove_map(map, &actual, wanted, name)?;
+        upsert_map(fd_of(map), &actual, wanted, name)?;
+        remove_map(fd_of(map), &actual, wanted, name)?;
     }
     Ok(wrong)
 }
@@ -498,37 +560,33 @@ where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
 {
-    let actual = read_trie(trie);
+    let actual = read_trie(trie, name)?;
     let wrong = drift(&actual, wanted);
     if wrong > 0 {
-        upsert_trie_map(trie, &actual, wanted, name)?;
-        remove_trie_map(trie, &actual, wanted, name)?;
+        upsert_trie_map(fd_of(trie), &actual, wanted, name)?;
+        remove_trie_map(fd_of(trie), &actual, wanted, name)?;
     }
     Ok(wrong)
 }
 
-/// A removal of an entry that is already gone is what the caller wanted anyway.
-fn remove_present(result: Result<(), MapError>, name: &'static str) -> MapResult {
-    match result {
-        Err(MapError::KeyNotFound) => {
-            warn!(map = name, "entry to remove was already gone");
-            Ok(())
-        }
-        other => other.map_err(map_err(name)),
-    }
-}
-
-/// What a hash map holds. An entry removed while the walk runs is simply not there.
-fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> BTreeMap<K, V> {
-    map.iter().filter_map(Result::ok).collect()
+/// What a hash map holds. An entry removed while the read runs is simply not there.
+fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, DatapathError> {
+    let entries = batch::read(fd_of(map)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
+    Ok(entries.into_iter().collect())
 }
 
 /// What an LPM trie holds, keyed by (prefix length, data).
 fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
     trie: &LpmTrie<MapData, K, V>,
-) -> BTreeMap<(u32, K), V> {
-    trie.iter()
-        .filter_map(Result::ok)
+    name: &'static str,
+) -> Result<BTreeMap<(u32, K), V>, DatapathError> {
+    let entries: Vec<(LpmKey<K>, V)> =
+        batch::read(fd_of(trie)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
+    Ok(entries
+        .into_iter()
         .map(|(key, value)| ((key.prefix_len(), key.data()), value))
-        .collect()
+        .collect())
 }

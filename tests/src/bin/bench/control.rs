@@ -10,11 +10,11 @@
 //! ports of one network share their groups (a policy per network), and every group is
 //! used by some local port, so every rule is programmed.
 //!
-//! As many ports as the open-file limit allows are bound to this node, each with a
+//! `--control-local-ports` of them (all, by default) are bound to this node, each with a
 //! device of its own (veth pairs inside the node namespace, made by one `ip -batch`,
-//! and two VMs whose traffic probes enforcement): the agent holds a file per tcx link,
-//! two per port, and the hard limit here is 20,000, so 9,744 are local and the others
-//! bound to another node. Their floating IPs are not this node's to translate.
+//! and two VMs whose traffic probes enforcement); the others are bound to another node,
+//! and their floating IPs are not this node's to translate. The first ports of every
+//! network are the local ones, so every group is programmed whatever the count.
 //!
 //! Measured:
 //! 1. `Sync` of the whole state, twice: first onto devices without programs (each gets
@@ -90,9 +90,6 @@ const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a probe to a refused port is waited for (it must not come).
 const REFUSED_WAIT: Duration = Duration::from_millis(20);
-/// Files the agent holds besides its two tcx links (one file each) per local port: maps,
-/// programs, sockets.
-const FILES_BESIDES_LINKS: u64 = 512;
 /// The host ports not bound to this node are bound to.
 const OTHER_NODE: &str = "cp-other";
 /// Largest gRPC message the benchmark takes (a list of 10,000 ports).
@@ -985,28 +982,18 @@ fn sync(
     }
 }
 
-/// Raises this process's open-file limit (the agent inherits it) to its hard limit,
-/// and returns it: the agent holds a file per tcx link, two per local port.
-fn open_files() -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
-    }
-    limit.rlim_cur = limit.rlim_max;
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
-    }
-    Ok(limit.rlim_max)
-}
-
-/// Runs the part and reports it (the table, and `json`).
-pub fn run(applies: usize, log: impl Fn(&str), json: &mut Vec<String>) -> Result<()> {
-    let files = open_files()?;
-    let local = PORTS.min(files.saturating_sub(FILES_BESIDES_LINKS) as usize / 2);
+pub fn run(
+    applies: usize,
+    local: usize,
+    log: impl Fn(&str),
+    json: &mut Vec<String>,
+) -> Result<()> {
+    ensure!(
+        (2 * NETWORKS..=PORTS).contains(&local),
+        "local ports: {local} is not between {} (two a network: the probe VMs are the \
+         first network's first two) and {PORTS}",
+        2 * NETWORKS
+    );
     let states = [desired_state(0, local), desired_state(1, local)];
     let rules: usize = states[0]
         .iter()
@@ -1016,8 +1003,7 @@ pub fn run(applies: usize, log: impl Fn(&str), json: &mut Vec<String>) -> Result
         })
         .sum();
     log(&format!(
-        "control plane: {local} of {PORTS} ports on this node (open files allowed: {files}); \
-         creating their devices ({} veth pairs and 2 VMs)",
+        "control plane: {local} of {PORTS} ports on this node; creating their devices ({} veth pairs and 2 VMs)",
         local - 2
     ));
     let (node, created) = build_node(local)?;
@@ -1395,6 +1381,8 @@ fn report(results: &Results, json: &mut Vec<String>) {
 /// The control plane as a part of the suite: its figures, one sample each, as records.
 pub struct ControlPlane {
     pub applies: usize,
+    /// Ports bound to this node (the others to another node).
+    pub local: usize,
 }
 
 impl crate::results::Part for ControlPlane {
@@ -1408,7 +1396,7 @@ impl crate::results::Part for ControlPlane {
 
     fn run(&mut self, ctx: &mut crate::results::Context<'_>) -> Result<()> {
         let mut lines = Vec::new();
-        run(self.applies, |line| ctx.progress.note(line), &mut lines)?;
+        run(self.applies, self.local, |line| ctx.progress.note(line), &mut lines)?;
         for line in lines {
             let figures: serde_json::Value = serde_json::from_str(&line)?;
             let case = figures["case"].as_str().unwrap_or_default().to_owned();

@@ -116,6 +116,10 @@ struct Args {
     /// Single-rule Applies of the control-plane part.
     #[arg(long, default_value_t = 200)]
     applies: usize,
+    /// Ports of the control-plane part bound to this node, each with a device (400 to
+    /// 10,000; fewer make its first Sync, which attaches every device, quicker).
+    #[arg(long, default_value_t = 10_000)]
+    control_local_ports: usize,
     /// Floating-IP counts of the NAT test-run cases.
     #[arg(long, value_delimiter = ',')]
     fips: Option<Vec<usize>>,
@@ -686,6 +690,7 @@ fn main() -> Result<()> {
             }),
             "control-plane" => Box::new(control::ControlPlane {
                 applies: args.applies,
+                local: args.control_local_ports,
             }),
             other => bail!("no part {other}"),
         };

@@ -1,4 +1,4 @@
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use dataplane_abi::{port_flags, PortInfo, RULE_LOOKUP_BITS};
 

@@ -1,13 +1,11 @@
 //! What a port's compiled policy amounts to, for operators (`ctl policy`): read from
 //! the compiled tables and the state they were compiled from, never recomputed.
 
-use std::{
-    collections::HashSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dataplane_abi::{port_flags, PORT_ADDR_FIXED_BITS};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use rustc_hash::FxHashSet;
 
 use super::{remote_members, Prefix};
 use crate::core::{
@@ -61,7 +59,7 @@ pub fn port_policy(state: &State, compiled: &Compiled, port_id: &str) -> Option<
             .iter()
             .filter_map(|id| state.security_groups.get(id))
             .collect();
-        let wanted: HashSet<&str> = groups
+        let wanted: FxHashSet<&str> = groups
             .iter()
             .flat_map(|group| &group.rules)
             .filter_map(|rule| rule.remote_group_id.as_deref())
