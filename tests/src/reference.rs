@@ -43,10 +43,14 @@ const ETHERTYPE_IPV6: u16 = 0x86dd;
 impl Reference<'_> {
     /// Ports this node switches: bound here, device present.
     fn programmed(&self) -> impl Iterator<Item = &Port> {
-        self.state.ports.values().filter(|port| {
-            port.binding.host == self.node_name
-                && self.devices.contains_key(&port.binding.interface_name)
-        })
+        self.state
+            .ports
+            .values()
+            .map(|port| &**port)
+            .filter(|port| {
+                port.binding.host == self.node_name
+                    && self.devices.contains_key(&port.binding.interface_name)
+            })
     }
 
     fn network(&self, port: &Port) -> &Network {

@@ -368,7 +368,7 @@ fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
 /// A device (usually a port's) and a frame its VM might send: honest, spoofed,
 /// privileged (RA, DHCP server), or broken.
 fn random_frame(rng: &mut StdRng, state: &State) -> (String, Vec<u8>) {
-    let ports: Vec<&Port> = state.ports.values().collect();
+    let ports: Vec<&Port> = state.ports.values().map(|port| &**port).collect();
     let port = *pick(rng, &ports);
     let device = if rng.random_bool(0.04) {
         format!("d{DEVICES}")

@@ -444,6 +444,7 @@ fn routing_agrees_with_the_reference_model() -> Result<()> {
             let senders: Vec<&Port> = state
                 .ports
                 .values()
+                .map(|port| &**port)
                 .filter(|p| compiled.ports.iter().any(|c| c.port_id == p.id))
                 .collect();
             if senders.is_empty() {

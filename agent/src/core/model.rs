@@ -10,6 +10,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv6Addr},
     str::FromStr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -696,8 +697,10 @@ pub enum Change {
 pub struct State {
     pub networks: BTreeMap<String, Network>,
     pub subnets: BTreeMap<String, Subnet>,
-    pub ports: BTreeMap<String, Port>,
-    pub security_groups: BTreeMap<String, SecurityGroup>,
+    /// Shared with the states before and after an Apply (which copies the state): the
+    /// largest resources are copied by reference.
+    pub ports: BTreeMap<String, Arc<Port>>,
+    pub security_groups: BTreeMap<String, Arc<SecurityGroup>>,
     pub routers: BTreeMap<String, Router>,
     pub floating_ips: BTreeMap<String, FloatingIp>,
     pub qos_policies: BTreeMap<String, QosPolicy>,
@@ -795,10 +798,10 @@ impl State {
                 self.subnets.insert(r.id.clone(), r);
             }
             Resource::Port(r) => {
-                self.ports.insert(r.id.clone(), r);
+                self.ports.insert(r.id.clone(), Arc::new(r));
             }
             Resource::SecurityGroup(r) => {
-                self.security_groups.insert(r.id.clone(), r);
+                self.security_groups.insert(r.id.clone(), Arc::new(r));
             }
             Resource::Router(r) => {
                 self.routers.insert(r.id.clone(), r);
@@ -823,6 +826,18 @@ impl State {
             ResourceKind::FloatingIp => self.floating_ips.remove(id).is_some(),
             ResourceKind::QosPolicy => self.qos_policies.remove(id).is_some(),
         }
+    }
+}
+
+impl From<Arc<Port>> for Resource {
+    fn from(port: Arc<Port>) -> Self {
+        Resource::Port(Arc::unwrap_or_clone(port))
+    }
+}
+
+impl From<Arc<SecurityGroup>> for Resource {
+    fn from(group: Arc<SecurityGroup>) -> Self {
+        Resource::SecurityGroup(Arc::unwrap_or_clone(group))
     }
 }
 

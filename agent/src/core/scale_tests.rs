@@ -206,7 +206,7 @@ fn ten_thousand_ports_and_a_hundred_thousand_rules() {
     assert_eq!(members, 1_000);
 
     // One port changed, one group with no users deleted: the incremental path.
-    let mut changed = state.ports["port00042"].clone();
+    let mut changed = Port::clone(&state.ports["port00042"]);
     changed.revision_number += 1;
     changed.admin_state_up = false;
     let started = Instant::now();
@@ -298,7 +298,7 @@ fn ten_thousand_ports_and_a_hundred_thousand_rules() {
     assert!(tables.sg_remote4.len() > 1_000 * policies.len());
 
     // A member of a big group moves: only the entries naming it change.
-    let mut moved = next.ports["port00301"].clone();
+    let mut moved = Port::clone(&next.ports["port00301"]);
     moved.revision_number += 1;
     moved.fixed_ips = vec![fixed_ip("s3", "10.3.250.250")];
     let started = Instant::now();

@@ -1,7 +1,7 @@
 //! The `dataplane.v1.Dataplane` service: converts requests to the core's types, calls the
 //! node, converts results back. No logic of its own beyond that.
 
-use std::{pin::Pin, sync::Arc};
+use std::{borrow::Borrow, pin::Pin, sync::Arc};
 
 use dataplane_proto::v1 as pb;
 use futures::Stream;
@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     core::{
-        model::{ResourceKind, ResourceRef},
+        model::{self, ResourceKind, ResourceRef},
         trace::Probe,
     },
     kernel::{
@@ -131,7 +131,8 @@ macro_rules! get_body {
             .node
             .read(|state, statuses| {
                 state.$field.get(&id).map(|resource| pb::$with_status {
-                    $item: Some(resource.into()),
+                    // Some kinds are held behind an `Arc`.
+                    $item: Some(Borrow::<model::$kind>::borrow(resource).into()),
                     status: lookup_status(statuses, ResourceKind::$kind, &id),
                 })
             })
@@ -152,7 +153,8 @@ macro_rules! list_body {
                     .$field
                     .iter()
                     .map(|(id, resource)| pb::$with_status {
-                        $item: Some(resource.into()),
+                        // Some kinds are held behind an `Arc`.
+                    $item: Some(Borrow::<model::$kind>::borrow(resource).into()),
                         status: lookup_status(statuses, ResourceKind::$kind, id),
                     })
                     .collect()

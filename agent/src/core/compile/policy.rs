@@ -103,7 +103,7 @@ pub(super) fn compile_policies<'s>(
     let groups: BTreeMap<&str, &'s SecurityGroup> = keys
         .iter()
         .flatten()
-        .filter_map(|id| state.security_groups.get(*id).map(|group| (*id, group)))
+        .filter_map(|id| state.security_groups.get(*id).map(|group| (*id, &**group)))
         .collect();
     let mut used_rules: Vec<&str> = groups
         .values()

@@ -31,7 +31,7 @@ fn accepted(state: &State, changes: Vec<Change>) -> State {
 }
 
 fn p1() -> Port {
-    base_state().ports["p1"].clone()
+    Port::clone(&base_state().ports["p1"])
 }
 
 fn port_at(id: &str, mac_address: &str, address: &str) -> Port {
@@ -62,7 +62,7 @@ fn a_batch_may_name_a_port_before_its_network_subnet_and_groups() {
             upsert(network("n")),
         ],
     );
-    assert_eq!(state.ports["p"], p);
+    assert_eq!(*state.ports["p"], p);
     assert_eq!(state.len(), 5);
 }
 
@@ -84,7 +84,7 @@ fn upserting_replaces_and_deleting_removes() {
     changed.name = "renamed".to_owned();
     changed.revision_number = 2;
     let next = accepted(&state, vec![upsert(changed.clone())]);
-    assert_eq!(next.ports["p1"], changed);
+    assert_eq!(*next.ports["p1"], changed);
     assert_eq!(state.ports["p1"].name, "", "the original is untouched");
 
     let next = accepted(&next, vec![delete(ResourceKind::Port, "p1")]);
@@ -997,7 +997,7 @@ fn deleting_what_is_still_used() {
     let unused_by_ports = Port {
         security_group_ids: Vec::new(),
         revision_number: 2,
-        ..state.ports["p1"].clone()
+        ..Port::clone(&state.ports["p1"])
     };
     let error = refused(
         &state,
@@ -1256,7 +1256,7 @@ fn upserts_that_break_resources_outside_the_request() {
     // p1 drops the address a floating IP is bound to.
     let readdressed = Port {
         fixed_ips: vec![fixed_ip("s1", "10.0.0.50")],
-        ..state.ports["p1"].clone()
+        ..Port::clone(&state.ports["p1"])
     };
     let error = refused(
         &state,
@@ -1389,7 +1389,7 @@ fn a_group_turning_stateless_under_a_port_with_stateful_groups() {
             upsert(flipped),
             upsert(Port {
                 name: "renamed".to_owned(),
-                ..state.ports["p1"].clone()
+                ..Port::clone(&state.ports["p1"])
             }),
         ],
         ErrorCode::FailedPrecondition,
