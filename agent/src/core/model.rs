@@ -768,14 +768,22 @@ impl State {
         next: &'a State,
     ) -> impl Iterator<Item = (ResourceRef, Option<Resource>)> + 'a {
         changes_of(ResourceKind::Network, &self.networks, &next.networks)
-            .chain(changes_of(ResourceKind::Subnet, &self.subnets, &next.subnets))
+            .chain(changes_of(
+                ResourceKind::Subnet,
+                &self.subnets,
+                &next.subnets,
+            ))
             .chain(changes_of(ResourceKind::Port, &self.ports, &next.ports))
             .chain(changes_of(
                 ResourceKind::SecurityGroup,
                 &self.security_groups,
                 &next.security_groups,
             ))
-            .chain(changes_of(ResourceKind::Router, &self.routers, &next.routers))
+            .chain(changes_of(
+                ResourceKind::Router,
+                &self.routers,
+                &next.routers,
+            ))
             .chain(changes_of(
                 ResourceKind::FloatingIp,
                 &self.floating_ips,

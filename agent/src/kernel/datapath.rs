@@ -8,7 +8,7 @@
 //! the next run adopts it without changing what packets see.
 
 mod attach;
-mod batch;
+pub mod batch;
 mod pins;
 mod tables;
 

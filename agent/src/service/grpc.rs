@@ -154,7 +154,7 @@ macro_rules! list_body {
                     .iter()
                     .map(|(id, resource)| pb::$with_status {
                         // Some kinds are held behind an `Arc`.
-                    $item: Some(Borrow::<model::$kind>::borrow(resource).into()),
+                        $item: Some(Borrow::<model::$kind>::borrow(resource).into()),
                         status: lookup_status(statuses, ResourceKind::$kind, id),
                     })
                     .collect()

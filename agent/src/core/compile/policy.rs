@@ -369,10 +369,7 @@ impl Members {
 
 /// Every address of every port (any host, any network) in each of `wanted`: fixed IPs
 /// as host prefixes, allowed address pairs as given (masked).
-fn remote_members<'s>(
-    state: &'s State,
-    wanted: &FxHashSet<&str>,
-) -> HashMap<&'s str, Members> {
+fn remote_members<'s>(state: &'s State, wanted: &FxHashSet<&str>) -> HashMap<&'s str, Members> {
     let mut members: HashMap<&str, Members> = HashMap::default();
     if wanted.is_empty() {
         return members;

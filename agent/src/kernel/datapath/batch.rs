@@ -120,11 +120,7 @@ pub fn read<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                cursor_in.as_ptr() as u64
-            },
+            in_batch: if first { 0 } else { cursor_in.as_ptr() as u64 },
             out_batch: cursor_out.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -138,12 +134,22 @@ pub fn read<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
             Ok(()) => {}
             // The last batch: `count` says what it holds.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                entries.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+                entries.extend(
+                    keys[..got]
+                        .iter()
+                        .copied()
+                        .zip(values[..got].iter().copied()),
+                );
                 return Ok(entries);
             }
             Err(e) => return Err(e),
         }
-        entries.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+        entries.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
         std::mem::swap(&mut cursor_in, &mut cursor_out);
         first = false;
     }

@@ -141,8 +141,18 @@ impl SetMaps {
         upsert_map(fd_of(&m.flood), &old.flood, &new.flood, map_names::FLOOD)?;
         // Routes and neighbours before the interfaces that lead to them; translations
         // before the external routes and addresses that lead to them.
-        upsert_map(fd_of(&m.neigh4), &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
-        upsert_map(fd_of(&m.neigh6), &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
+        upsert_map(
+            fd_of(&m.neigh4),
+            &old.neigh4,
+            &new.neigh4,
+            map_names::NEIGH4,
+        )?;
+        upsert_map(
+            fd_of(&m.neigh6),
+            &old.neigh6,
+            &new.neigh6,
+            map_names::NEIGH6,
+        )?;
         upsert_map(fd_of(&m.fips4), &old.fips4, &new.fips4, map_names::FIPS4)?;
         upsert_map(
             fd_of(&m.fip_of4),
@@ -257,8 +267,18 @@ impl SetMaps {
             map_names::FIP_OF4,
         )?;
         remove_map(fd_of(&m.fips4), &old.fips4, &new.fips4, map_names::FIPS4)?;
-        remove_map(fd_of(&m.neigh6), &old.neigh6, &new.neigh6, map_names::NEIGH6)?;
-        remove_map(fd_of(&m.neigh4), &old.neigh4, &new.neigh4, map_names::NEIGH4)?;
+        remove_map(
+            fd_of(&m.neigh6),
+            &old.neigh6,
+            &new.neigh6,
+            map_names::NEIGH6,
+        )?;
+        remove_map(
+            fd_of(&m.neigh4),
+            &old.neigh4,
+            &new.neigh4,
+            map_names::NEIGH4,
+        )?;
         remove_map(fd_of(&m.flood), &old.flood, &new.flood, map_names::FLOOD)?;
         remove_map(fd_of(&m.fdb), &old.fdb, &new.fdb, map_names::FDB)?;
         remove_trie(
@@ -401,7 +421,11 @@ fn remove_keys<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], name: &'static str) 
     }
     let gone = batch::delete(fd, keys).map_err(batch_err(name, "bpf_map_delete_batch"))?;
     if gone > 0 {
-        warn!(map = name, entries = gone, "entries to remove were already gone");
+        warn!(
+            map = name,
+            entries = gone,
+            "entries to remove were already gone"
+        );
     }
     Ok(())
 }

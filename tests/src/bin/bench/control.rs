@@ -982,12 +982,7 @@ fn sync(
     }
 }
 
-pub fn run(
-    applies: usize,
-    local: usize,
-    log: impl Fn(&str),
-    json: &mut Vec<String>,
-) -> Result<()> {
+pub fn run(applies: usize, local: usize, log: impl Fn(&str), json: &mut Vec<String>) -> Result<()> {
     ensure!(
         (2 * NETWORKS..=PORTS).contains(&local),
         "local ports: {local} is not between {} (two a network: the probe VMs are the \
@@ -1396,7 +1391,12 @@ impl crate::results::Part for ControlPlane {
 
     fn run(&mut self, ctx: &mut crate::results::Context<'_>) -> Result<()> {
         let mut lines = Vec::new();
-        run(self.applies, self.local, |line| ctx.progress.note(line), &mut lines)?;
+        run(
+            self.applies,
+            self.local,
+            |line| ctx.progress.note(line),
+            &mut lines,
+        )?;
         for line in lines {
             let figures: serde_json::Value = serde_json::from_str(&line)?;
             let case = figures["case"].as_str().unwrap_or_default().to_owned();

@@ -86,14 +86,11 @@ struct Args {
     /// on real traffic against iptables and nftables), `nat-traffic` (floating IPs on
     /// real traffic against the L3 agent's Linux router), `latency` (TCP round trips
     /// and new-flow latency against the same peers), `control-plane` (the agent's Sync,
-    /// single-rule Apply and memory at 10,000 ports; not in the default run: it takes
-    /// a quarter of an hour of its own).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "testrun,l2,traffic,nat-traffic,latency"
-    )]
-    parts: Vec<String>,
+    /// single-rule Apply and memory at 10,000 ports). Default: all of them, and all but
+    /// `control-plane` in the quick mode (its setup alone, 20,000 tcx links made and
+    /// removed, takes minutes).
+    #[arg(long, value_delimiter = ',')]
+    parts: Option<Vec<String>>,
     /// The traffic source: `auto` (live frames if they work here, else the socket
     /// fallback), `live-frames`, `af-packet`.
     #[arg(long, default_value = "auto")]
@@ -634,8 +631,17 @@ fn main() -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
 
+    let packet_parts = ["testrun", "l2", "traffic", "nat-traffic", "latency"];
+    let names = args.parts.clone().unwrap_or_else(|| {
+        let control = (!quick).then_some("control-plane");
+        packet_parts
+            .into_iter()
+            .chain(control)
+            .map(String::from)
+            .collect()
+    });
     let mut parts: Vec<Box<dyn Part>> = vec![];
-    for name in &args.parts {
+    for name in &names {
         let part: Box<dyn Part> = match name.as_str() {
             "testrun" => Box::new(TestRun {
                 settings: TestRunSettings {
