@@ -1378,6 +1378,34 @@ pub struct ControlPlane {
     pub applies: usize,
     /// Ports bound to this node (the others to another node).
     pub local: usize,
+    /// Expedited RCU grace periods while the part runs (see [`ExpeditedRcu`]).
+    pub rcu_expedited: bool,
+}
+
+const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+
+/// The kernel's `rcu_expedited` set to 1 while this lives, and put back after.
+struct ExpeditedRcu {
+    previous: String,
+}
+
+impl ExpeditedRcu {
+    fn set() -> Result<Self> {
+        let previous = std::fs::read_to_string(RCU_EXPEDITED).context(RCU_EXPEDITED)?;
+        std::fs::write(RCU_EXPEDITED, "1").context(RCU_EXPEDITED)?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for ExpeditedRcu {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(RCU_EXPEDITED, self.previous.trim()) {
+            eprintln!(
+                "could not put {RCU_EXPEDITED} back to {}: {e}",
+                self.previous.trim()
+            );
+        }
+    }
 }
 
 impl crate::results::Part for ControlPlane {
@@ -1390,6 +1418,7 @@ impl crate::results::Part for ControlPlane {
     }
 
     fn run(&mut self, ctx: &mut crate::results::Context<'_>) -> Result<()> {
+        let _expedited = self.rcu_expedited.then(ExpeditedRcu::set).transpose()?;
         let mut lines = Vec::new();
         run(
             self.applies,

@@ -111,12 +111,18 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     rules: Option<Vec<usize>>,
     /// Single-rule Applies of the control-plane part.
-    #[arg(long, default_value_t = 200)]
-    applies: usize,
+    #[arg(long)]
+    applies: Option<usize>,
     /// Ports of the control-plane part bound to this node, each with a device (400 to
     /// 10,000; fewer make its first Sync, which attaches every device, quicker).
     #[arg(long, default_value_t = 10_000)]
     control_local_ports: usize,
+    /// Sets the kernel's `/sys/kernel/rcu_expedited` to 1 for the control-plane part
+    /// (and back after it). Each tcx attachment waits for an RCU grace period under
+    /// the RTNL lock; expedited ones make a node's first Sync many times quicker, but
+    /// the setting is the whole machine's: only when asked.
+    #[arg(long)]
+    rcu_expedited: bool,
     /// Floating-IP counts of the NAT test-run cases.
     #[arg(long, value_delimiter = ',')]
     fips: Option<Vec<usize>>,
@@ -695,8 +701,9 @@ fn main() -> Result<()> {
                 connects: args.connects.unwrap_or(pick(quick, 200, 1_000)),
             }),
             "control-plane" => Box::new(control::ControlPlane {
-                applies: args.applies,
+                applies: args.applies.unwrap_or(pick(quick, 30, 100)),
                 local: args.control_local_ports,
+                rcu_expedited: args.rcu_expedited,
             }),
             other => bail!("no part {other}"),
         };
@@ -717,6 +724,12 @@ fn main() -> Result<()> {
         slot_a: 0,
     };
     let mut notes = args.note.clone();
+    if args.rcu_expedited && names.iter().any(|name| name == "control-plane") {
+        notes.push(
+            "the control-plane part ran with /sys/kernel/rcu_expedited = 1 (--rcu-expedited)"
+                .to_owned(),
+        );
+    }
     if kind != generator::Kind::LiveFrames {
         notes.push(format!(
             "the userspace AF_PACKET generator ran ({}): its own cost limits the offered \
