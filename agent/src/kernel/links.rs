@@ -41,6 +41,8 @@ mod rtnl {
     pub const IFLA_INFO_KIND: u16 = 1;
     pub const IFLA_XDP: u16 = 43;
     pub const IFLA_XDP_PROG_ID: u16 = 4;
+    pub const IFLA_EXT_MASK: u16 = 29;
+    pub const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
     /// Attribute type bits (the rest flag nesting and byte order).
     pub const NLA_TYPE_MASK: u16 = 0x3fff;
 }
@@ -89,12 +91,17 @@ pub fn xdp_program(ifindex: u32) -> io::Result<Option<u32>> {
 pub fn devices() -> io::Result<BTreeMap<u32, LinkInfo>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
-    let len = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
+    // Without the devices' statistics, which are most of each message and not read.
+    let header = rtnl::NLMSG_HDRLEN + rtnl::IFINFOMSG_LEN;
+    let len = header + 8;
     let mut request = vec![0u8; len];
     request[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
     request[4..6].copy_from_slice(&rtnl::RTM_GETLINK.to_ne_bytes());
     request[6..8].copy_from_slice(&(rtnl::NLM_F_REQUEST | rtnl::NLM_F_DUMP).to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    request[header..header + 2].copy_from_slice(&8u16.to_ne_bytes());
+    request[header + 2..header + 4].copy_from_slice(&rtnl::IFLA_EXT_MASK.to_ne_bytes());
+    request[header + 4..header + 8].copy_from_slice(&rtnl::RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
     socket.send_to(&request, &SocketAddr::new(0, 0), 0)?;
     let mut devices = BTreeMap::new();
     let mut reply = vec![0u8; 64 * 1024];
