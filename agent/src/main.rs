@@ -232,7 +232,18 @@ enum ConntrackCommand {
     Stats,
 }
 
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (its numbering is kept stable:
+/// retired options keep their places).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// Milliseconds before freed memory is given back. mimalloc's default, a second, left a
+/// commit's temporaries resident while the agent sat idle after it (RSS 257 against
+/// 168 MB, and a 284 against 248 MB peak, in the control-plane bench with 400 of its
+/// 10,000 ports local).
+const PURGE_DELAY_MS: std::ffi::c_long = 10;
+
 fn main() -> anyhow::Result<()> {
+    // SAFETY: sets one of mimalloc's options, which it reads on every purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command {
