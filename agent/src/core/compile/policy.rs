@@ -10,7 +10,7 @@
 //! slots are held in [`Slots`] and keep their numbers while in use, so recompiling an
 //! unchanged state gives the same tables and the same revisions.
 
-use std::collections::{btree_map, BTreeMap, HashSet};
+use std::collections::{btree_map, BTreeMap};
 
 use dataplane_abi::{
     sg_direction, RemoteKey4, RemoteKey6, RuleKey, REMOTE_FIXED_BITS, RULE_CLASS_BITS,
@@ -86,7 +86,7 @@ pub(super) fn compile_policies<'s>(
         }
         ordered
     };
-    let owned_keys: HashSet<Vec<String>> = keys.iter().map(|key| owned(key)).collect();
+    let owned_keys: FxHashSet<Vec<String>> = keys.iter().map(|key| owned(key)).collect();
     slots.policies.retain(|key| owned_keys.contains(key));
     let mut sorted_keys: Vec<usize> = (0..keys.len()).collect();
     sorted_keys.sort_by(|a, b| keys[*a].cmp(&keys[*b]));

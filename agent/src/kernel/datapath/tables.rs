@@ -66,18 +66,16 @@ impl SetMaps {
             // The largest table is written on a thread of its own beside the others
             // (each trie has its own lock in the kernel): a node's commit is mostly
             // these writes.
-            let remote4 = fd_of(&m.sg_remote4)
-                .try_clone_to_owned()
-                .map_err(batch_err(map_names::SG_REMOTE4, "dup"))?;
+            let remote4 = fd_of(&m.sg_remote4);
             let remote4 = scope.spawn(move || -> MapResult {
                 upsert_trie_map(
-                    remote4.as_fd(),
+                    remote4,
                     &old.sg_remote4,
                     &new.sg_remote4,
                     map_names::SG_REMOTE4,
                 )?;
                 remove_trie_map(
-                    remote4.as_fd(),
+                    remote4,
                     &old.sg_remote4,
                     &new.sg_remote4,
                     map_names::SG_REMOTE4,
@@ -92,7 +90,7 @@ impl SetMaps {
     }
 
     /// [`SetMaps::write`] of every map but `SG_REMOTE4`.
-    fn write_others(&mut self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
+    fn write_others(&self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
         let m = self;
         // Rules before the address classes that lead to them, both before the ports.
         upsert_trie_map(
