@@ -474,15 +474,16 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
 
     let pins = agent.pins();
     let ifindex = node.ifindex("tap-a")?;
-    let ingress_link = pins.link(ifindex, "port_ingress");
+    let egress_of_a = pins.link(ifindex, "port_egress");
     ensure!(
-        ingress_link.exists(),
+        egress_of_a.exists(),
         "no pinned link {}",
-        ingress_link.display()
+        egress_of_a.display()
     );
-    // The dispatcher goes off tap-a (a's frames would reach the host stack, not b), and
-    // the uplink's XDP dispatcher off the uplink.
-    detach_link(&ingress_link)?;
+    // One direction's dispatcher goes off tap-a (frames to a would reach it unfiltered),
+    // the other stays: only the one is attached again, since a device refuses a
+    // dispatcher it still runs. And the uplink's XDP dispatcher goes off the uplink.
+    detach_link(&egress_of_a)?;
     let uplink_xdp = pins.link(uplink, "uplink_xdp");
     detach_link(&uplink_xdp)?;
     // And pins go: a map of each kind, and a link (which, held by its pin alone, is
@@ -490,8 +491,8 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
     let ct = pins.state_dir().join(map_names::CT);
     let ports = agent.active_set_maps()?.join(map_names::PORTS);
     // (b's: a's links are attached anew, which pins them anew.)
-    let egress_link = pins.link(node.ifindex("tap-b")?, "port_egress");
-    for pin in [&ct, &ports, &egress_link] {
+    let egress_of_b = pins.link(node.ifindex("tap-b")?, "port_egress");
+    for pin in [&ct, &ports, &egress_of_b] {
         std::fs::remove_file(pin)?;
     }
 
@@ -507,7 +508,7 @@ async fn removed_pins_and_a_detached_dispatcher_are_put_back_and_reported() -> R
             repinned += drift.pins;
         }
     }
-    for pin in [&ct, &ports, &egress_link, &ingress_link, &uplink_xdp] {
+    for pin in [&ct, &ports, &egress_of_b, &egress_of_a, &uplink_xdp] {
         ensure!(pin.exists(), "{} not pinned again", pin.display());
     }
     ensure!(

@@ -211,6 +211,12 @@ struct UplinkAttachment {
     ingress: Link,
 }
 
+/// A dispatcher the drift check could not attach again: the device is left for the
+/// next check, without holding up the others.
+fn not_again(interface: &str, error: &DatapathError) {
+    warn!(interface, %error, "could not attach again; trying at the next check");
+}
+
 /// A port device's dispatchers.
 struct PortAttachment {
     interface: String,
@@ -1060,103 +1066,74 @@ impl Datapath {
         Ok(drift)
     }
 
-    /// Attaches the dispatchers again to devices they were detached from; how many.
+    /// Attaches the dispatchers again where they were detached from a device; how
+    /// many. Only the detached direction is attached again: the device refuses a
+    /// dispatcher it still runs.
     fn reattach_detached(&mut self) -> Result<u64, DatapathError> {
-        let mut detached = Vec::new();
+        let mut count = 0;
         let ebpf = &mut self.sets[0].ebpf;
-        for (ifindex, attachment) in &self.attachments {
+        for attachment in self.attachments.values_mut() {
             for (name, direction) in [
                 (program_names::PORT_INGRESS, TcAttachType::Ingress),
                 (program_names::PORT_EGRESS, TcAttachType::Egress),
             ] {
                 let dispatcher = classifier(ebpf, name)?;
                 // A device that is gone is the device watch's to notice.
-                if let Ok(false) = attach::tc_attached(dispatcher, &attachment.interface, direction)
-                {
-                    detached.push(*ifindex);
+                if !matches!(
+                    attach::tc_attached(dispatcher, &attachment.interface, direction),
+                    Ok(false)
+                ) {
+                    continue;
+                }
+                warn!(interface = %attachment.interface, ?direction, "dispatcher detached behind the agent's back; attaching again");
+                let link = match direction {
+                    TcAttachType::Ingress => &mut attachment.ingress,
+                    _ => &mut attachment.egress,
+                };
+                let pin = link.pin_path().cloned();
+                match attach::tc(dispatcher, &attachment.interface, direction, pin) {
+                    Ok(new) => {
+                        *link = new;
+                        count += 1;
+                    }
+                    Err(e) => not_again(&attachment.interface, &e),
                 }
             }
         }
-        detached.dedup();
-        let mut count = detached.len() as u64;
-        let ports: Vec<ProgrammedPort> = Vec::new();
-        let _ = ports;
-        for ifindex in detached {
-            if let Some(attachment) = self.attachments.remove(&ifindex) {
-                warn!(interface = %attachment.interface, "dispatcher detached behind the agent's back; attaching again");
-                let (interface, ingress_pin, egress_pin) = (
-                    attachment.interface.clone(),
-                    attachment.ingress.pin_path().cloned(),
-                    attachment.egress.pin_path().cloned(),
-                );
-                attachment.ingress.release();
-                attachment.egress.release();
-                let ingress = attach::tc(
-                    classifier(ebpf, program_names::PORT_INGRESS)?,
-                    &interface,
-                    TcAttachType::Ingress,
-                    ingress_pin,
-                )?;
-                let egress = attach::tc(
-                    classifier(ebpf, program_names::PORT_EGRESS)?,
-                    &interface,
-                    TcAttachType::Egress,
-                    egress_pin,
-                )?;
-                self.attachments.insert(
-                    ifindex,
-                    PortAttachment {
-                        interface,
-                        ingress,
-                        egress,
-                    },
-                );
+        let Some(uplink) = &mut self.uplink else {
+            return Ok(count);
+        };
+        let ours = xdp(ebpf, program_names::UPLINK_XDP)?
+            .info()
+            .map_err(|source| DatapathError::Program {
+                program: program_names::UPLINK_XDP,
+                source,
+            })?
+            .id();
+        // A device that is gone is the device watch's to notice.
+        if super::links::xdp_program(uplink.ifindex).is_ok_and(|now| now != Some(ours)) {
+            warn!(interface = %uplink.interface, "uplink XDP dispatcher detached behind the agent's back; attaching again");
+            let pin = uplink.xdp.pin_path().cloned();
+            let dispatcher = xdp(ebpf, program_names::UPLINK_XDP)?;
+            match attach::xdp(dispatcher, &uplink.interface, uplink.generic, pin) {
+                Ok(new) => {
+                    uplink.xdp = new;
+                    count += 1;
+                }
+                Err(e) => not_again(&uplink.interface, &e),
             }
         }
-        if let Some(uplink) = &self.uplink {
-            let ours = xdp(ebpf, program_names::UPLINK_XDP)?
-                .info()
-                .map_err(|source| DatapathError::Program {
-                    program: program_names::UPLINK_XDP,
-                    source,
-                })?
-                .id();
-            // A device that is gone is the device watch's to notice.
-            if super::links::xdp_program(uplink.ifindex).is_ok_and(|now| now != Some(ours)) {
-                warn!(interface = %uplink.interface, "uplink XDP dispatcher detached behind the agent's back; attaching again");
-                let Some(uplink) = self.uplink.take() else {
-                    return Ok(count);
-                };
-                let pin = uplink.xdp.pin_path().cloned();
-                uplink.xdp.release();
-                let xdp_link = attach::xdp(
-                    xdp(ebpf, program_names::UPLINK_XDP)?,
-                    &uplink.interface,
-                    uplink.generic,
-                    pin,
-                )?;
-                self.uplink = Some(UplinkAttachment {
-                    xdp: xdp_link,
-                    ..uplink
-                });
-                count += 1;
-            }
-        }
-        if let Some(uplink) = &self.uplink {
-            let dispatcher = classifier(ebpf, program_names::UPLINK_INGRESS)?;
-            if let Ok(false) =
-                attach::tc_attached(dispatcher, &uplink.interface, TcAttachType::Ingress)
-            {
-                warn!(interface = %uplink.interface, "uplink dispatcher detached behind the agent's back; attaching again");
-                let Some(uplink) = self.uplink.take() else {
-                    return Ok(count);
-                };
-                let pin = uplink.ingress.pin_path().cloned();
-                uplink.ingress.release();
-                let ingress =
-                    attach::tc(dispatcher, &uplink.interface, TcAttachType::Ingress, pin)?;
-                self.uplink = Some(UplinkAttachment { ingress, ..uplink });
-                return Ok(count + 1);
+        let dispatcher = classifier(ebpf, program_names::UPLINK_INGRESS)?;
+        if let Ok(false) = attach::tc_attached(dispatcher, &uplink.interface, TcAttachType::Ingress)
+        {
+            warn!(interface = %uplink.interface, "uplink dispatcher detached behind the agent's back; attaching again");
+            let pin = uplink.ingress.pin_path().cloned();
+            match attach::tc(dispatcher, &uplink.interface, TcAttachType::Ingress, pin) {
+                Ok(new) => {
+                    uplink.ingress = new;
+                    count += 1;
+                }
+                Err(e) => not_again(&uplink.interface, &e),
             }
         }
         Ok(count)

@@ -4,7 +4,15 @@
 //! whose pin is removed behind the agent's back is gone with it: the drift check finds
 //! its device without the dispatcher and attaches it again.
 
-use std::path::PathBuf;
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
 
 use aya::programs::{
     links::{FdLink, PinnedLink},
@@ -26,9 +34,14 @@ pub enum Link {
 }
 
 impl Link {
-    /// Detaches: the pin or the fd goes.
+    /// Detaches, at once: the pinned link is detached before its pin goes (the kernel
+    /// drops a removed pin's link only after an RCU grace period and a work item, and
+    /// until then the device refuses the same dispatcher again), or the fd goes.
     pub fn release(self) {
         if let Link::Pinned(pin) = &self {
+            if let Err(e) = detach_pinned(pin) {
+                debug!(pin = %pin.display(), error = %e, "pinned link not detached; removing its pin");
+            }
             if let Err(e) = std::fs::remove_file(pin) {
                 debug!(pin = %pin.display(), error = %e, "link pin already gone");
             }
@@ -60,6 +73,33 @@ impl Link {
             None => Link::Held { _fd: fd },
         }
     }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `BPF_LINK_DETACH` on the link pinned at `pin`: off its device now, whoever else
+/// holds it. (aya keeps a link's fd to itself, so both calls are made here.)
+fn detach_pinned(pin: &Path) -> io::Result<()> {
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // `bpf_attr.obj_get`: pathname, bpf_fd, file_flags.
+    let obj_get: [u64; 2] = [path.as_ptr() as u64, 0];
+    // SAFETY: the attr is a valid `obj_get` prefix; `path` outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, obj_get.as_ptr(), 16usize) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd, and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // `bpf_attr.link_detach`: link_fd.
+    let link_detach: [u32; 2] = [fd.as_raw_fd() as u32, 0];
+    // SAFETY: the attr is a valid `link_detach` prefix.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, link_detach.as_ptr(), 8usize) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The link pinned at `pin`, if there is one there.
