@@ -350,6 +350,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let devices = tokio::spawn(watch_devices(node.clone()));
     let logs = tokio::spawn(forward_datapath_logs(node.clone()));
     let expiry = tokio::spawn(expire_connections(node.clone()));
+    let catch_up = tokio::spawn({
+        let node = node.clone();
+        async move { node.catch_up_idle_sets().await }
+    });
     let drift = tokio::spawn(repair_drift(
         node.clone(),
         Duration::from_secs(config.drift_check_seconds),
@@ -381,6 +385,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     devices.abort();
     logs.abort();
     expiry.abort();
+    catch_up.abort();
     drift.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
@@ -408,7 +413,10 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Flock<File>> {
 async fn watch_devices(node: Arc<Node>) {
     const RESCAN: Duration = Duration::from_secs(2);
     let mut events = match LinkEvents::subscribe() {
-        Ok(events) => Some(events),
+        Ok(events) => {
+            node.watch_links(true);
+            Some(events)
+        }
         Err(e) => {
             warn!(error = %e, "no rtnetlink link events; polling devices only");
             None
@@ -418,9 +426,13 @@ async fn watch_devices(node: Arc<Node>) {
         match &mut events {
             Some(link_events) => {
                 tokio::select! {
-                    changed = link_events.changed() => if let Err(e) = changed {
-                        warn!(error = %e, "rtnetlink read failed; polling devices only");
-                        events = None;
+                    changed = link_events.changed() => match changed {
+                        Ok(()) => node.links_changed(),
+                        Err(e) => {
+                            warn!(error = %e, "rtnetlink read failed; polling devices only");
+                            node.watch_links(false);
+                            events = None;
+                        }
                     },
                     () = tokio::time::sleep(RESCAN) => {}
                 }

@@ -11,11 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dataplane_abi::{ct_flags, ct_stat, CtEntry, CtKey, DropReason, RuleStats};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{broadcast, Mutex, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -152,6 +152,13 @@ pub struct Node {
     expired_connections: AtomicU64,
     /// New connections dropped for a full conntrack table, as last reported.
     table_full_reported: AtomicU64,
+    /// A commit was made: the idle map set may be behind the active one.
+    committed: Notify,
+    /// Link events reach the node ([`Self::watch_links`]): without them every commit
+    /// dumps the links.
+    links_watched: AtomicBool,
+    /// A link event was seen since the last link dump (see `Inner::links`).
+    links_stale: AtomicBool,
     inner: Mutex<Inner>,
     events: broadcast::Sender<NodeEvent>,
     /// The datapath's packet events; `None` where nobody reads them (tests of the node).
@@ -169,6 +176,10 @@ struct Inner {
     gateway_macs: BTreeMap<IpAddr, GatewayMac>,
     /// Local ports whose device went away while they were programmed, until it returns.
     gone: BTreeSet<String>,
+    /// The last link dump, by ifindex, while no link event has been seen since: at a
+    /// large node's scale a dump is a tenth of a second, and most commits change no
+    /// device.
+    links: Option<BTreeMap<u32, links::LinkInfo>>,
 }
 
 /// The port devices present on this node, as the compiler sees them.
@@ -203,6 +214,9 @@ impl Node {
             uplink,
             expired_connections: AtomicU64::new(0),
             table_full_reported: AtomicU64::new(0),
+            committed: Notify::new(),
+            links_watched: AtomicBool::new(false),
+            links_stale: AtomicBool::new(true),
             inner: Mutex::new(Inner {
                 state: State::default(),
                 slots,
@@ -212,6 +226,7 @@ impl Node {
                 generation: 0,
                 gateway_macs: BTreeMap::new(),
                 gone: BTreeSet::new(),
+                links: None,
             }),
             events,
             monitor,
@@ -319,11 +334,50 @@ impl Node {
         Ok(self.inner.lock().await.datapath.snat_fill()?)
     }
 
+    /// After each commit, a moment later (its reply goes out first), brings the idle
+    /// map set up to the active one: see [`Datapath::catch_up_idle_set`]. Runs until
+    /// dropped.
+    pub async fn catch_up_idle_sets(&self) {
+        const AFTER: Duration = Duration::from_millis(50);
+        loop {
+            self.committed.notified().await;
+            tokio::time::sleep(AFTER).await;
+            let mut inner = self.inner.lock().await;
+            let started = Instant::now();
+            match inner.datapath.catch_up_idle_set() {
+                Ok(true) => debug!(
+                    took_us = micros(started.elapsed()),
+                    "idle map set caught up"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "catching the idle map set up failed; the next commit writes its difference")
+                }
+            }
+        }
+    }
+
+    /// Whether link events reach [`Self::links_changed`] from now on.
+    pub fn watch_links(&self, watched: bool) {
+        self.links_watched.store(watched, Ordering::Release);
+        self.links_changed();
+    }
+
+    /// A device came, went or changed: the next commit dumps the links anew. Called
+    /// on every link event, without the node lock, before [`Self::refresh_devices`].
+    pub fn links_changed(&self) {
+        self.links_stale.store(true, Ordering::Release);
+    }
+
     /// Re-resolves port devices after link events; recompiles if any came or went.
     pub async fn refresh_devices(&self) -> Result<(), NodeError> {
         let mut inner = self.inner.lock().await;
         let inner = &mut *inner;
-        if self.local_devices(&inner.state, &mut inner.gateway_macs) == inner.devices {
+        // Dumped anew whatever the events said: this is also the check for missed ones.
+        inner.links = None;
+        if self.local_devices(&inner.state, &mut inner.gateway_macs, &mut inner.links)
+            == inner.devices
+        {
             return Ok(());
         }
         let state = inner.state.clone();
@@ -563,10 +617,13 @@ impl Node {
         self.inner.lock().await.datapath.log_fd()
     }
 
+    /// The devices of `state`'s local ports, from the link dump in `links` (dumped
+    /// first if there is none, or a link event made it stale).
     fn local_devices(
         &self,
         state: &State,
         gateway_macs: &mut BTreeMap<IpAddr, GatewayMac>,
+        links: &mut Option<BTreeMap<u32, links::LinkInfo>>,
     ) -> Devices {
         let names = state
             .ports
@@ -576,8 +633,19 @@ impl Node {
             .filter(|name| !name.is_empty());
         // One link dump rather than a lookup per port: with thousands of devices each
         // lookup walks a hash chain of names, and a commit would pay for all of them.
-        let (interfaces, peers) = match links::devices() {
-            Ok(all) => {
+        if self.links_stale.swap(false, Ordering::AcqRel)
+            || !self.links_watched.load(Ordering::Acquire)
+        {
+            *links = None;
+        }
+        if links.is_none() {
+            match links::devices() {
+                Ok(all) => *links = Some(all),
+                Err(e) => debug!(error = %e, "no link dump; no peer delivery"),
+            }
+        }
+        let (interfaces, peers) = match links {
+            Some(all) => {
                 let by_name: HashMap<&str, (u32, &links::LinkInfo)> = all
                     .iter()
                     .map(|(ifindex, info)| (info.name.as_str(), (*ifindex, info)))
@@ -596,10 +664,7 @@ impl Node {
             }
             // Without an answer from rtnetlink every device still works through its own
             // transmit path.
-            Err(e) => {
-                debug!(error = %e, "no link dump; no peer delivery");
-                (links::resolve_interfaces(names), BTreeSet::new())
-            }
+            None => (links::resolve_interfaces(names), BTreeSet::new()),
         };
         let uplink = self
             .uplink
@@ -687,7 +752,7 @@ impl Node {
         named: &[ResourceRef],
     ) -> Result<Committed, NodeError> {
         let started = Instant::now();
-        let devices = self.local_devices(&next, &mut inner.gateway_macs);
+        let devices = self.local_devices(&next, &mut inner.gateway_macs, &mut inner.links);
         let devices_done = Instant::now();
         let mut slots = inner.slots.clone();
         let mut compiled = compile(
@@ -719,46 +784,54 @@ impl Node {
             }
         }
         let prepared = Instant::now();
-        // Written where packets do not look yet, then stored, then switched to: a crash
-        // before the store restarts with the old state, one after it with the new, and
-        // packets see one or the other, whole.
-        let staged = match inner.datapath.stage(&compiled) {
-            Ok(staged) => staged,
-            Err(e) => {
-                self.roll_back(inner);
-                return Err(e.into());
-            }
-        };
-        let datapath_done = Instant::now();
-        if let Some(store) = &self.store {
-            let saved = {
-                let mut resources = match operation {
-                    Operation::Apply | Operation::Sync => Some(inner.state.changes_to(&next)),
-                    // What the store holds already, or the same state with other devices.
-                    Operation::Restore | Operation::Devices => None,
-                }
-                .into_iter()
-                .flatten()
-                .peekable();
-                let slot_changes = slots.changes_since(&inner.slots);
-                if resources.peek().is_none() && slot_changes.is_empty() {
-                    Ok(())
-                } else {
-                    store.save(resources, &slot_changes)
-                }
-            };
-            if let Err(e) = saved {
+        // Written where packets do not look yet and stored, side by side, then switched
+        // to: a crash before the store commits restarts with the old state, one after it
+        // with the new, and packets see one or the other, whole.
+        let store = self.store.as_ref();
+        let (staged, staged_at, (saved, store_time)) = std::thread::scope(|scope| {
+            let saving = store.map(|store| {
+                let (state, next, slots, old_slots) = (&inner.state, &next, &slots, &inner.slots);
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let saved = save_changes(store, operation, state, next, slots, old_slots);
+                    (saved, started.elapsed())
+                })
+            });
+            let staged = inner.datapath.stage(&compiled);
+            let staged_at = Instant::now();
+            let saved = saving.map_or((Ok(()), Duration::ZERO), |saving| {
+                saving
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            (staged, staged_at, saved)
+        });
+        let staged = match (staged, saved) {
+            (Ok(staged), Ok(())) => staged,
+            (Ok(staged), Err(e)) => {
                 drop(staged);
                 self.roll_back(inner);
                 return Err(e.into());
             }
-        }
-        let stored = Instant::now();
+            (Err(e), saved) => {
+                if let (Some(store), Ok(())) = (store, saved) {
+                    // Stored but not programmed: the store goes back to what is in force.
+                    if let Err(undo) =
+                        save_changes(store, operation, &next, &inner.state, &inner.slots, &slots)
+                    {
+                        warn!(error = %undo, "putting the store back failed too; a restart would program the refused state");
+                    }
+                }
+                self.roll_back(inner);
+                return Err(e.into());
+            }
+        };
         if let Err(e) = inner.datapath.switch(staged, &compiled) {
             self.roll_back(inner);
             return Err(e.into());
         }
 
+        self.committed.notify_one();
         let (created, updated, deleted) = inner.state.count_differences(&next);
         let old = std::mem::replace(&mut inner.compiled, compiled);
         inner.state = next;
@@ -793,8 +866,9 @@ impl Node {
             devices_us = micros(devices_done - started),
             compile_us = micros(compiled_done - devices_done),
             prepare_us = micros(prepared - compiled_done),
-            datapath_us = micros(datapath_done - prepared),
-            store_us = micros(stored - datapath_done),
+            // The map writes and the store's transaction run side by side.
+            datapath_us = micros(staged_at - prepared),
+            store_us = micros(store_time),
             total_us = micros(started.elapsed()),
             "committed"
         );
@@ -853,6 +927,32 @@ impl Node {
             }
         }
     }
+}
+
+/// Stores the changes from `state` and `old_slots` to `next` and `slots`: the
+/// resources an Apply or Sync changed (a restore or a device change has none), and the
+/// slots handed out or released.
+fn save_changes(
+    store: &Store,
+    operation: Operation,
+    state: &State,
+    next: &State,
+    slots: &Slots,
+    old_slots: &Slots,
+) -> Result<(), StoreError> {
+    let mut resources = match operation {
+        Operation::Apply | Operation::Sync => Some(state.changes_to(next)),
+        // What the store holds already, or the same state with other devices.
+        Operation::Restore | Operation::Devices => None,
+    }
+    .into_iter()
+    .flatten()
+    .peekable();
+    let slot_changes = slots.changes_since(old_slots);
+    if resources.peek().is_none() && slot_changes.is_empty() {
+        return Ok(());
+    }
+    store.save(resources, &slot_changes)
 }
 
 fn micros(duration: Duration) -> u64 {

@@ -762,6 +762,35 @@ impl Datapath {
         Ok(Staged { target })
     }
 
+    /// Brings the set packets do not use up to the active set's tables; whether it had
+    /// to. After a commit the idle set holds the tables before it, and the next commit
+    /// would write both differences: a single-rule Apply after a large Sync paid for the
+    /// whole Sync again. Done when nothing else waits, the next commit writes its own.
+    pub fn catch_up_idle_set(&mut self) -> Result<bool, DatapathError> {
+        let Some(wanted) = self.sets[self.active as usize].programmed.clone() else {
+            return Ok(false);
+        };
+        let idle = other(self.active);
+        if self.sets[idle as usize]
+            .programmed
+            .as_ref()
+            .is_some_and(|held| Arc::ptr_eq(held, &wanted))
+        {
+            return Ok(false);
+        }
+        self.wait_idle(idle)?;
+        let set = &mut self.sets[idle as usize];
+        // Left unknown if the write fails: the next commit compares instead.
+        match set.programmed.take() {
+            Some(old) => set.maps.write(&old, &wanted)?,
+            None => {
+                set.maps.repair(&wanted)?;
+            }
+        }
+        set.programmed = Some(wanted);
+        Ok(true)
+    }
+
     /// Makes the staged set the one packets use, with one map update; then takes the
     /// programs off devices no port needs any more.
     pub fn switch(&mut self, staged: Staged, compiled: &Compiled) -> Result<(), DatapathError> {

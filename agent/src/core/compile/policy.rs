@@ -68,6 +68,18 @@ pub(super) fn compile_policies<'s>(
     slots: &mut Slots,
     tables: &mut DatapathTables,
 ) -> Policies<'s> {
+    compile_policies_in(state, ports, slots, tables, parallelism())
+}
+
+/// [`compile_policies`], the policies classified in `shares` shares side by side (the
+/// tables are the same whatever their number).
+fn compile_policies_in<'s>(
+    state: &'s State,
+    ports: &[&'s Port],
+    slots: &mut Slots,
+    tables: &mut DatapathTables,
+    shares: usize,
+) -> Policies<'s> {
     // Policies: the sorted, distinct group ids of each port.
     let mut keys: BTreeMap<Vec<&'s str>, usize> = BTreeMap::new();
     let mut port_keys = Vec::with_capacity(ports.len());
@@ -138,9 +150,7 @@ pub(super) fn compile_policies<'s>(
     let members = remote_members(state, &remote_groups);
 
     // Address classes of each policy's lookups.
-    let mut classes = Classes::default();
-    let mut plans = Vec::with_capacity(keys.len());
-    for key in &keys {
+    let plan = |key: &Vec<&'s str>, classes: &mut Classes| -> Plan {
         let key_groups: Vec<&SecurityGroup> = key
             .iter()
             .filter_map(|id| groups.get(id).copied())
@@ -155,7 +165,7 @@ pub(super) fn compile_policies<'s>(
                 })
                 .filter_map(|rule| rule_slot(rule).map(|slot| (slot, rule)))
                 .collect();
-            remotes[lookup] = classify(&lookup_rules, &members, *version, &mut classes);
+            remotes[lookup] = classify(&lookup_rules, &members, *version, classes);
         }
         let problem = key_groups.iter().find_map(|group| {
             group
@@ -170,11 +180,59 @@ pub(super) fn compile_policies<'s>(
                     )
                 })
         });
-        plans.push(Plan {
+        Plan {
             stateful: !key_groups.is_empty() && key_groups.iter().all(|group| group.stateful),
             problem,
             remotes,
-        });
+        }
+    };
+    // Most of the compiler's time at a large node's scale: the policies are classified
+    // on every core, a share each, and the shares' classes merged after.
+    let weight = |key: &Vec<&str>| -> usize {
+        key.iter()
+            .filter_map(|id| groups.get(id))
+            .map(|group| group.rules.len())
+            .sum::<usize>()
+            + 1
+    };
+    let shares = weighted_chunks(&keys, weight, shares);
+    let classified: Vec<(Vec<Plan>, Classes)> = std::thread::scope(|scope| {
+        let plan = &plan;
+        let running: Vec<_> = shares
+            .iter()
+            .map(|share| {
+                scope.spawn(move || {
+                    let mut classes = Classes::default();
+                    let plans = share.iter().map(|key| plan(key, &mut classes)).collect();
+                    (plans, classes)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|share| {
+                share
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut classes = Classes::default();
+    let mut plans = Vec::with_capacity(keys.len());
+    for (share_plans, share_classes) in classified {
+        let global: Vec<usize> = share_classes
+            .sets
+            .into_iter()
+            .map(|set| classes.intern(set))
+            .collect();
+        for mut share_plan in share_plans {
+            for remotes in &mut share_plan.remotes {
+                for (_, class) in remotes {
+                    *class = global[*class];
+                }
+            }
+            plans.push(share_plan);
+        }
     }
 
     // Stable class ids, newcomers in the order of their rule sets.
@@ -485,6 +543,17 @@ struct Classes {
 }
 
 impl Classes {
+    /// The class of rule set `set` (sorted, distinct), added if new.
+    fn intern(&mut self, set: Vec<u32>) -> usize {
+        if let Some(&class) = self.index.get(&set) {
+            return class;
+        }
+        let class = self.sets.len();
+        self.sets.push(set.clone());
+        self.index.insert(set, class);
+        class
+    }
+
     /// The class of the rules of `ancestor` and `own` (sorted, distinct).
     fn extend(&mut self, ancestor: Option<usize>, own: &[u32]) -> usize {
         if let Some(&class) = self
@@ -498,21 +567,38 @@ impl Classes {
             None => own.to_vec(),
             Some(ancestor) => merge(&self.sets[ancestor], own),
         };
-        let class = match self.index.get(&set) {
-            Some(&class) => class,
-            None => {
-                let class = self.sets.len();
-                self.sets.push(set.clone());
-                self.index.insert(set, class);
-                class
-            }
-        };
+        let class = self.intern(set);
         self.extended
             .entry(ancestor)
             .or_default()
             .insert(own.to_vec(), class);
         class
     }
+}
+
+/// How many shares to split work into: one per core, at most four.
+fn parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().min(4))
+}
+
+/// `items` cut into at most `shares` consecutive runs of about equal `weight`, none
+/// empty.
+fn weighted_chunks<T>(items: &[T], weight: impl Fn(&T) -> usize, shares: usize) -> Vec<&[T]> {
+    let total: usize = items.iter().map(&weight).sum();
+    let target = total.div_ceil(shares.max(1)).max(1);
+    let mut chunks = Vec::with_capacity(shares);
+    let (mut start, mut filled) = (0, 0);
+    for (index, item) in items.iter().enumerate() {
+        filled += weight(item);
+        if filled >= target && chunks.len() + 1 < shares {
+            chunks.push(&items[start..=index]);
+            (start, filled) = (index + 1, 0);
+        }
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
 }
 
 /// The union of two sorted, distinct lists, sorted and distinct.

@@ -1654,3 +1654,98 @@ fn the_policy_view_shows_rules_slots_members_and_allowed_addresses() {
     assert_eq!(port_policy(&state, &compiled, "m"), None, "on another node");
     assert_eq!(port_policy(&state, &compiled, "nope"), None);
 }
+
+/// Ports in overlapping combinations of groups whose rules name nested prefixes, each
+/// other as remote groups, and both families: classes shared across policies.
+fn overlapping_policies() -> State {
+    let mut resources: Vec<Resource> = vec![
+        network("n1").into(),
+        subnet("s1", "n1", "10.0.0.0/16").into(),
+        subnet("s6", "n1", "2001:db8:1::/64").into(),
+    ];
+    const GROUPS: usize = 7;
+    for g in 0..GROUPS {
+        let mut group = security_group(&format!("sg{g}"));
+        for r in 0..6 {
+            let mut rule = rule(&format!("sg{g}-r{r}"));
+            rule.direction = if r % 2 == 0 {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            };
+            match r % 3 {
+                0 => rule.remote_ip_prefix = Some(net(&format!("10.0.{}.0/{}", g % 3, 20 + r))),
+                1 => rule.remote_group_id = Some(format!("sg{}", (g + r) % GROUPS)),
+                _ => {
+                    rule.ethertype = EtherType::Ipv6;
+                    rule.remote_ip_prefix = Some(net("2001:db8:1::/64"));
+                }
+            }
+            if r >= 3 {
+                rule.protocol = Protocol::UDP;
+                rule.port_range_min = Some(1000 + r as u32);
+                rule.port_range_max = Some(1000 + 10 * r as u32 + g as u32);
+            }
+            group.rules.push(rule);
+        }
+        resources.push(group.into());
+    }
+    for i in 0..30usize {
+        let mut p = port(
+            &format!("p{i:02}"),
+            "n1",
+            &format!("fa:16:3e:00:00:{i:02x}"),
+        );
+        p.fixed_ips = vec![
+            fixed_ip("s1", &format!("10.0.{}.{}", i % 4, i + 2)),
+            fixed_ip("s6", &format!("2001:db8:1::{:x}", i + 2)),
+        ];
+        p.security_group_ids = (0..GROUPS)
+            .filter(|g| (i >> (g % 5)) & 1 == 1 || i % GROUPS == *g)
+            .map(|g| format!("sg{g}"))
+            .collect();
+        resources.push(bound(p, NODE, &format!("tap{i}")).into());
+    }
+    State::replace(&resources).expect("valid")
+}
+
+#[test]
+fn the_policies_compile_the_same_in_any_number_of_shares() {
+    let state = overlapping_policies();
+    let ports: Vec<&Port> = state.ports.values().map(|port| &**port).collect();
+    let compiled = |shares| {
+        let (mut slots, mut tables) = (new_slots(), DatapathTables::default());
+        let policies = compile_policies_in(&state, &ports, &mut slots, &mut tables, shares);
+        let by_port: Vec<_> = ports
+            .iter()
+            .map(|port| policies.of_port(&port.id).cloned())
+            .collect();
+        (
+            tables.sg_rules,
+            tables.sg_remote4,
+            tables.sg_remote6,
+            by_port,
+        )
+    };
+    let one = compiled(1);
+    assert!(
+        one.0.len() > 20 && one.1.len() > 20 && !one.2.is_empty(),
+        "{one:?}"
+    );
+    for shares in 2..=5 {
+        assert_eq!(compiled(shares), one, "{shares} shares");
+    }
+}
+
+#[test]
+fn weighted_chunks_cut_in_order_by_weight_and_leave_none_empty() {
+    let items = [5, 1, 1, 1, 1, 1, 5, 1];
+    let chunks = weighted_chunks(&items, |&w| w, 2);
+    assert_eq!(chunks, vec![&items[..4], &items[4..]]);
+    assert_eq!(weighted_chunks(&items, |&w| w, 1), vec![&items[..]]);
+    assert_eq!(weighted_chunks(&items[..1], |&w| w, 4), vec![&items[..1]]);
+    assert!(weighted_chunks(&[] as &[usize], |&w| w, 3).is_empty());
+    let many = weighted_chunks(&items, |&w| w, 8);
+    assert!(many.len() <= 8 && many.iter().all(|chunk| !chunk.is_empty()));
+    assert_eq!(many.concat(), items);
+}
