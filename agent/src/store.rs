@@ -114,6 +114,11 @@ pub struct Store {
     db: Database,
 }
 
+/// The database's page cache. Its default (1 GiB) keeps every page written, the whole
+/// state a second time in the agent's memory; the store is read once, at start, and
+/// written with each commit's changes, which need no cache to speak of.
+const CACHE_BYTES: usize = 8 << 20;
+
 fn key(reference: &ResourceRef) -> String {
     format!("{}/{}", reference.kind.field_name(), reference.id)
 }
@@ -121,10 +126,13 @@ fn key(reference: &ResourceRef) -> String {
 impl Store {
     /// Opens the database at `path`, creating it if there is none.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         let txn = db.begin_write().map_err(database)?;
         txn.open_table(RESOURCES).map_err(database)?;
         txn.open_table(SLOTS).map_err(database)?;
