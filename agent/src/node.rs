@@ -286,7 +286,13 @@ impl Node {
     /// dispatchers, removed pins), and reports it: in the log, the metrics and to
     /// watchers.
     pub async fn repair_drift(&self) -> Result<Drift, NodeError> {
-        let repaired = self.inner.lock().await.datapath.repair_drift()?;
+        // The maps are read back without the node's lock (commits go on meanwhile), and
+        // compared under it only where they differ: a change since is compared anew.
+        let probe = self.inner.lock().await.datapath.drift_probe()?;
+        let maps = !tokio::task::spawn_blocking(move || probe.maps_hold())
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        let repaired = self.inner.lock().await.datapath.repair_drift(maps)?;
         if repaired.is_empty() {
             return Ok(repaired);
         }

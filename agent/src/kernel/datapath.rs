@@ -14,6 +14,7 @@ mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -25,6 +26,7 @@ use aya::{
         PerCpuValues, ProgramArray,
     },
     programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp},
+    sys::SyscallError,
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
@@ -251,14 +253,10 @@ struct SetMaps {
     fip_of4: HashMap<MapData, FixedAddr4, FixedNat4>,
 }
 
-impl SetMaps {
-    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        macro_rules! take_all {
-            ($($field:ident: $name:ident),* $(,)?) => {
-                Self { $($field: take(ebpf, map_names::$name)?),* }
-            };
-        }
-        Ok(take_all!(
+/// Calls `$callback!` with every field of [`SetMaps`] and its map's name.
+macro_rules! with_set_maps {
+    ($callback:ident) => {
+        $callback!(
             ports: PORTS, port_macs: PORT_MACS, port_ip4: PORT_IP4, port_net4: PORT_NET4,
             port_ip6: PORT_IP6, port_net6: PORT_NET6, fdb: FDB, flood: FLOOD,
             sg_remote4: SG_REMOTE4, sg_remote6: SG_REMOTE6, sg_rules: SG_RULES,
@@ -266,7 +264,50 @@ impl SetMaps {
             neigh6: NEIGH6, router_gw: ROUTER_GW, gateway_macs: GATEWAY_MACS,
             ext_addrs4: EXT_ADDRS4, router_gw6: ROUTER_GW6, ext_addrs6: EXT_ADDRS6,
             fips4: FIPS4, fip_of4: FIP_OF4,
-        ))
+        )
+    };
+}
+
+impl SetMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        macro_rules! take_all {
+            ($($field:ident: $name:ident),* $(,)?) => {
+                Self { $($field: take(ebpf, map_names::$name)?),* }
+            };
+        }
+        Ok(with_set_maps!(take_all))
+    }
+
+    /// Second handles on the same kernel maps (their fds duplicated), to read them
+    /// without holding the node.
+    fn reopen(&self) -> Result<Self, DatapathError> {
+        macro_rules! reopen_all {
+            ($($field:ident: $name:ident),* $(,)?) => {
+                Self { $($field: reopen(self.$field.map(), map_names::$name)?),* }
+            };
+        }
+        Ok(with_set_maps!(reopen_all))
+    }
+}
+
+/// The map sets as last written, on handles of their own: compared with what the agent
+/// wrote into them without the node's lock, which a comparison at a large node's scale
+/// (every entry of both sets read back) would hold for a second.
+pub struct DriftProbe {
+    sets: Vec<(SetMaps, Option<Arc<DatapathTables>>)>,
+}
+
+impl DriftProbe {
+    /// Whether every set holds what the agent last wrote into it. A set whose content
+    /// is not known (adopted, or a write failed) does not, nor one written meanwhile.
+    pub fn maps_hold(&self) -> Result<bool, DatapathError> {
+        for (maps, tables) in &self.sets {
+            match tables {
+                Some(tables) if maps.holds(tables)? => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -1050,11 +1091,37 @@ impl Datapath {
         summed(&self.state.uplink_stats, 0)
     }
 
+    /// What [`DriftProbe::maps_hold`] needs, to be run without the node's lock.
+    pub fn drift_probe(&self) -> Result<DriftProbe, DatapathError> {
+        let sets = self
+            .sets
+            .iter()
+            .map(|set| Ok((set.maps.reopen()?, set.programmed.clone())))
+            .collect::<Result<_, DatapathError>>()?;
+        Ok(DriftProbe { sets })
+    }
+
     /// Compares what the agent programmed with the kernel's view and puts back what
-    /// differs: map entries changed, added or removed behind its back (in both sets),
-    /// dispatchers detached from a device, and removed pins.
-    pub fn repair_drift(&mut self) -> Result<Drift, DatapathError> {
+    /// differs: map entries changed, added or removed behind its back (in both sets;
+    /// only with `maps`, where a [`DriftProbe`] found them to differ), dispatchers
+    /// detached from a device, and removed pins.
+    pub fn repair_drift(&mut self, maps: bool) -> Result<Drift, DatapathError> {
         let mut drift = Drift::default();
+        if maps {
+            self.repair_maps(&mut drift)?;
+        }
+        for set in 0..map_set::COUNT {
+            if self.sets[set as usize].stages_installed {
+                self.install_stages(set)?;
+            }
+        }
+        drift.links = self.reattach_detached()?;
+        drift.pins = self.repin_removed()?;
+        Ok(drift)
+    }
+
+    /// The map entries of [`Self::repair_drift`].
+    fn repair_maps(&mut self, drift: &mut Drift) -> Result<(), DatapathError> {
         let active = self.active as usize;
         let set = &mut self.sets[active];
         if let Some(wanted) = &set.programmed {
@@ -1085,14 +1152,7 @@ impl Datapath {
             }
             (None, None) => {}
         }
-        for set in 0..map_set::COUNT {
-            if self.sets[set as usize].stages_installed {
-                self.install_stages(set)?;
-            }
-        }
-        drift.links = self.reattach_detached()?;
-        drift.pins = self.repin_removed()?;
-        Ok(drift)
+        Ok(())
     }
 
     /// Attaches the dispatchers again where they were detached from a device; how
@@ -1498,6 +1558,21 @@ where
 }
 
 /// Takes a map out of the object as its typed handle.
+fn reopen<T>(map: &MapData, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map_err = |source| DatapathError::Map { map: name, source };
+    let fd = map.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        map_err(MapError::SyscallError(SyscallError {
+            call: "dup",
+            io_error,
+        }))
+    })?;
+    let data = MapData::from_fd(fd).map_err(map_err)?;
+    T::try_from(aya::maps::Map::from_map_data(data).map_err(map_err)?).map_err(map_err)
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,

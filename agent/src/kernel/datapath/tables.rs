@@ -362,21 +362,22 @@ impl SetMaps {
         Ok(drift.into_iter().filter(|(_, wrong)| *wrong > 0).collect())
     }
 
-    /// Whether the maps hold exactly `wanted` (read back, entry by entry).
+    /// Whether the maps hold exactly `wanted` (read back, entry by entry, one map at a
+    /// time: no copy of a whole set is made).
     pub fn holds(&self, wanted: &DatapathTables) -> Result<bool, DatapathError> {
         let (m, t) = (self, wanted);
         macro_rules! same {
             ($field:ident, $name:ident, hash) => {
-                read_hash(&m.$field, map_names::$name)? == t.$field
+                hash_holds(&m.$field, &t.$field, map_names::$name)?
             };
             ($field:ident, $name:ident, set) => {
-                read_hash(&m.$field, map_names::$name)? == as_set_map(&t.$field)
+                hash_holds(&m.$field, &as_set_map(&t.$field), map_names::$name)?
             };
             ($field:ident, $name:ident, trie) => {
-                read_trie(&m.$field, map_names::$name)? == t.$field
+                trie_holds(&m.$field, &t.$field, map_names::$name)?
             };
             ($field:ident, $name:ident, trie_set) => {
-                read_trie(&m.$field, map_names::$name)? == as_set_map(&t.$field)
+                trie_holds(&m.$field, &as_set_map(&t.$field), map_names::$name)?
             };
         }
         Ok(written_maps!(same).into_iter().all(|same| same))
@@ -589,6 +590,43 @@ where
         remove_trie_map(fd_of(trie), &actual, wanted, name)?;
     }
     Ok(wrong)
+}
+
+/// Whether the hash map holds `wanted` exactly (its keys are distinct, so as many
+/// entries, each as wanted, are the same entries).
+fn hash_holds<K, V>(
+    map: &HashMap<MapData, K, V>,
+    wanted: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<bool, DatapathError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let entries: Vec<(K, V)> =
+        batch::read(fd_of(map)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
+    Ok(entries.len() == wanted.len()
+        && entries
+            .iter()
+            .all(|(key, value)| wanted.get(key) == Some(value)))
+}
+
+/// As [`hash_holds`] for an LPM trie, keyed by (prefix length, data).
+fn trie_holds<K, V>(
+    trie: &LpmTrie<MapData, K, V>,
+    wanted: &BTreeMap<(u32, K), V>,
+    name: &'static str,
+) -> Result<bool, DatapathError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let entries: Vec<(LpmKey<K>, V)> =
+        batch::read(fd_of(trie)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
+    Ok(entries.len() == wanted.len()
+        && entries
+            .iter()
+            .all(|(key, value)| wanted.get(&(key.prefix_len(), key.data())) == Some(value)))
 }
 
 /// What a hash map holds. An entry removed while the read runs is simply not there.
