@@ -213,12 +213,6 @@ struct UplinkAttachment {
     ingress: Link,
 }
 
-/// A dispatcher the drift check could not attach again: the device is left for the
-/// next check, without holding up the others.
-fn not_again(interface: &str, error: &DatapathError) {
-    warn!(interface, %error, "could not attach again; trying at the next check");
-}
-
 /// A port device's dispatchers.
 struct PortAttachment {
     interface: String,
@@ -1180,13 +1174,8 @@ impl Datapath {
                     _ => &mut attachment.egress,
                 };
                 let pin = link.pin_path().cloned();
-                match attach::tc(dispatcher, &attachment.interface, direction, pin) {
-                    Ok(new) => {
-                        *link = new;
-                        count += 1;
-                    }
-                    Err(e) => not_again(&attachment.interface, &e),
-                }
+                let attached = attach::tc(dispatcher, &attachment.interface, direction, pin);
+                count += replace_link(link, attached, &attachment.interface);
             }
         }
         let Some(uplink) = &mut self.uplink else {
@@ -1204,26 +1193,16 @@ impl Datapath {
             warn!(interface = %uplink.interface, "uplink XDP dispatcher detached behind the agent's back; attaching again");
             let pin = uplink.xdp.pin_path().cloned();
             let dispatcher = xdp(ebpf, program_names::UPLINK_XDP)?;
-            match attach::xdp(dispatcher, &uplink.interface, uplink.generic, pin) {
-                Ok(new) => {
-                    uplink.xdp = new;
-                    count += 1;
-                }
-                Err(e) => not_again(&uplink.interface, &e),
-            }
+            let attached = attach::xdp(dispatcher, &uplink.interface, uplink.generic, pin);
+            count += replace_link(&mut uplink.xdp, attached, &uplink.interface);
         }
         let dispatcher = classifier(ebpf, program_names::UPLINK_INGRESS)?;
         if let Ok(false) = attach::tc_attached(dispatcher, &uplink.interface, TcAttachType::Ingress)
         {
             warn!(interface = %uplink.interface, "uplink dispatcher detached behind the agent's back; attaching again");
             let pin = uplink.ingress.pin_path().cloned();
-            match attach::tc(dispatcher, &uplink.interface, TcAttachType::Ingress, pin) {
-                Ok(new) => {
-                    uplink.ingress = new;
-                    count += 1;
-                }
-                Err(e) => not_again(&uplink.interface, &e),
-            }
+            let attached = attach::tc(dispatcher, &uplink.interface, TcAttachType::Ingress, pin);
+            count += replace_link(&mut uplink.ingress, attached, &uplink.interface);
         }
         Ok(count)
     }
@@ -1557,7 +1536,23 @@ where
         })
 }
 
-/// Takes a map out of the object as its typed handle.
+/// A drift check's attachment of a dispatcher again: `link` replaced by the new one;
+/// 1 if it was. A device that fails is left for the next check, without holding up
+/// the others.
+fn replace_link(link: &mut Link, attached: Result<Link, DatapathError>, interface: &str) -> u64 {
+    match attached {
+        Ok(new) => {
+            *link = new;
+            1
+        }
+        Err(error) => {
+            warn!(interface, %error, "could not attach again; trying at the next check");
+            0
+        }
+    }
+}
+
+/// A second typed handle on `map` (its fd duplicated).
 fn reopen<T>(map: &MapData, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -1573,6 +1568,7 @@ where
     T::try_from(aya::maps::Map::from_map_data(data).map_err(map_err)?).map_err(map_err)
 }
 
+/// Takes a map out of the object as its typed handle.
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,

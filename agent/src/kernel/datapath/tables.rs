@@ -368,16 +368,22 @@ impl SetMaps {
         let (m, t) = (self, wanted);
         macro_rules! same {
             ($field:ident, $name:ident, hash) => {
-                hash_holds(&m.$field, &t.$field, map_names::$name)?
+                holds_exactly(&read_hash(&m.$field, map_names::$name)?, &t.$field)
             };
             ($field:ident, $name:ident, set) => {
-                hash_holds(&m.$field, &as_set_map(&t.$field), map_names::$name)?
+                holds_exactly(
+                    &read_hash(&m.$field, map_names::$name)?,
+                    &as_set_map(&t.$field),
+                )
             };
             ($field:ident, $name:ident, trie) => {
-                trie_holds(&m.$field, &t.$field, map_names::$name)?
+                holds_exactly(&read_trie(&m.$field, map_names::$name)?, &t.$field)
             };
             ($field:ident, $name:ident, trie_set) => {
-                trie_holds(&m.$field, &as_set_map(&t.$field), map_names::$name)?
+                holds_exactly(
+                    &read_trie(&m.$field, map_names::$name)?,
+                    &as_set_map(&t.$field),
+                )
             };
         }
         Ok(written_maps!(same).into_iter().all(|same| same))
@@ -564,7 +570,7 @@ where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
 {
-    let actual = read_hash(map, name)?;
+    let actual: BTreeMap<K, V> = read_hash(map, name)?.into_iter().collect();
     let wrong = drift(&actual, wanted);
     if wrong > 0 {
         upsert_map(fd_of(map), &actual, wanted, name)?;
@@ -583,7 +589,7 @@ where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
 {
-    let actual = read_trie(trie, name)?;
+    let actual: BTreeMap<(u32, K), V> = read_trie(trie, name)?.into_iter().collect();
     let wrong = drift(&actual, wanted);
     if wrong > 0 {
         upsert_trie_map(fd_of(trie), &actual, wanted, name)?;
@@ -592,57 +598,31 @@ where
     Ok(wrong)
 }
 
-/// Whether the hash map holds `wanted` exactly (its keys are distinct, so as many
-/// entries, each as wanted, are the same entries).
-fn hash_holds<K, V>(
-    map: &HashMap<MapData, K, V>,
-    wanted: &BTreeMap<K, V>,
-    name: &'static str,
-) -> Result<bool, DatapathError>
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
-{
-    let entries: Vec<(K, V)> =
-        batch::read(fd_of(map)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
-    Ok(entries.len() == wanted.len()
+/// Whether a map's `entries` are `wanted` exactly: a map's keys are distinct, so as
+/// many entries, each as wanted, are the same entries.
+fn holds_exactly<K: Ord, V: PartialEq>(entries: &[(K, V)], wanted: &BTreeMap<K, V>) -> bool {
+    entries.len() == wanted.len()
         && entries
             .iter()
-            .all(|(key, value)| wanted.get(key) == Some(value)))
-}
-
-/// As [`hash_holds`] for an LPM trie, keyed by (prefix length, data).
-fn trie_holds<K, V>(
-    trie: &LpmTrie<MapData, K, V>,
-    wanted: &BTreeMap<(u32, K), V>,
-    name: &'static str,
-) -> Result<bool, DatapathError>
-where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
-{
-    let entries: Vec<(LpmKey<K>, V)> =
-        batch::read(fd_of(trie)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
-    Ok(entries.len() == wanted.len()
-        && entries
-            .iter()
-            .all(|(key, value)| wanted.get(&(key.prefix_len(), key.data())) == Some(value)))
+            .all(|(key, value)| wanted.get(key) == Some(value))
 }
 
 /// What a hash map holds. An entry removed while the read runs is simply not there.
-fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
+fn read_hash<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
-) -> Result<BTreeMap<K, V>, DatapathError> {
-    let entries = batch::read(fd_of(map)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
-    Ok(entries.into_iter().collect())
+) -> Result<Vec<(K, V)>, DatapathError> {
+    batch::read(fd_of(map)).map_err(batch_err(name, "bpf_map_lookup_batch"))
 }
 
+/// An LPM trie's entry as the tables hold it: (prefix length, data), value.
+type TrieEntry<K, V> = ((u32, K), V);
+
 /// What an LPM trie holds, keyed by (prefix length, data).
-fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
+fn read_trie<K: aya::Pod, V: aya::Pod>(
     trie: &LpmTrie<MapData, K, V>,
     name: &'static str,
-) -> Result<BTreeMap<(u32, K), V>, DatapathError> {
+) -> Result<Vec<TrieEntry<K, V>>, DatapathError> {
     let entries: Vec<(LpmKey<K>, V)> =
         batch::read(fd_of(trie)).map_err(batch_err(name, "bpf_map_lookup_batch"))?;
     Ok(entries
