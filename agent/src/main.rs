@@ -336,12 +336,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     // What the last run was told, programmed before the API server is heard again.
     if !stored.is_empty() {
+        let resources = stored.len();
         let restored = node
-            .restore(&stored)
+            .restore(stored)
             .await
             .context("programming the stored state")?;
         info!(
-            resources = stored.len(),
+            resources,
             generation = restored.generation,
             "restored the stored state"
         );

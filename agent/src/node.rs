@@ -257,13 +257,10 @@ impl Node {
     /// Replaces the whole desired state.
     pub async fn sync(&self, resources: Vec<Resource>) -> Result<Committed, NodeError> {
         let started = Instant::now();
-        let mut inner = self.inner.lock().await;
-        let next = State::replace(&resources)?;
         let named: Vec<ResourceRef> = resources.iter().map(Resource::reference).collect();
         let count = resources.len();
-        // The state holds its own copy: at a large node's scale the request is tens of
-        // megabytes the commit's peak need not carry.
-        drop(resources);
+        let mut inner = self.inner.lock().await;
+        let next = State::replace(resources)?;
         let committed = self.commit(&mut inner, next, Operation::Sync, count, &named)?;
         self.apply_seconds.observe(started.elapsed().as_secs_f64());
         Ok(committed)
@@ -271,10 +268,11 @@ impl Node {
 
     /// Programs `resources`, the state stored by an earlier run, at start: before the
     /// API server syncs, the datapath already does what it did.
-    pub async fn restore(&self, resources: &[Resource]) -> Result<Committed, NodeError> {
+    pub async fn restore(&self, resources: Vec<Resource>) -> Result<Committed, NodeError> {
+        let count = resources.len();
         let mut inner = self.inner.lock().await;
         let next = State::replace(resources)?;
-        self.commit(&mut inner, next, Operation::Restore, resources.len(), &[])
+        self.commit(&mut inner, next, Operation::Restore, count, &[])
     }
 
     /// The durations of accepted Applies and Syncs, in seconds.

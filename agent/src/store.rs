@@ -235,7 +235,7 @@ mod tests {
     }
 
     fn state(resources: Vec<Resource>) -> State {
-        State::replace(&resources).expect("valid test state")
+        State::replace(resources).expect("valid test state")
     }
 
     #[test]

@@ -30,7 +30,8 @@ use dataplane_abi::{
     ct_stat, global_names, map_names, program_names, verdict_action, CtEntry, CtKey, DropReason,
     FdbEntry, FdbKey, FloodEntry, FloodSet, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats,
     RemoteKey4, RemoteKey6, RuleKey, RuleStats, Verdict, MAX_FLOOD_PORTS, PORT_ADDR_FIXED_BITS,
-    REMOTE_FIXED_BITS, RULE_CLASS_BITS, RULE_PROTOCOL_BITS,
+    REMOTE4_FULL_BITS, REMOTE6_FULL_BITS, REMOTE_FIXED_BITS, RULE_CLASS_BITS, RULE_LOOKUP_BITS,
+    RULE_PROTOCOL_BITS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -57,7 +58,7 @@ pub struct Sizes {
     pub ct: u32,
     /// `CT_NEW`.
     pub ct_new: u32,
-    /// `SG_REMOTE4`, `SG_REMOTE6`, `SG_RULES` and `RULE_STATS`.
+    /// `SG_REMOTE4`, `SG_REMOTE6`, `SG_RULES`, their host maps, and `RULE_STATS`.
     pub policy: u32,
 }
 
@@ -275,6 +276,9 @@ impl Harness {
             map_names::SG_REMOTE4,
             map_names::SG_REMOTE6,
             map_names::SG_RULES,
+            map_names::SG_HOST4,
+            map_names::SG_HOST6,
+            map_names::SG_RULE_PORTS,
             map_names::RULE_STATS,
         ] {
             loader.map_max_entries(name, sizes.policy);
@@ -480,7 +484,7 @@ impl Harness {
 
     /// `SG_REMOTE4`/`SG_REMOTE6`: in `policy_id`'s `direction` (`sg_direction`), remote
     /// addresses in `net` are of address class `class` (unless a longer prefix says
-    /// otherwise).
+    /// otherwise). A single address goes into the host map, as the agent writes it.
     pub fn add_remote(
         &mut self,
         policy_id: u32,
@@ -497,8 +501,13 @@ impl Harness {
                     _pad: [0; 3],
                     addr: net.network().octets(),
                 };
-                self.trie::<RemoteKey4, u32>(map_names::SG_REMOTE4)?
-                    .insert(&Key::new(bits, data), class, 0)?;
+                if bits == REMOTE4_FULL_BITS {
+                    self.hash::<RemoteKey4, u32>(map_names::SG_HOST4)?
+                        .insert(data, class, 0)?;
+                } else {
+                    self.trie::<RemoteKey4, u32>(map_names::SG_REMOTE4)?
+                        .insert(&Key::new(bits, data), class, 0)?;
+                }
             }
             IpNet::V6(net) => {
                 let data = RemoteKey6 {
@@ -507,27 +516,46 @@ impl Harness {
                     _pad: [0; 3],
                     addr: net.network().octets(),
                 };
-                self.trie::<RemoteKey6, u32>(map_names::SG_REMOTE6)?
-                    .insert(&Key::new(bits, data), class, 0)?;
+                if bits == REMOTE6_FULL_BITS {
+                    self.hash::<RemoteKey6, u32>(map_names::SG_HOST6)?
+                        .insert(data, class, 0)?;
+                } else {
+                    self.trie::<RemoteKey6, u32>(map_names::SG_REMOTE6)?
+                        .insert(&Key::new(bits, data), class, 0)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// `SG_RULES`: address class `class` allows `m`, charged to rule `slot`.
+    /// `SG_RULES`: address class `class` allows `m`, charged to rule `slot` (a single
+    /// port in `SG_RULE_PORTS`, as the agent writes it).
     pub fn add_rule(&mut self, class: u32, m: RuleMatch, slot: u32) -> Result<()> {
-        let mut rules = self.trie::<RuleKey, u32>(map_names::SG_RULES)?;
         for (bits, key) in m.entries(class) {
-            rules.insert(&Key::new(bits, key), slot, 0)?;
+            if bits == RULE_LOOKUP_BITS {
+                self.hash::<RuleKey, u32>(map_names::SG_RULE_PORTS)?
+                    .insert(key, slot, 0)?;
+            } else {
+                self.trie::<RuleKey, u32>(map_names::SG_RULES)?.insert(
+                    &Key::new(bits, key),
+                    slot,
+                    0,
+                )?;
+            }
         }
         Ok(())
     }
 
     /// Takes `m` out of what `class` allows.
     pub fn remove_rule(&mut self, class: u32, m: RuleMatch) -> Result<()> {
-        let mut rules = self.trie::<RuleKey, u32>(map_names::SG_RULES)?;
         for (bits, key) in m.entries(class) {
-            rules.remove(&Key::new(bits, key))?;
+            if bits == RULE_LOOKUP_BITS {
+                self.hash::<RuleKey, u32>(map_names::SG_RULE_PORTS)?
+                    .remove(&key)?;
+            } else {
+                self.trie::<RuleKey, u32>(map_names::SG_RULES)?
+                    .remove(&Key::new(bits, key))?;
+            }
         }
         Ok(())
     }

@@ -76,7 +76,7 @@ fn state(allowed_from: &str, allowed_port: u32) -> State {
         receiver.into_resource(),
     ];
     let resources: Vec<Resource> = resources_from_proto(resources).expect("valid proto");
-    State::replace(&resources).expect("valid state")
+    State::replace(resources).expect("valid state")
 }
 
 fn limits() -> MapLimits {

@@ -305,7 +305,7 @@ fn random_state(rng: &mut StdRng) -> State {
             revision_number: 1,
         }));
     }
-    State::replace(&resources).expect("generated state is valid")
+    State::replace(resources).expect("generated state is valid")
 }
 
 const OPEN_GROUP: &str = "open";

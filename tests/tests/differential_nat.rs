@@ -273,7 +273,7 @@ impl Scenario {
             );
         }
         let resources: Vec<Resource> = resources_from_proto(all)?;
-        Ok(State::replace(&resources)?)
+        Ok(State::replace(resources)?)
     }
 
     /// Moves, drops or makes an association of a random floating IP.

@@ -203,7 +203,7 @@ fn random_state(rng: &mut StdRng) -> State {
     }
     let resources: Vec<Resource> =
         resources_from_proto(resources).expect("generated resources convert");
-    State::replace(&resources).expect("generated state is valid")
+    State::replace(resources).expect("generated state is valid")
 }
 
 /// A destination: a port's, a router's, an unknown host of a subnet, or outside.

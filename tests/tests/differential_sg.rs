@@ -358,7 +358,7 @@ fn random_state(rng: &mut StdRng, stateful: bool) -> State {
         resources.push(p.into_resource());
     }
     let resources: Vec<Resource> = resources_from_proto(resources).expect("valid proto");
-    State::replace(&resources).expect("generated state is valid")
+    State::replace(resources).expect("generated state is valid")
 }
 
 // ---- random packets ------------------------------------------------------------------

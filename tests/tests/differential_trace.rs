@@ -312,14 +312,14 @@ fn random_state(rng: &mut StdRng) -> State {
     let resources: Vec<Resource> =
         resources_from_proto(resources).expect("generated resources convert");
     // Two floating IPs on one port's fixed address are refused: then drop one.
-    match State::replace(&resources) {
+    match State::replace(resources.clone()) {
         Ok(state) => state,
         Err(_) => {
             let kept: Vec<Resource> = resources
                 .into_iter()
                 .filter(|r| !matches!(r, Resource::FloatingIp(f) if f.id != "fip0"))
                 .collect();
-            State::replace(&kept).expect("generated state is valid")
+            State::replace(kept).expect("generated state is valid")
         }
     }
 }

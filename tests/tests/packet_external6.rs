@@ -156,7 +156,7 @@ fn state() -> Result<State> {
     resources.push(r1.into_resource());
     resources.push(r2.into_resource());
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {

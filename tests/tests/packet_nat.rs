@@ -159,7 +159,7 @@ fn state(gateway1: &str) -> Result<State> {
         resources.push(floating_ip(id, "ext", addr, port_id).into_resource());
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 fn with_lab(body: impl FnOnce(&mut Lab) -> Result<()> + Send) -> Result<()> {

@@ -109,7 +109,7 @@ fn state() -> Result<State> {
     resources.push(r1.into_resource());
     resources.push(router("r2", &[("s3", "r2-n3")]).into_resource());
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 fn ip4(s: &str) -> Ipv4Addr {

@@ -100,7 +100,7 @@ fn large_state() -> Result<State> {
         }
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 /// A TCP SYN from the client port (10.0.0.3, p0-1) to the server (10.0.0.2, p0-0).

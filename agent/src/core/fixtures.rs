@@ -187,7 +187,7 @@ pub fn base_state() -> State {
     let mut p1 = port("p1", "n1", "fa:16:3e:00:00:01");
     p1.fixed_ips = vec![fixed_ip("s1", "10.0.0.5")];
     p1.security_group_ids = vec!["sg1".to_owned()];
-    State::replace(&[
+    State::replace(vec![
         network("n1").into(),
         subnet("s1", "n1", "10.0.0.0/24").into(),
         subnet("s6", "n1", "2001:db8:1::/64").into(),

@@ -193,7 +193,7 @@ fn ten_thousand_ports_and_a_hundred_thousand_rules() {
     let (resources, devices) = large_state();
 
     let started = Instant::now();
-    let state = State::replace(&resources).expect("valid");
+    let state = State::replace(resources).expect("valid");
     let replaced = started.elapsed();
     assert_eq!(state.ports.len(), NETWORKS * PORTS_PER_NETWORK);
     let rules: usize = state.security_groups.values().map(|g| g.rules.len()).sum();

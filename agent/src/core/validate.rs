@@ -132,7 +132,7 @@ impl State {
         for (index, change) in changes.iter().enumerate() {
             let checked = match change {
                 Change::Upsert(resource) => checker
-                    .upsert(index, resource, repeated[index])
+                    .upsert(index, Item::of(resource), repeated[index])
                     .map_err(|e| e.under(&format!("upsert.{}", resource.kind().field_name()))),
                 Change::Delete(reference) => checker.delete(reference, repeated[index]),
             };
@@ -141,28 +141,109 @@ impl State {
         Ok(next)
     }
 
-    /// A state of exactly `resources` (Sync), checked whole.
-    pub fn replace(resources: &[Resource]) -> Result<State, ValidationError> {
+    /// A state of exactly `resources` (Sync), checked whole. The resources move into it:
+    /// at a large node's scale a copy was most of the check's time.
+    pub fn replace(resources: Vec<Resource>) -> Result<State, ValidationError> {
         let mut next = State::default();
-        let mut touched = HashMap::with_capacity_and_hasher(resources.len(), Default::default());
-        let mut repeated = vec![false; resources.len()];
-        for (index, resource) in resources.iter().enumerate() {
-            match touched.entry((resource.kind(), resource.id())) {
-                Entry::Occupied(_) => repeated[index] = true,
-                Entry::Vacant(slot) => {
-                    slot.insert(index);
-                    next.insert(resource.clone());
-                }
+        // (kind, id, named before) of each item, in the request's order.
+        let mut items = Vec::with_capacity(resources.len());
+        for resource in resources {
+            let (kind, id) = (resource.kind(), resource.id().to_owned());
+            let repeated = next.contains(kind, &id);
+            if !repeated {
+                next.insert(resource);
             }
+            items.push((kind, id, repeated));
         }
+        let touched = items
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, repeated))| !repeated)
+            .map(|(index, (kind, id, _))| ((*kind, id.as_str()), index))
+            .collect();
 
         let checker = Checker::new(&next, None, touched);
-        for (index, resource) in resources.iter().enumerate() {
+        for (index, (kind, id, repeated)) in items.iter().enumerate() {
             checker
-                .upsert(index, resource, repeated[index])
-                .map_err(|e| e.under(resource.kind().field_name()).at(index))?;
+                .upsert(index, Item::held(&next, *kind, id), *repeated)
+                .map_err(|e| e.under(kind.field_name()).at(index))?;
         }
         Ok(next)
+    }
+}
+
+/// A resource to check: an Apply's item, or a Sync's as the state holds it.
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    Network(&'a Network),
+    Subnet(&'a Subnet),
+    Port(&'a Port),
+    SecurityGroup(&'a SecurityGroup),
+    Router(&'a Router),
+    FloatingIp(&'a FloatingIp),
+    QosPolicy(&'a QosPolicy),
+}
+
+impl<'a> Item<'a> {
+    fn of(resource: &'a Resource) -> Self {
+        match resource {
+            Resource::Network(r) => Item::Network(r),
+            Resource::Subnet(r) => Item::Subnet(r),
+            Resource::Port(r) => Item::Port(r),
+            Resource::SecurityGroup(r) => Item::SecurityGroup(r),
+            Resource::Router(r) => Item::Router(r),
+            Resource::FloatingIp(r) => Item::FloatingIp(r),
+            Resource::QosPolicy(r) => Item::QosPolicy(r),
+        }
+    }
+
+    /// `(kind, id)` of `state`, which holds it.
+    fn held(state: &'a State, kind: ResourceKind, id: &str) -> Self {
+        match kind {
+            ResourceKind::Network => Item::Network(&state.networks[id]),
+            ResourceKind::Subnet => Item::Subnet(&state.subnets[id]),
+            ResourceKind::Port => Item::Port(&state.ports[id]),
+            ResourceKind::SecurityGroup => Item::SecurityGroup(&state.security_groups[id]),
+            ResourceKind::Router => Item::Router(&state.routers[id]),
+            ResourceKind::FloatingIp => Item::FloatingIp(&state.floating_ips[id]),
+            ResourceKind::QosPolicy => Item::QosPolicy(&state.qos_policies[id]),
+        }
+    }
+
+    fn kind(self) -> ResourceKind {
+        match self {
+            Item::Network(_) => ResourceKind::Network,
+            Item::Subnet(_) => ResourceKind::Subnet,
+            Item::Port(_) => ResourceKind::Port,
+            Item::SecurityGroup(_) => ResourceKind::SecurityGroup,
+            Item::Router(_) => ResourceKind::Router,
+            Item::FloatingIp(_) => ResourceKind::FloatingIp,
+            Item::QosPolicy(_) => ResourceKind::QosPolicy,
+        }
+    }
+
+    fn id(self) -> &'a str {
+        match self {
+            Item::Network(r) => &r.id,
+            Item::Subnet(r) => &r.id,
+            Item::Port(r) => &r.id,
+            Item::SecurityGroup(r) => &r.id,
+            Item::Router(r) => &r.id,
+            Item::FloatingIp(r) => &r.id,
+            Item::QosPolicy(r) => &r.id,
+        }
+    }
+
+    fn revision_number(self) -> u64 {
+        match self {
+            Item::Network(r) => r.revision_number,
+            Item::Subnet(r) => r.revision_number,
+            Item::Port(r) => r.revision_number,
+            Item::SecurityGroup(r) => r.revision_number,
+            Item::Router(r) => r.revision_number,
+            Item::FloatingIp(r) => r.revision_number,
+            Item::QosPolicy(r) => r.revision_number,
+        }
     }
 }
 
@@ -311,9 +392,9 @@ impl<'a> Checker<'a> {
     }
 
     /// Checks an upserted resource; fields relative to the resource.
-    fn upsert(&self, index: usize, resource: &'a Resource, repeated: bool) -> Checked {
-        let kind = resource.kind();
-        let id = resource.id();
+    /// Checks the upsert at `index`.
+    fn upsert(&self, index: usize, item: Item<'a>, repeated: bool) -> Checked {
+        let (kind, id) = (item.kind(), item.id());
         if repeated {
             return Err(ValidationError::invalid_argument(
                 "id",
@@ -324,7 +405,7 @@ impl<'a> Checker<'a> {
             .before
             .and_then(|before| before.revision_number(kind, id))
         {
-            let revision = resource.revision_number();
+            let revision = item.revision_number();
             if revision < held {
                 return Err(ValidationError::failed_precondition(
                     "revision_number",
@@ -335,14 +416,14 @@ impl<'a> Checker<'a> {
             }
         }
         check_id("id", id)?;
-        match resource {
-            Resource::Network(network) => self.network(network),
-            Resource::Subnet(subnet) => self.subnet(index, subnet),
-            Resource::Port(port) => self.port(index, port),
-            Resource::SecurityGroup(group) => self.security_group(index, group),
-            Resource::Router(router) => self.router(router),
-            Resource::FloatingIp(floating_ip) => self.floating_ip(floating_ip),
-            Resource::QosPolicy(policy) => check_qos_policy(policy),
+        match item {
+            Item::Network(network) => self.network(network),
+            Item::Subnet(subnet) => self.subnet(index, subnet),
+            Item::Port(port) => self.port(index, port),
+            Item::SecurityGroup(group) => self.security_group(index, group),
+            Item::Router(router) => self.router(router),
+            Item::FloatingIp(floating_ip) => self.floating_ip(floating_ip),
+            Item::QosPolicy(policy) => check_qos_policy(policy),
         }
     }
 

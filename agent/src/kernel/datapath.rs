@@ -35,7 +35,8 @@ use dataplane_abi::{
     DropReason, ExternalAddr, FdbEntry, FdbKey, FixedAddr4, FixedNat4, FloatingIp4, FloodSet,
     NeighKey4, NeighKey6, Neighbor, PortAddr4, PortAddr6, PortInfo, PortMacKey, PortStats,
     RemoteKey4, RemoteKey6, Route, RouteKey4, RouteKey6, RouterGateway, RouterGateway6, RouterIf,
-    RuleKey, RuleStats, SnatKey4, SnatOrigin4, Verdict,
+    RuleKey, RuleStats, SnatKey4, SnatOrigin4, Verdict, REMOTE4_FULL_BITS, REMOTE6_FULL_BITS,
+    RULE_LOOKUP_BITS,
 };
 use tracing::{debug, error, info, warn};
 
@@ -59,9 +60,10 @@ pub struct MapLimits {
     pub max_fdb: u32,
     /// Security-group rules (`RULE_STATS`, the rule slot space).
     pub max_rules: u32,
-    /// Entries of each of `SG_REMOTE4` and `SG_REMOTE6`.
+    /// Entries of each of `SG_REMOTE4` and `SG_REMOTE6`, and of each of their host maps.
     pub max_remote_prefixes: u32,
-    /// `SG_RULES` entries (a rule takes one per port block of its range).
+    /// Entries of each of `SG_RULES` and `SG_RULE_PORTS` (a rule takes one per port
+    /// block of its range).
     pub max_rule_entries: u32,
     /// Confirmed connections (`CT`); a new one beyond it is dropped.
     pub conntrack_entries: u32,
@@ -99,6 +101,9 @@ impl MapLimits {
             (map_names::SG_REMOTE4, self.max_remote_prefixes),
             (map_names::SG_REMOTE6, self.max_remote_prefixes),
             (map_names::SG_RULES, self.max_rule_entries),
+            (map_names::SG_HOST4, self.max_remote_prefixes),
+            (map_names::SG_HOST6, self.max_remote_prefixes),
+            (map_names::SG_RULE_PORTS, self.max_rule_entries),
             (map_names::CT, self.conntrack_entries),
             (map_names::CT_NEW, self.conntrack_new_entries),
         ])
@@ -233,6 +238,9 @@ struct SetMaps {
     sg_remote4: LpmTrie<MapData, RemoteKey4, u32>,
     sg_remote6: LpmTrie<MapData, RemoteKey6, u32>,
     sg_rules: LpmTrie<MapData, RuleKey, u32>,
+    sg_host4: HashMap<MapData, RemoteKey4, u32>,
+    sg_host6: HashMap<MapData, RemoteKey6, u32>,
+    sg_rule_ports: HashMap<MapData, RuleKey, u32>,
     router_ifs: HashMap<MapData, FdbKey, RouterIf>,
     routes4: LpmTrie<MapData, RouteKey4, Route>,
     routes6: LpmTrie<MapData, RouteKey6, Route>,
@@ -254,6 +262,7 @@ macro_rules! with_set_maps {
             ports: PORTS, port_macs: PORT_MACS, port_ip4: PORT_IP4, port_net4: PORT_NET4,
             port_ip6: PORT_IP6, port_net6: PORT_NET6, fdb: FDB, flood: FLOOD,
             sg_remote4: SG_REMOTE4, sg_remote6: SG_REMOTE6, sg_rules: SG_RULES,
+            sg_host4: SG_HOST4, sg_host6: SG_HOST6, sg_rule_ports: SG_RULE_PORTS,
             router_ifs: ROUTER_IFS, routes4: ROUTES4, routes6: ROUTES6, neigh4: NEIGH4,
             neigh6: NEIGH6, router_gw: ROUTER_GW, gateway_macs: GATEWAY_MACS,
             ext_addrs4: EXT_ADDRS4, router_gw6: ROUTER_GW6, ext_addrs6: EXT_ADDRS6,
@@ -346,13 +355,13 @@ const STATE_MAPS: [&str; 18] = [
     "AYA_LOGS",
 ];
 
-macro_rules! map_name {
-    ($field:ident, $name:ident, $kind:ident) => {
-        map_names::$name
+macro_rules! map_names_of {
+    ($($field:ident: $name:ident),* $(,)?) => {
+        [$(map_names::$name),*]
     };
 }
 /// The maps of [`SetMaps`], pinned once per set.
-const SET_MAPS: [&str; 23] = written_maps!(map_name);
+const SET_MAPS: [&str; 26] = with_set_maps!(map_names_of);
 
 /// Each tc stage: its index in `TC_STAGES` (before the set), its program, and the
 /// dispatcher in front of it.
@@ -1242,15 +1251,26 @@ impl Datapath {
         let empty = DatapathTables::default();
         let (m, t) = (&set.maps, set.programmed.as_deref().unwrap_or(&empty));
         macro_rules! fill {
+            ($field:ident, $name:ident, split($host:ident, $host_name:ident, $bits:ident)) => {{
+                let (host, rest) = tables::split_len(&t.$field, $bits);
+                vec![
+                    (map_names::$name, rest, room(&m.$field, map_names::$name)?),
+                    (
+                        map_names::$host_name,
+                        host,
+                        room(&m.$host, map_names::$host_name)?,
+                    ),
+                ]
+            }};
             ($field:ident, $name:ident, $kind:ident) => {
-                (
+                vec![(
                     map_names::$name,
                     t.$field.len() as u64,
                     room(&m.$field, map_names::$name)?,
-                )
+                )]
             };
         }
-        Ok(written_maps!(fill).into())
+        Ok(written_maps!(fill).into_iter().flatten().collect())
     }
 
     /// How many SNAT bindings there are, and room for how many.

@@ -31,7 +31,9 @@ pub use traffic::*;
 /// v6: two map sets behind a dispatcher (`ACTIVE_SET`, `IN_FLIGHT`, the stage arrays);
 /// pins split into the programs' shared state and one directory per set; the packet
 /// monitor (`EVENTS`, `EVENTS_LOST`, `MONITOR_CONFIG`).
-pub const ABI_VERSION: u32 = 6;
+/// v7: the full-length entries of the security-group tries in hash maps of their own
+/// (`SG_HOST4`, `SG_HOST6`, `SG_RULE_PORTS`), looked up first.
+pub const ABI_VERSION: u32 = 7;
 
 /// Slot 0 of ports and networks is never assigned: it stands for "no port".
 pub const NO_SLOT: u32 = 0;
@@ -53,6 +55,9 @@ pub mod map_names {
     pub const SG_REMOTE4: &str = "SG_REMOTE4";
     pub const SG_REMOTE6: &str = "SG_REMOTE6";
     pub const SG_RULES: &str = "SG_RULES";
+    pub const SG_HOST4: &str = "SG_HOST4";
+    pub const SG_HOST6: &str = "SG_HOST6";
+    pub const SG_RULE_PORTS: &str = "SG_RULE_PORTS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const CT: &str = "CT";
     pub const CT_NEW: &str = "CT_NEW";

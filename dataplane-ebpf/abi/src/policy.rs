@@ -15,6 +15,13 @@
 //!    without ports (or ICMP without type) before the port.
 //!
 //! A miss in either trie is a drop (`DropReason::PolicyDenied`): rules only allow.
+//!
+//! Each trie's full-length entries (a remote host, a rule's single port) live in a hash
+//! map of their own, `SG_HOST4`, `SG_HOST6` and `SG_RULE_PORTS`, keyed by the same data,
+//! and the trie holds the others. A lookup tries the hash map first: a full-length
+//! entry is the longest match there can be, so the answer is the trie's over both. Most
+//! entries are full-length, and a hash map writes several times faster than a trie,
+//! which is most of a large commit.
 
 /// `direction` of a remote key.
 pub mod sg_direction {
@@ -27,6 +34,10 @@ pub mod sg_direction {
 /// Bits of (policy, direction, padding) at the front of a remote key: an entry's prefix
 /// length is `REMOTE_FIXED_BITS + address prefix length`.
 pub const REMOTE_FIXED_BITS: u32 = 64;
+/// Prefix length of a whole `RemoteKey4` (an entry of `SG_HOST4`, and every lookup).
+pub const REMOTE4_FULL_BITS: u32 = REMOTE_FIXED_BITS + 32;
+/// Prefix length of a whole `RemoteKey6` (an entry of `SG_HOST6`, and every lookup).
+pub const REMOTE6_FULL_BITS: u32 = REMOTE_FIXED_BITS + 128;
 
 /// Data of the `SG_REMOTE4` LPM trie key. Value: `u32` address class.
 #[repr(C)]
@@ -67,7 +78,8 @@ pub struct RuleKey {
 
 pub const RULE_CLASS_BITS: u32 = 32;
 pub const RULE_PROTOCOL_BITS: u32 = 40;
-/// Prefix length of a lookup: every bit of class, protocol and port.
+/// Prefix length of a lookup: every bit of class, protocol and port (the entries of
+/// `SG_RULE_PORTS`; `_pad` is zero).
 pub const RULE_LOOKUP_BITS: u32 = 56;
 
 /// Value of `SG_RULES`: the rule an entry stands for (the lowest-slot rule allowing
@@ -88,4 +100,6 @@ const _: () = assert!(core::mem::size_of::<RemoteKey6>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
 const _: () = assert!(core::mem::size_of::<RuleStats>() == 16);
 const _: () = assert!(REMOTE_FIXED_BITS as usize == 8 * 8);
+const _: () = assert!(REMOTE4_FULL_BITS as usize == 8 * core::mem::size_of::<RemoteKey4>());
+const _: () = assert!(REMOTE6_FULL_BITS as usize == 8 * core::mem::size_of::<RemoteKey6>());
 const _: () = assert!(RULE_LOOKUP_BITS as usize == 8 * 7);

@@ -53,6 +53,18 @@ pub static SG_REMOTE6: LpmTrie<RemoteKey6, u32> = LpmTrie::with_max_entries(6553
 #[map]
 pub static SG_RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(262144, 0);
 
+/// The full-length entries of the three tries above, looked up before them (see
+/// `dataplane_abi::policy`). Preallocated: a write takes no allocation, and the set being
+/// written has no readers, so an element reused at once is never seen half-written.
+#[map]
+pub static SG_HOST4: HashMap<RemoteKey4, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static SG_HOST6: HashMap<RemoteKey6, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+pub static SG_RULE_PORTS: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(262144, 0);
+
 #[map]
 pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(131072, 0);
 

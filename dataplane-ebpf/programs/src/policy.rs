@@ -1,12 +1,12 @@
 //! Security groups (Neutron semantics): IP traffic of a port with `POLICY` must be
 //! allowed by a rule of its policy, egress rules for what the VM sends (remote = the
-//! destination), ingress rules for what it receives (remote = the source). Two trie
-//! lookups whatever the number of rules (see `dataplane_abi::policy`). Stateful ports
+//! destination), ingress rules for what it receives (remote = the source). Two lookups
+//! whatever the number of rules (see `dataplane_abi::policy`). Stateful ports
 //! hand the packet to `conntrack`.
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_abi::{
     port_flags, sg_direction, CtKey, DropReason, PortInfo, RemoteKey4, RemoteKey6, RuleKey,
-    REMOTE_FIXED_BITS, RULE_LOOKUP_BITS, RULE_PROTOCOL_BITS,
+    REMOTE4_FULL_BITS, REMOTE6_FULL_BITS, RULE_LOOKUP_BITS, RULE_PROTOCOL_BITS,
 };
 
 use crate::{
@@ -15,7 +15,9 @@ use crate::{
     ipv4::Ipv4,
     ipv6::Ipv6,
     l4::{IPPROTO_ICMPV6, IPPROTO_UDP},
-    maps::{RULE_STATS, SG_FLOW, SG_REMOTE4, SG_REMOTE6, SG_RULES},
+    maps::{
+        RULE_STATS, SG_FLOW, SG_HOST4, SG_HOST6, SG_REMOTE4, SG_REMOTE6, SG_RULES, SG_RULE_PORTS,
+    },
     packet::Packet,
 };
 
@@ -109,6 +111,9 @@ pub fn classify(key: &CtKey, q: &Query) -> u32 {
     } else {
         &key.addr_lo
     };
+    // Each lookup tries the full-length entries first (see `dataplane_abi::policy`).
+    // SAFETY (the hash lookups): the agent writes a set only while no packet reads it,
+    // and the values are copied out at once.
     let class = if key.family == FAMILY_V4 {
         let data = RemoteKey4 {
             policy_id: q.policy_id,
@@ -116,7 +121,9 @@ pub fn classify(key: &CtKey, q: &Query) -> u32 {
             _pad: [0; 3],
             addr: [remote[0], remote[1], remote[2], remote[3]],
         };
-        SG_REMOTE4.get(Key::new(REMOTE_FIXED_BITS + 32, data))
+        unsafe { SG_HOST4.get(&data) }
+            .or_else(|| SG_REMOTE4.get(Key::new(REMOTE4_FULL_BITS, data)))
+            .copied()
     } else {
         let data = RemoteKey6 {
             policy_id: q.policy_id,
@@ -124,9 +131,11 @@ pub fn classify(key: &CtKey, q: &Query) -> u32 {
             _pad: [0; 3],
             addr: *remote,
         };
-        SG_REMOTE6.get(Key::new(REMOTE_FIXED_BITS + 128, data))
+        unsafe { SG_HOST6.get(&data) }
+            .or_else(|| SG_REMOTE6.get(Key::new(REMOTE6_FULL_BITS, data)))
+            .copied()
     };
-    let Some(&class) = class else {
+    let Some(class) = class else {
         return NO_RULE;
     };
     let data = RuleKey {
@@ -135,7 +144,14 @@ pub fn classify(key: &CtKey, q: &Query) -> u32 {
         port: q.port,
         _pad: 0,
     };
-    match SG_RULES.get(Key::new(q.bits, data)) {
+    // A lookup without a port (fragments, protocols without ports) stops short of the
+    // full-length entries.
+    let exact = if q.bits == RULE_LOOKUP_BITS {
+        unsafe { SG_RULE_PORTS.get(&data) }
+    } else {
+        None
+    };
+    match exact.or_else(|| SG_RULES.get(Key::new(q.bits, data))) {
         Some(&slot) => slot,
         None => NO_RULE,
     }

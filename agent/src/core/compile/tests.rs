@@ -58,7 +58,7 @@ fn state_with(ports: Vec<Port>) -> State {
         subnet("s2", "n2", "10.0.0.0/24").into(),
     ];
     resources.extend(ports.into_iter().map(Resource::from));
-    State::replace(&resources).expect("valid test state")
+    State::replace(resources).expect("valid test state")
 }
 
 fn addr4(slot: u32, mac_address: &str, addr: &str) -> PortAddr4 {
@@ -743,7 +743,7 @@ fn routed_state(r1_up: bool) -> State {
         r1.into(),
         r2.into(),
     ];
-    State::replace(&resources).expect("valid test state")
+    State::replace(resources).expect("valid test state")
 }
 
 #[test]
@@ -830,7 +830,7 @@ fn routers_compile_to_interfaces_routes_and_neighbours() {
 /// `routed_state` with r1's gateway on external network `ext` (SNAT on) and floating
 /// IPs: `fip-1` on p1, `fip-free` unassociated, `fip-away` on a port of another node.
 fn nat_state() -> State {
-    State::replace(&nat_resources()).expect("valid test state")
+    State::replace(nat_resources()).expect("valid test state")
 }
 
 fn nat_resources() -> Vec<Resource> {
@@ -900,7 +900,7 @@ fn dual_stack_nat_state(v6_only: bool) -> State {
             _ => {}
         }
     }
-    State::replace(&resources).expect("valid test state")
+    State::replace(resources).expect("valid test state")
 }
 
 #[test]

@@ -66,7 +66,7 @@ fn topology() -> Compiled {
         r1_n2.into(),
         r1.into(),
     ];
-    let state = State::replace(&resources).expect("valid test state");
+    let state = State::replace(resources).expect("valid test state");
     let interfaces: BTreeMap<String, u32> = [
         ("tap-web", 5),
         ("tap-db", 6),

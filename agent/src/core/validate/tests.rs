@@ -142,7 +142,7 @@ fn sync_replaces_everything_and_ignores_held_revisions() {
     let state = base_state();
     let mut n1 = network("n1");
     n1.revision_number = 0;
-    let next = State::replace(&[n1.clone().into(), network("n2").into()]).unwrap();
+    let next = State::replace(vec![n1.clone().into(), network("n2").into()]).unwrap();
     assert_eq!(next.networks.len(), 2);
     assert!(next.ports.is_empty() && next.subnets.is_empty() && next.security_groups.is_empty());
     assert_eq!(next.networks["n1"], n1);
@@ -209,7 +209,7 @@ fn the_same_resource_twice_in_one_request_is_refused() {
         vec![upsert(network("x")), upsert(security_group("x"))],
     );
 
-    let error = State::replace(&[network("n").into(), network("n").into()]).unwrap_err();
+    let error = State::replace(vec![network("n").into(), network("n").into()]).unwrap_err();
     assert_eq!(
         (error.code, error.index, error.field.as_str()),
         (ErrorCode::InvalidArgument, Some(1), "network.id")
@@ -869,7 +869,7 @@ fn a_fixed_ip_twice_on_one_network() {
         error.message
     );
 
-    let error = State::replace(&[
+    let error = State::replace(vec![
         network("n1").into(),
         subnet("s1", "n1", "10.0.0.0/24").into(),
         port_at("a", "fa:16:3e:00:00:0a", "10.0.0.7").into(),
@@ -1320,7 +1320,7 @@ fn a_ports_groups_are_all_stateful_or_all_stateless() {
     );
     let mut p2 = port_at("p2", "fa:16:3e:00:00:02", "10.0.0.6");
     p2.security_group_ids = vec!["sg1".to_owned(), "loose".to_owned()];
-    let error = State::replace(&[
+    let error = State::replace(vec![
         network("n1").into(),
         subnet("s1", "n1", "10.0.0.0/24").into(),
         security_group("sg1").into(),
@@ -1448,7 +1448,7 @@ fn rule_ids_are_unique_across_groups() {
     a.rules = vec![rule("x")];
     let mut b = security_group("b");
     b.rules = vec![rule("x")];
-    let error = State::replace(&[a.into(), b.into()]).unwrap_err();
+    let error = State::replace(vec![a.into(), b.into()]).unwrap_err();
     assert_eq!(
         (error.code, error.index, error.field.as_str()),
         (
@@ -1612,7 +1612,7 @@ fn the_first_error_in_request_order_is_reported() {
 
 #[test]
 fn sync_errors_are_relative_to_the_resource() {
-    let error = State::replace(&[
+    let error = State::replace(vec![
         network("n1").into(),
         subnet("s1", "n1", "10.0.0.0/24").into(),
         port_at("p", "fa:16:3e:00:00:01", "10.9.0.1").into(),
@@ -1626,7 +1626,7 @@ fn sync_errors_are_relative_to_the_resource() {
             "port.fixed_ips[0].ip_address"
         )
     );
-    let error = State::replace(&[port("p", "n1", "fa:16:3e:00:00:01").into()]).unwrap_err();
+    let error = State::replace(vec![port("p", "n1", "fa:16:3e:00:00:01").into()]).unwrap_err();
     assert_eq!(
         (error.code, error.index, error.field.as_str()),
         (ErrorCode::NotFound, Some(0), "port.network_id")

@@ -14,7 +14,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use dataplane_abi::map_names;
+use dataplane_abi::{map_names, REMOTE4_FULL_BITS, REMOTE6_FULL_BITS, RULE_LOOKUP_BITS};
 use tracing::warn;
 
 use super::{batch, DatapathError, SetMaps};
@@ -22,8 +22,10 @@ use crate::core::compile::DatapathTables;
 
 /// Every map the agent writes from `DatapathTables`, once: `$each!(field, NAME, kind)`
 /// for each, the kind saying how the table is kept (`hash` and `trie` maps, `set` and
-/// `trie_set` key sets written with value 1). The per-CPU counters, conntrack and SNAT
-/// maps are the programs' own.
+/// `trie_set` key sets written with value 1, and `split(host_field, HOST_NAME, BITS)`:
+/// an LPM table whose entries of prefix length `BITS` are in the hash map `HOST_NAME`,
+/// the others in the trie, see `dataplane_abi::policy`). The per-CPU counters,
+/// conntrack and SNAT maps are the programs' own.
 macro_rules! written_maps {
     ($each:ident) => {
         [
@@ -35,9 +37,21 @@ macro_rules! written_maps {
             $each!(port_net6, PORT_NET6, trie_set),
             $each!(fdb, FDB, hash),
             $each!(flood, FLOOD, hash),
-            $each!(sg_remote4, SG_REMOTE4, trie),
-            $each!(sg_remote6, SG_REMOTE6, trie),
-            $each!(sg_rules, SG_RULES, trie),
+            $each!(
+                sg_remote4,
+                SG_REMOTE4,
+                split(sg_host4, SG_HOST4, REMOTE4_FULL_BITS)
+            ),
+            $each!(
+                sg_remote6,
+                SG_REMOTE6,
+                split(sg_host6, SG_HOST6, REMOTE6_FULL_BITS)
+            ),
+            $each!(
+                sg_rules,
+                SG_RULES,
+                split(sg_rule_ports, SG_RULE_PORTS, RULE_LOOKUP_BITS)
+            ),
             $each!(router_ifs, ROUTER_IFS, hash),
             $each!(routes4, ROUTES4, trie),
             $each!(routes6, ROUTES6, trie),
@@ -66,20 +80,15 @@ impl SetMaps {
             // The largest table is written on a thread of its own beside the others
             // (each trie has its own lock in the kernel): a node's commit is mostly
             // these writes.
-            let remote4 = fd_of(&m.sg_remote4);
+            let remote4 = Split {
+                trie: fd_of(&m.sg_remote4),
+                host: fd_of(&m.sg_host4),
+                full_bits: REMOTE4_FULL_BITS,
+                names: (map_names::SG_REMOTE4, map_names::SG_HOST4),
+            };
             let remote4 = scope.spawn(move || -> MapResult {
-                upsert_trie_map(
-                    remote4,
-                    &old.sg_remote4,
-                    &new.sg_remote4,
-                    map_names::SG_REMOTE4,
-                )?;
-                remove_trie_map(
-                    remote4,
-                    &old.sg_remote4,
-                    &new.sg_remote4,
-                    map_names::SG_REMOTE4,
-                )
+                remote4.upsert(&old.sg_remote4, &new.sg_remote4)?;
+                remote4.remove(&old.sg_remote4, &new.sg_remote4)
             });
             let others = m.write_others(old, new);
             let remote4 = remote4
@@ -92,19 +101,21 @@ impl SetMaps {
     /// [`SetMaps::write`] of every map but `SG_REMOTE4`.
     fn write_others(&self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
         let m = self;
+        let rules = Split {
+            trie: fd_of(&m.sg_rules),
+            host: fd_of(&m.sg_rule_ports),
+            full_bits: RULE_LOOKUP_BITS,
+            names: (map_names::SG_RULES, map_names::SG_RULE_PORTS),
+        };
+        let remote6 = Split {
+            trie: fd_of(&m.sg_remote6),
+            host: fd_of(&m.sg_host6),
+            full_bits: REMOTE6_FULL_BITS,
+            names: (map_names::SG_REMOTE6, map_names::SG_HOST6),
+        };
         // Rules before the address classes that lead to them, both before the ports.
-        upsert_trie_map(
-            fd_of(&m.sg_rules),
-            &old.sg_rules,
-            &new.sg_rules,
-            map_names::SG_RULES,
-        )?;
-        upsert_trie_map(
-            fd_of(&m.sg_remote6),
-            &old.sg_remote6,
-            &new.sg_remote6,
-            map_names::SG_REMOTE6,
-        )?;
+        rules.upsert(&old.sg_rules, &new.sg_rules)?;
+        remote6.upsert(&old.sg_remote6, &new.sg_remote6)?;
         upsert_set(
             fd_of(&m.port_macs),
             &old.port_macs,
@@ -309,19 +320,8 @@ impl SetMaps {
             &new.port_macs,
             map_names::PORT_MACS,
         )?;
-        remove_trie_map(
-            fd_of(&m.sg_remote6),
-            &old.sg_remote6,
-            &new.sg_remote6,
-            map_names::SG_REMOTE6,
-        )?;
-        remove_trie_map(
-            fd_of(&m.sg_rules),
-            &old.sg_rules,
-            &new.sg_rules,
-            map_names::SG_RULES,
-        )?;
-        Ok(())
+        remote6.remove(&old.sg_remote6, &new.sg_remote6)?;
+        rules.remove(&old.sg_rules, &new.sg_rules)
     }
 
     /// Makes every map hold exactly `wanted`, whatever it holds now (changed, added or
@@ -357,6 +357,14 @@ impl SetMaps {
                     repair_trie(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
                 )
             };
+            ($field:ident, $name:ident, split($host:ident, $host_name:ident, $bits:ident)) => {{
+                let (host, rest) = split_entries(&t.$field, $bits);
+                (
+                    map_names::$name,
+                    repair_hash(&mut m.$host, &host, map_names::$host_name)?
+                        + repair_trie(&mut m.$field, &rest, map_names::$name)?,
+                )
+            }};
         }
         let drift = written_maps!(repair);
         Ok(drift.into_iter().filter(|(_, wrong)| *wrong > 0).collect())
@@ -383,6 +391,14 @@ impl SetMaps {
                 holds_exactly(
                     &read_trie(&m.$field, map_names::$name)?,
                     &as_set_map(&t.$field),
+                )
+            };
+            ($field:ident, $name:ident, split($host:ident, $host_name:ident, $bits:ident)) => {
+                holds_split(
+                    &read_hash(&m.$host, map_names::$host_name)?,
+                    &read_trie(&m.$field, map_names::$name)?,
+                    &t.$field,
+                    $bits,
                 )
             };
         }
@@ -543,6 +559,104 @@ fn remove_trie_map<K: aya::Pod + Ord, V: aya::Pod>(
         .map(|(prefix_len, data)| LpmKey::new(*prefix_len, *data))
         .collect();
     remove_keys(trie, &gone, name)
+}
+
+/// An LPM table kept as two maps (kind `split` of [`written_maps`]): its entries of
+/// prefix length `full_bits` in the hash map `host`, keyed by their data, the others in
+/// the trie.
+#[derive(Clone, Copy)]
+struct Split<'a> {
+    trie: BorrowedFd<'a>,
+    host: BorrowedFd<'a>,
+    full_bits: u32,
+    /// (trie, host map).
+    names: (&'static str, &'static str),
+}
+
+impl Split<'_> {
+    fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+        &self,
+        old: &BTreeMap<(u32, K), V>,
+        new: &BTreeMap<(u32, K), V>,
+    ) -> MapResult {
+        let (mut host, mut trie) = (Vec::new(), Vec::new());
+        for (&(prefix_len, data), &value) in new {
+            if old.get(&(prefix_len, data)) == Some(&value) {
+                continue;
+            }
+            if prefix_len == self.full_bits {
+                host.push((data, value));
+            } else {
+                trie.push((LpmKey::new(prefix_len, data), value));
+            }
+        }
+        write_entries(self.host, &host, self.names.1)?;
+        write_entries(self.trie, &trie, self.names.0)
+    }
+
+    fn remove<K: aya::Pod + Ord, V: aya::Pod>(
+        &self,
+        old: &BTreeMap<(u32, K), V>,
+        new: &BTreeMap<(u32, K), V>,
+    ) -> MapResult {
+        let (mut host, mut trie) = (Vec::new(), Vec::new());
+        for &(prefix_len, data) in old.keys() {
+            if new.contains_key(&(prefix_len, data)) {
+                continue;
+            }
+            if prefix_len == self.full_bits {
+                host.push(data);
+            } else {
+                trie.push(LpmKey::new(prefix_len, data));
+            }
+        }
+        remove_keys(self.host, &host, self.names.1)?;
+        remove_keys(self.trie, &trie, self.names.0)
+    }
+}
+
+/// A split table's entries as its two maps hold them: (host map's, trie's).
+type SplitEntries<K, V> = (BTreeMap<K, V>, BTreeMap<(u32, K), V>);
+
+fn split_entries<K: Copy + Ord, V: Copy>(
+    table: &BTreeMap<(u32, K), V>,
+    full_bits: u32,
+) -> SplitEntries<K, V> {
+    let (mut host, mut trie) = (BTreeMap::new(), BTreeMap::new());
+    for (&(prefix_len, data), &value) in table {
+        if prefix_len == full_bits {
+            host.insert(data, value);
+        } else {
+            trie.insert((prefix_len, data), value);
+        }
+    }
+    (host, trie)
+}
+
+/// Entries in a split table's `host` map and `trie` per table.
+pub(super) fn split_len<K, V>(table: &BTreeMap<(u32, K), V>, full_bits: u32) -> (u64, u64) {
+    let host = table
+        .keys()
+        .filter(|(prefix_len, _)| *prefix_len == full_bits)
+        .count();
+    (host as u64, (table.len() - host) as u64)
+}
+
+/// [`holds_exactly`] for a split table, without a copy of it: every entry where it
+/// belongs and as wanted, and as many as wanted.
+fn holds_split<K: Copy + Ord, V: PartialEq>(
+    host: &[(K, V)],
+    trie: &[TrieEntry<K, V>],
+    wanted: &BTreeMap<(u32, K), V>,
+    full_bits: u32,
+) -> bool {
+    host.len() + trie.len() == wanted.len()
+        && host
+            .iter()
+            .all(|(data, value)| wanted.get(&(full_bits, *data)) == Some(value))
+        && trie
+            .iter()
+            .all(|(key, value)| key.0 != full_bits && wanted.get(key) == Some(value))
 }
 
 /// A key set as the map the agent writes it into: each key with value 1.

@@ -41,7 +41,10 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
-use dataplane_abi::{FdbEntry, FdbKey, FloatingIp4, PortInfo, RemoteKey4, RuleKey};
+use dataplane_abi::{
+    FdbEntry, FdbKey, FloatingIp4, PortInfo, RemoteKey4, RuleKey, REMOTE4_FULL_BITS,
+    REMOTE6_FULL_BITS, RULE_LOOKUP_BITS,
+};
 use dataplane_agent::{
     core::{
         compile::StatusKind,
@@ -515,7 +518,7 @@ fn build_node(local: usize) -> Result<(Node, Duration)> {
 /// What the agent's compiler makes of `resources` on this node: the entry counts every
 /// map must reach.
 fn expected(node: &NetNs, resources: &[pb::Resource], local: usize) -> Result<Compiled> {
-    let state = State::replace(&resources_from_proto(resources.to_vec())?)?;
+    let state = State::replace(resources_from_proto(resources.to_vec())?)?;
     let names: Vec<String> = (0..PORTS)
         .filter(|index| is_local(*index, local))
         .map(|index| device(index).0)
@@ -564,6 +567,13 @@ fn expected(node: &NetNs, resources: &[pb::Resource], local: usize) -> Result<Co
     ))
 }
 
+/// (full-length, other) entries of an LPM table the agent writes into a host map and a
+/// trie (see `dataplane_abi::policy`).
+fn hosts<K, V>(table: &BTreeMap<(u32, K), V>, full_bits: u32) -> (usize, usize) {
+    let host = table.keys().filter(|(bits, _)| *bits == full_bits).count();
+    (host, table.len() - host)
+}
+
 /// The entry count of each agent-written map the compiled tables give.
 fn table_sizes(compiled: &Compiled) -> BTreeMap<String, u64> {
     use dataplane_abi::map_names as m;
@@ -577,9 +587,12 @@ fn table_sizes(compiled: &Compiled) -> BTreeMap<String, u64> {
         (m::PORT_NET6, t.port_net6.len()),
         (m::FDB, t.fdb.len()),
         (m::FLOOD, t.flood.len()),
-        (m::SG_REMOTE4, t.sg_remote4.len()),
-        (m::SG_REMOTE6, t.sg_remote6.len()),
-        (m::SG_RULES, t.sg_rules.len()),
+        (m::SG_REMOTE4, hosts(&t.sg_remote4, REMOTE4_FULL_BITS).1),
+        (m::SG_HOST4, hosts(&t.sg_remote4, REMOTE4_FULL_BITS).0),
+        (m::SG_REMOTE6, hosts(&t.sg_remote6, REMOTE6_FULL_BITS).1),
+        (m::SG_HOST6, hosts(&t.sg_remote6, REMOTE6_FULL_BITS).0),
+        (m::SG_RULES, hosts(&t.sg_rules, RULE_LOOKUP_BITS).1),
+        (m::SG_RULE_PORTS, hosts(&t.sg_rules, RULE_LOOKUP_BITS).0),
         (m::ROUTER_IFS, t.router_ifs.len()),
         (m::ROUTES4, t.routes4.len()),
         (m::ROUTES6, t.routes6.len()),
@@ -698,12 +711,17 @@ fn kernel_entries(pins: &Path) -> Result<Vec<(&'static str, usize)>> {
     let remote4: LpmTrie<_, RemoteKey4, u32> =
         LpmTrie::try_from(Map::LpmTrie(open(m::SG_REMOTE4)?))?;
     let rules: LpmTrie<_, RuleKey, u32> = LpmTrie::try_from(Map::LpmTrie(open(m::SG_RULES)?))?;
+    let host4: HashMap<_, RemoteKey4, u32> = HashMap::try_from(Map::HashMap(open(m::SG_HOST4)?))?;
+    let rule_ports: HashMap<_, RuleKey, u32> =
+        HashMap::try_from(Map::HashMap(open(m::SG_RULE_PORTS)?))?;
     Ok(vec![
         (m::PORTS, keys(ports.keys())?),
         (m::FDB, keys(fdb.keys())?),
         (m::FIPS4, keys(fips.keys())?),
         (m::SG_REMOTE4, keys(remote4.keys())?),
+        (m::SG_HOST4, keys(host4.keys())?),
         (m::SG_RULES, keys(rules.keys())?),
+        (m::SG_RULE_PORTS, keys(rule_ports.keys())?),
     ])
 }
 

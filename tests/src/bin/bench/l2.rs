@@ -161,7 +161,7 @@ fn our_state() -> Result<State> {
         resources.push(p.into_resource());
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 /// The L2 topology above, `switch` in place.

@@ -192,7 +192,7 @@ fn state(groups: Vec<pb::SecurityGroup>, a_groups: &[&str], b_groups: &[&str]) -
         resources.push(p.into_resource());
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 /// Port `a` (10.0.1.1 on n1, device bench-a) and `b` (10.0.2.2 on n2, bench-b), no port
@@ -217,7 +217,7 @@ fn routed() -> Result<State> {
         resources.push(p.into_resource());
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 /// A 60-byte TCP/IPv4 frame from a (10.0.1.1) to b (10.0.2.2) through the router.

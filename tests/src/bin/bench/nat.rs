@@ -136,7 +136,7 @@ fn state(fips: &[FloatingIp], a_device: &str, b_device: &str) -> Result<State> {
         resources.push(f.into_resource());
     }
     let resources: Vec<Resource> = resources_from_proto(resources)?;
-    Ok(State::replace(&resources)?)
+    Ok(State::replace(resources)?)
 }
 
 impl Lab {

@@ -222,7 +222,7 @@ fn state_of(resources: Vec<Resource>) -> State {
         subnet("s2v6", "n2", "2001:db8:2::/64").into(),
     ];
     all.extend(resources);
-    State::replace(&all).expect("valid test state")
+    State::replace(all).expect("valid test state")
 }
 
 fn slot(slots: &Slots, rule_id: &str) -> u32 {
@@ -1706,7 +1706,7 @@ fn overlapping_policies() -> State {
             .collect();
         resources.push(bound(p, NODE, &format!("tap{i}")).into());
     }
-    State::replace(&resources).expect("valid")
+    State::replace(resources).expect("valid")
 }
 
 #[test]
