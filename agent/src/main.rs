@@ -235,11 +235,11 @@ enum ConntrackCommand {
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (its numbering is kept stable:
 /// retired options keep their places).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-/// Milliseconds before freed memory is given back. mimalloc's default, a second, left a
-/// commit's temporaries resident while the agent sat idle after it (RSS 257 against
-/// 168 MB, and a 284 against 248 MB peak, in the control-plane bench with 400 of its
-/// 10,000 ports local).
-const PURGE_DELAY_MS: std::ffi::c_long = 10;
+/// Milliseconds before freed memory is given back: at once. A commit at a large node's
+/// scale frees tens of megabytes of temporaries; kept for even 10 ms they were still
+/// resident when the next phase allocated afresh, and the peak was 250 to 267 against
+/// 233 to 237 MB (the control-plane bench at 10,000 ports), with no commit slower.
+const PURGE_DELAY_MS: std::ffi::c_long = 0;
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: sets one of mimalloc's options, which it reads on every purge.

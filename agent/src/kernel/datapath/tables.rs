@@ -77,28 +77,36 @@ impl SetMaps {
     pub fn write(&mut self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
         let m = self;
         std::thread::scope(|scope| {
-            // The largest table is written on a thread of its own beside the others
-            // (each trie has its own lock in the kernel): a node's commit is mostly
-            // these writes.
+            // The remote addresses are written on a thread of their own beside the others
+            // (each map has its own lock in the kernel): a node's commit is mostly these
+            // writes, and the two halves take about as long.
             let remote4 = Split {
                 trie: fd_of(&m.sg_remote4),
                 host: fd_of(&m.sg_host4),
                 full_bits: REMOTE4_FULL_BITS,
                 names: (map_names::SG_REMOTE4, map_names::SG_HOST4),
             };
-            let remote4 = scope.spawn(move || -> MapResult {
+            let remote6 = Split {
+                trie: fd_of(&m.sg_remote6),
+                host: fd_of(&m.sg_host6),
+                full_bits: REMOTE6_FULL_BITS,
+                names: (map_names::SG_REMOTE6, map_names::SG_HOST6),
+            };
+            let remotes = scope.spawn(move || -> MapResult {
                 remote4.upsert(&old.sg_remote4, &new.sg_remote4)?;
+                remote6.upsert(&old.sg_remote6, &new.sg_remote6)?;
+                remote6.remove(&old.sg_remote6, &new.sg_remote6)?;
                 remote4.remove(&old.sg_remote4, &new.sg_remote4)
             });
             let others = m.write_others(old, new);
-            let remote4 = remote4
+            let remotes = remotes
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            others.and(remote4)
+            others.and(remotes)
         })
     }
 
-    /// [`SetMaps::write`] of every map but `SG_REMOTE4`.
+    /// [`SetMaps::write`] of every map but the remote addresses'.
     fn write_others(&self, old: &DatapathTables, new: &DatapathTables) -> MapResult {
         let m = self;
         let rules = Split {
@@ -107,15 +115,8 @@ impl SetMaps {
             full_bits: RULE_LOOKUP_BITS,
             names: (map_names::SG_RULES, map_names::SG_RULE_PORTS),
         };
-        let remote6 = Split {
-            trie: fd_of(&m.sg_remote6),
-            host: fd_of(&m.sg_host6),
-            full_bits: REMOTE6_FULL_BITS,
-            names: (map_names::SG_REMOTE6, map_names::SG_HOST6),
-        };
-        // Rules before the address classes that lead to them, both before the ports.
+        // Rules before the ports that lead to them.
         rules.upsert(&old.sg_rules, &new.sg_rules)?;
-        remote6.upsert(&old.sg_remote6, &new.sg_remote6)?;
         upsert_set(
             fd_of(&m.port_macs),
             &old.port_macs,
@@ -320,7 +321,6 @@ impl SetMaps {
             &new.port_macs,
             map_names::PORT_MACS,
         )?;
-        remote6.remove(&old.sg_remote6, &new.sg_remote6)?;
         rules.remove(&old.sg_rules, &new.sg_rules)
     }
 
