@@ -5,7 +5,7 @@
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use anyhow::Result;
-use dataplane_abi::PortInfo;
+use dataplane_abi::{PortInfo, RemoteKey4};
 use dataplane_proto::v1::{self as pb, dataplane_client::DataplaneClient};
 use dataplane_tests::{
     agent::{agent_binary, wait_status, Agent},
@@ -425,32 +425,53 @@ async fn map_entries_changed_behind_the_agents_back_are_put_back() -> Result<()>
     assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
 
     // Someone removes the ports from the pinned PORTS map (their frames would be
-    // dropped as unknown_port) and adds one of their own...
-    let pinned = agent.active_set_maps()?.join("PORTS");
+    // dropped as unknown_port) and adds one of their own, and empties SG_HOST4 (the
+    // default group's members, whose ingress pings would be denied)...
+    let maps = agent.active_set_maps()?;
     let mut ports: aya::maps::HashMap<_, u32, PortInfo> = aya::maps::HashMap::try_from(
-        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pinned)?),
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(maps.join("PORTS"))?),
+    )?;
+    let mut hosts: aya::maps::HashMap<_, RemoteKey4, u32> = aya::maps::HashMap::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(maps.join("SG_HOST4"))?),
     )?;
     let programmed: Vec<(u32, PortInfo)> = ports.iter().collect::<Result<_, _>>()?;
     assert_eq!(programmed.len(), 2, "both ports programmed");
+    let members: Vec<(RemoteKey4, u32)> = hosts.iter().collect::<Result<_, _>>()?;
+    assert!(!members.is_empty(), "the default group's members are hosts");
     for (ifindex, _) in &programmed {
         ports.remove(ifindex)?;
     }
     ports.insert(9999, programmed[0].1, 0)?;
-    // ...and the drift check puts the map back as it was programmed, and says so.
+    for (key, _) in &members {
+        hosts.remove(key)?;
+    }
+    // ...and the drift check puts both maps back as they were programmed, and says so.
+    let sorted = |mut entries: Vec<(u32, PortInfo)>| {
+        entries.sort_by_key(|(ifindex, _)| *ifindex);
+        entries
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let mut now: Vec<(u32, PortInfo)> = ports.iter().collect::<Result<_, _>>()?;
-        now.sort_by_key(|(ifindex, _)| *ifindex);
-        let mut wanted = programmed.clone();
-        wanted.sort_by_key(|(ifindex, _)| *ifindex);
-        if now == wanted {
+        let now: Vec<(u32, PortInfo)> = ports.iter().collect::<Result<_, _>>()?;
+        let mut hosts_now: Vec<(RemoteKey4, u32)> = hosts.iter().collect::<Result<_, _>>()?;
+        hosts_now.sort();
+        let mut wanted_hosts = members.clone();
+        wanted_hosts.sort();
+        if sorted(now) == sorted(programmed.clone()) && hosts_now == wanted_hosts {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{}", agent.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(a.ping("10.0.0.2".parse()?, 2)?.all_replied());
-    assert!(agent.logs().contains("repaired drift"), "{}", agent.logs());
+    let logs = agent.logs();
+    for map in ["PORTS", "SG_HOST4"] {
+        assert!(
+            logs.lines()
+                .any(|line| line.contains("repaired drift") && line.contains(map)),
+            "{logs}"
+        );
+    }
     Ok(())
 }
 

@@ -334,40 +334,49 @@ impl SetMaps {
         let (m, t) = (self, wanted);
         macro_rules! repair {
             ($field:ident, $name:ident, hash) => {
-                (
+                vec![(
                     map_names::$name,
                     repair_hash(&mut m.$field, &t.$field, map_names::$name)?,
-                )
+                )]
             };
             ($field:ident, $name:ident, set) => {
-                (
+                vec![(
                     map_names::$name,
                     repair_hash(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
-                )
+                )]
             };
             ($field:ident, $name:ident, trie) => {
-                (
+                vec![(
                     map_names::$name,
                     repair_trie(&mut m.$field, &t.$field, map_names::$name)?,
-                )
+                )]
             };
             ($field:ident, $name:ident, trie_set) => {
-                (
+                vec![(
                     map_names::$name,
                     repair_trie(&mut m.$field, &as_set_map(&t.$field), map_names::$name)?,
-                )
+                )]
             };
             ($field:ident, $name:ident, split($host:ident, $host_name:ident, $bits:ident)) => {{
                 let (host, rest) = split_entries(&t.$field, $bits);
-                (
-                    map_names::$name,
-                    repair_hash(&mut m.$host, &host, map_names::$host_name)?
-                        + repair_trie(&mut m.$field, &rest, map_names::$name)?,
-                )
+                vec![
+                    (
+                        map_names::$name,
+                        repair_trie(&mut m.$field, &rest, map_names::$name)?,
+                    ),
+                    (
+                        map_names::$host_name,
+                        repair_hash(&mut m.$host, &host, map_names::$host_name)?,
+                    ),
+                ]
             }};
         }
         let drift = written_maps!(repair);
-        Ok(drift.into_iter().filter(|(_, wrong)| *wrong > 0).collect())
+        Ok(drift
+            .into_iter()
+            .flatten()
+            .filter(|(_, wrong)| *wrong > 0)
+            .collect())
     }
 
     /// Whether the maps hold exactly `wanted` (read back, entry by entry, one map at a
