@@ -238,7 +238,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Milliseconds before freed memory is given back: at once. A commit at a large node's
 /// scale frees tens of megabytes of temporaries; kept for even 10 ms they were still
 /// resident when the next phase allocated afresh, and the peak was 250 to 267 against
-/// 233 to 237 MB (the control-plane bench at 10,000 ports), with no commit slower.
+/// 230 to 244 MB (the control-plane bench at 10,000 ports), with no commit slower.
 const PURGE_DELAY_MS: std::ffi::c_long = 0;
 
 fn main() -> anyhow::Result<()> {

@@ -329,6 +329,7 @@ async fn ctl_trace_prints_each_stage_and_the_verdict() -> Result<()> {
         "egress security groups",
         "   found:    conntrack: no entry (a new connection); rule client-out4",
         "ingress security groups",
+        "SG_RULE_PORTS[class",
         "rule web-8080",
         "verdict: delivered to port b",
     ] {

@@ -20,7 +20,7 @@ use std::{
 use dataplane_abi::{
     ext_addr_flags, flood_flags, gateway_flags, port_flags, route_flags, sg_direction, DropReason,
     FdbEntry, FdbKey, FixedAddr4, NeighKey4, NeighKey6, Neighbor, PortInfo, Route, RouterIf,
-    PORT_ADDR_FIXED_BITS, REMOTE_FIXED_BITS, ROUTE_FIXED_BITS, RULE_LOOKUP_BITS,
+    PORT_ADDR_FIXED_BITS, REMOTE4_FULL_BITS, REMOTE6_FULL_BITS, ROUTE_FIXED_BITS, RULE_LOOKUP_BITS,
 };
 
 use super::{
@@ -1001,10 +1001,10 @@ impl Tracer<'_> {
                         &k.addr[..],
                     ]
                     .concat();
-                    (*bits, bytes, *class)
+                    (*bits, bytes, (*bits, *class))
                 }),
                 &[&head[..], &a.octets()[..]].concat(),
-                REMOTE_FIXED_BITS + 32,
+                REMOTE4_FULL_BITS,
             ),
             IpAddr::V6(a) => longest(
                 self.tables.sg_remote6.iter().map(|((bits, k), class)| {
@@ -1015,17 +1015,27 @@ impl Tracer<'_> {
                         &k.addr[..],
                     ]
                     .concat();
-                    (*bits, bytes, *class)
+                    (*bits, bytes, (*bits, *class))
                 }),
                 &[&head[..], &a.octets()[..]].concat(),
-                REMOTE_FIXED_BITS + 128,
+                REMOTE6_FULL_BITS,
             ),
         };
         let protocol = p.protocol();
         let port_bytes = p.rule_port();
+        // The map the programs find the entry in: a full-length one is in the host map.
+        let family = if p.is_v6() { 6 } else { 4 };
+        let full_bits = if p.is_v6() {
+            REMOTE6_FULL_BITS
+        } else {
+            REMOTE4_FULL_BITS
+        };
+        let remotes = match class {
+            Some((bits, _)) if bits == full_bits => "SG_HOST",
+            _ => "SG_REMOTE",
+        };
         let mut lookup = format!(
-            "SG_REMOTE{}[policy {}, {}, remote {remote}]",
-            if p.is_v6() { 6 } else { 4 },
+            "{remotes}{family}[policy {}, {}, remote {remote}]",
             port.policy_id,
             if direction == sg_direction::EGRESS {
                 "egress"
@@ -1033,17 +1043,10 @@ impl Tracer<'_> {
                 "ingress"
             },
         );
-        let Some(class) = class else {
+        let Some((_, class)) = class else {
             lookup.push_str(": no address class");
             return (lookup, None);
         };
-        lookup.push_str(&format!(
-            " = class {class}; SG_RULES[class {class}, protocol {protocol}, {}]",
-            match p.transport {
-                Transport::Icmp { kind, code, .. } => format!("type {kind} code {code}"),
-                _ => format!("port {}", u16::from_be_bytes(port_bytes)),
-            }
-        ));
         let key = [
             &class.to_ne_bytes()[..],
             &[protocol],
@@ -1060,12 +1063,23 @@ impl Tracer<'_> {
                     &[k._pad],
                 ]
                 .concat();
-                (*bits, bytes, *slot)
+                (*bits, bytes, (*bits, *slot))
             }),
             &key,
             RULE_LOOKUP_BITS,
         );
-        (lookup, slot)
+        let rules = match slot {
+            Some((RULE_LOOKUP_BITS, _)) => "SG_RULE_PORTS",
+            _ => "SG_RULES",
+        };
+        lookup.push_str(&format!(
+            " = class {class}; {rules}[class {class}, protocol {protocol}, {}]",
+            match p.transport {
+                Transport::Icmp { kind, code, .. } => format!("type {kind} code {code}"),
+                _ => format!("port {}", u16::from_be_bytes(port_bytes)),
+            }
+        ));
+        (lookup, slot.map(|(_, slot)| slot))
     }
 
     // ---- switching -----------------------------------------------------------------

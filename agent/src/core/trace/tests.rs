@@ -134,12 +134,18 @@ fn switched_to_a_port_its_ingress_rule_allows() {
     assert_eq!(trace.verdict, Verdict::Delivered(target("web2", 8)));
     let l2 = stage(&trace, "l2");
     assert!(l2.found.contains("port web2"), "{l2:?}");
-    assert!(stage(&trace, "egress security groups")
-        .found
-        .contains("rule web-out"));
+    let egress = stage(&trace, "egress security groups");
+    assert!(egress.found.contains("rule web-out"));
+    // Each lookup names the map the entry is in: "any protocol" is a trie entry, a
+    // single port a host map's.
+    assert!(egress.lookup.contains("SG_RULES[class"), "{egress:?}");
     let ingress = stage(&trace, "ingress security groups");
     assert!(ingress.found.contains("rule web-http"), "{ingress:?}");
     assert!(ingress.decision.contains("stateful"), "{ingress:?}");
+    assert!(
+        ingress.lookup.starts_with("SG_REMOTE4[") && ingress.lookup.contains("SG_RULE_PORTS[class"),
+        "{ingress:?}"
+    );
 }
 
 #[test]
