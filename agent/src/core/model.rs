@@ -620,46 +620,85 @@ pub enum Resource {
 }
 
 impl Resource {
-    pub fn kind(&self) -> ResourceKind {
+    /// The resource, borrowed.
+    pub fn view(&self) -> ResourceView<'_> {
         match self {
-            Resource::Network(_) => ResourceKind::Network,
-            Resource::Subnet(_) => ResourceKind::Subnet,
-            Resource::Port(_) => ResourceKind::Port,
-            Resource::SecurityGroup(_) => ResourceKind::SecurityGroup,
-            Resource::Router(_) => ResourceKind::Router,
-            Resource::FloatingIp(_) => ResourceKind::FloatingIp,
-            Resource::QosPolicy(_) => ResourceKind::QosPolicy,
+            Resource::Network(r) => ResourceView::Network(r),
+            Resource::Subnet(r) => ResourceView::Subnet(r),
+            Resource::Port(r) => ResourceView::Port(r),
+            Resource::SecurityGroup(r) => ResourceView::SecurityGroup(r),
+            Resource::Router(r) => ResourceView::Router(r),
+            Resource::FloatingIp(r) => ResourceView::FloatingIp(r),
+            Resource::QosPolicy(r) => ResourceView::QosPolicy(r),
         }
+    }
+
+    pub fn kind(&self) -> ResourceKind {
+        self.view().kind()
     }
 
     pub fn id(&self) -> &str {
-        match self {
-            Resource::Network(r) => &r.id,
-            Resource::Subnet(r) => &r.id,
-            Resource::Port(r) => &r.id,
-            Resource::SecurityGroup(r) => &r.id,
-            Resource::Router(r) => &r.id,
-            Resource::FloatingIp(r) => &r.id,
-            Resource::QosPolicy(r) => &r.id,
-        }
+        self.view().id()
     }
 
     pub fn revision_number(&self) -> u64 {
-        match self {
-            Resource::Network(r) => r.revision_number,
-            Resource::Subnet(r) => r.revision_number,
-            Resource::Port(r) => r.revision_number,
-            Resource::SecurityGroup(r) => r.revision_number,
-            Resource::Router(r) => r.revision_number,
-            Resource::FloatingIp(r) => r.revision_number,
-            Resource::QosPolicy(r) => r.revision_number,
-        }
+        self.view().revision_number()
     }
 
     pub fn reference(&self) -> ResourceRef {
         ResourceRef {
             kind: self.kind(),
             id: self.id().to_owned(),
+        }
+    }
+}
+
+/// A resource borrowed from a request or from the state.
+#[derive(Clone, Copy, Debug)]
+pub enum ResourceView<'a> {
+    Network(&'a Network),
+    Subnet(&'a Subnet),
+    Port(&'a Port),
+    SecurityGroup(&'a SecurityGroup),
+    Router(&'a Router),
+    FloatingIp(&'a FloatingIp),
+    QosPolicy(&'a QosPolicy),
+}
+
+impl<'a> ResourceView<'a> {
+    pub fn kind(self) -> ResourceKind {
+        match self {
+            ResourceView::Network(_) => ResourceKind::Network,
+            ResourceView::Subnet(_) => ResourceKind::Subnet,
+            ResourceView::Port(_) => ResourceKind::Port,
+            ResourceView::SecurityGroup(_) => ResourceKind::SecurityGroup,
+            ResourceView::Router(_) => ResourceKind::Router,
+            ResourceView::FloatingIp(_) => ResourceKind::FloatingIp,
+            ResourceView::QosPolicy(_) => ResourceKind::QosPolicy,
+        }
+    }
+
+    pub fn id(self) -> &'a str {
+        match self {
+            ResourceView::Network(r) => &r.id,
+            ResourceView::Subnet(r) => &r.id,
+            ResourceView::Port(r) => &r.id,
+            ResourceView::SecurityGroup(r) => &r.id,
+            ResourceView::Router(r) => &r.id,
+            ResourceView::FloatingIp(r) => &r.id,
+            ResourceView::QosPolicy(r) => &r.id,
+        }
+    }
+
+    pub fn revision_number(self) -> u64 {
+        match self {
+            ResourceView::Network(r) => r.revision_number,
+            ResourceView::Subnet(r) => r.revision_number,
+            ResourceView::Port(r) => r.revision_number,
+            ResourceView::SecurityGroup(r) => r.revision_number,
+            ResourceView::Router(r) => r.revision_number,
+            ResourceView::FloatingIp(r) => r.revision_number,
+            ResourceView::QosPolicy(r) => r.revision_number,
         }
     }
 }
@@ -707,29 +746,29 @@ pub struct State {
 }
 
 impl State {
-    pub fn contains(&self, kind: ResourceKind, id: &str) -> bool {
+    /// The resource `(kind, id)`, if the state holds it.
+    pub fn view(&self, kind: ResourceKind, id: &str) -> Option<ResourceView<'_>> {
         match kind {
-            ResourceKind::Network => self.networks.contains_key(id),
-            ResourceKind::Subnet => self.subnets.contains_key(id),
-            ResourceKind::Port => self.ports.contains_key(id),
-            ResourceKind::SecurityGroup => self.security_groups.contains_key(id),
-            ResourceKind::Router => self.routers.contains_key(id),
-            ResourceKind::FloatingIp => self.floating_ips.contains_key(id),
-            ResourceKind::QosPolicy => self.qos_policies.contains_key(id),
+            ResourceKind::Network => self.networks.get(id).map(ResourceView::Network),
+            ResourceKind::Subnet => self.subnets.get(id).map(ResourceView::Subnet),
+            ResourceKind::Port => self.ports.get(id).map(|r| ResourceView::Port(r)),
+            ResourceKind::SecurityGroup => self
+                .security_groups
+                .get(id)
+                .map(|r| ResourceView::SecurityGroup(r)),
+            ResourceKind::Router => self.routers.get(id).map(ResourceView::Router),
+            ResourceKind::FloatingIp => self.floating_ips.get(id).map(ResourceView::FloatingIp),
+            ResourceKind::QosPolicy => self.qos_policies.get(id).map(ResourceView::QosPolicy),
         }
+    }
+
+    pub fn contains(&self, kind: ResourceKind, id: &str) -> bool {
+        self.view(kind, id).is_some()
     }
 
     /// The revision held for a resource, if it exists.
     pub fn revision_number(&self, kind: ResourceKind, id: &str) -> Option<u64> {
-        match kind {
-            ResourceKind::Network => self.networks.get(id).map(|r| r.revision_number),
-            ResourceKind::Subnet => self.subnets.get(id).map(|r| r.revision_number),
-            ResourceKind::Port => self.ports.get(id).map(|r| r.revision_number),
-            ResourceKind::SecurityGroup => self.security_groups.get(id).map(|r| r.revision_number),
-            ResourceKind::Router => self.routers.get(id).map(|r| r.revision_number),
-            ResourceKind::FloatingIp => self.floating_ips.get(id).map(|r| r.revision_number),
-            ResourceKind::QosPolicy => self.qos_policies.get(id).map(|r| r.revision_number),
-        }
+        self.view(kind, id).map(ResourceView::revision_number)
     }
 
     pub fn len(&self) -> usize {

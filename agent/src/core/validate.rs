@@ -18,8 +18,8 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::model::{
     id_problem, AllowedAddressPair, Change, FloatingIp, IpVersion, MacAddr, Network, NetworkType,
-    Port, Protocol, QosPolicy, Resource, ResourceKind, ResourceRef, Router, SecurityGroup,
-    SecurityGroupRule, State, Subnet,
+    Port, Protocol, QosPolicy, Resource, ResourceKind, ResourceRef, ResourceView, Router,
+    SecurityGroup, SecurityGroupRule, State, Subnet,
 };
 
 /// What kind of wrong a request is; the service maps it to a gRPC code.
@@ -132,7 +132,7 @@ impl State {
         for (index, change) in changes.iter().enumerate() {
             let checked = match change {
                 Change::Upsert(resource) => checker
-                    .upsert(index, Item::of(resource), repeated[index])
+                    .upsert(index, resource.view(), repeated[index])
                     .map_err(|e| e.under(&format!("upsert.{}", resource.kind().field_name()))),
                 Change::Delete(reference) => checker.delete(reference, repeated[index]),
             };
@@ -165,85 +165,14 @@ impl State {
         let checker = Checker::new(&next, None, touched);
         for (index, (kind, id, repeated)) in items.iter().enumerate() {
             checker
-                .upsert(index, Item::held(&next, *kind, id), *repeated)
+                .upsert(
+                    index,
+                    next.view(*kind, id).expect("the state holds every item"),
+                    *repeated,
+                )
                 .map_err(|e| e.under(kind.field_name()).at(index))?;
         }
         Ok(next)
-    }
-}
-
-/// A resource to check: an Apply's item, or a Sync's as the state holds it.
-#[derive(Clone, Copy)]
-enum Item<'a> {
-    Network(&'a Network),
-    Subnet(&'a Subnet),
-    Port(&'a Port),
-    SecurityGroup(&'a SecurityGroup),
-    Router(&'a Router),
-    FloatingIp(&'a FloatingIp),
-    QosPolicy(&'a QosPolicy),
-}
-
-impl<'a> Item<'a> {
-    fn of(resource: &'a Resource) -> Self {
-        match resource {
-            Resource::Network(r) => Item::Network(r),
-            Resource::Subnet(r) => Item::Subnet(r),
-            Resource::Port(r) => Item::Port(r),
-            Resource::SecurityGroup(r) => Item::SecurityGroup(r),
-            Resource::Router(r) => Item::Router(r),
-            Resource::FloatingIp(r) => Item::FloatingIp(r),
-            Resource::QosPolicy(r) => Item::QosPolicy(r),
-        }
-    }
-
-    /// `(kind, id)` of `state`, which holds it.
-    fn held(state: &'a State, kind: ResourceKind, id: &str) -> Self {
-        match kind {
-            ResourceKind::Network => Item::Network(&state.networks[id]),
-            ResourceKind::Subnet => Item::Subnet(&state.subnets[id]),
-            ResourceKind::Port => Item::Port(&state.ports[id]),
-            ResourceKind::SecurityGroup => Item::SecurityGroup(&state.security_groups[id]),
-            ResourceKind::Router => Item::Router(&state.routers[id]),
-            ResourceKind::FloatingIp => Item::FloatingIp(&state.floating_ips[id]),
-            ResourceKind::QosPolicy => Item::QosPolicy(&state.qos_policies[id]),
-        }
-    }
-
-    fn kind(self) -> ResourceKind {
-        match self {
-            Item::Network(_) => ResourceKind::Network,
-            Item::Subnet(_) => ResourceKind::Subnet,
-            Item::Port(_) => ResourceKind::Port,
-            Item::SecurityGroup(_) => ResourceKind::SecurityGroup,
-            Item::Router(_) => ResourceKind::Router,
-            Item::FloatingIp(_) => ResourceKind::FloatingIp,
-            Item::QosPolicy(_) => ResourceKind::QosPolicy,
-        }
-    }
-
-    fn id(self) -> &'a str {
-        match self {
-            Item::Network(r) => &r.id,
-            Item::Subnet(r) => &r.id,
-            Item::Port(r) => &r.id,
-            Item::SecurityGroup(r) => &r.id,
-            Item::Router(r) => &r.id,
-            Item::FloatingIp(r) => &r.id,
-            Item::QosPolicy(r) => &r.id,
-        }
-    }
-
-    fn revision_number(self) -> u64 {
-        match self {
-            Item::Network(r) => r.revision_number,
-            Item::Subnet(r) => r.revision_number,
-            Item::Port(r) => r.revision_number,
-            Item::SecurityGroup(r) => r.revision_number,
-            Item::Router(r) => r.revision_number,
-            Item::FloatingIp(r) => r.revision_number,
-            Item::QosPolicy(r) => r.revision_number,
-        }
     }
 }
 
@@ -393,7 +322,7 @@ impl<'a> Checker<'a> {
 
     /// Checks an upserted resource; fields relative to the resource.
     /// Checks the upsert at `index`.
-    fn upsert(&self, index: usize, item: Item<'a>, repeated: bool) -> Checked {
+    fn upsert(&self, index: usize, item: ResourceView<'a>, repeated: bool) -> Checked {
         let (kind, id) = (item.kind(), item.id());
         if repeated {
             return Err(ValidationError::invalid_argument(
@@ -417,13 +346,13 @@ impl<'a> Checker<'a> {
         }
         check_id("id", id)?;
         match item {
-            Item::Network(network) => self.network(network),
-            Item::Subnet(subnet) => self.subnet(index, subnet),
-            Item::Port(port) => self.port(index, port),
-            Item::SecurityGroup(group) => self.security_group(index, group),
-            Item::Router(router) => self.router(router),
-            Item::FloatingIp(floating_ip) => self.floating_ip(floating_ip),
-            Item::QosPolicy(policy) => check_qos_policy(policy),
+            ResourceView::Network(network) => self.network(network),
+            ResourceView::Subnet(subnet) => self.subnet(index, subnet),
+            ResourceView::Port(port) => self.port(index, port),
+            ResourceView::SecurityGroup(group) => self.security_group(index, group),
+            ResourceView::Router(router) => self.router(router),
+            ResourceView::FloatingIp(floating_ip) => self.floating_ip(floating_ip),
+            ResourceView::QosPolicy(policy) => check_qos_policy(policy),
         }
     }
 

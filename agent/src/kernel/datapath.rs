@@ -399,6 +399,22 @@ struct MapSet {
     stages_installed: bool,
 }
 
+impl MapSet {
+    /// Makes the (idle) set's maps hold `wanted`: the difference from what they hold,
+    /// or, when that is not known, whatever differs. Left unknown if a write fails: the
+    /// next one compares instead.
+    fn hold(&mut self, wanted: &Arc<DatapathTables>) -> Result<(), DatapathError> {
+        match self.programmed.take() {
+            Some(old) => self.maps.write(&old, wanted)?,
+            None => {
+                self.maps.repair(wanted)?;
+            }
+        }
+        self.programmed = Some(Arc::clone(wanted));
+        Ok(())
+    }
+}
+
 /// The map set a compiled state was written into, ready to be switched to.
 #[must_use = "nothing changes for packets until `switch`"]
 pub struct Staged {
@@ -791,15 +807,7 @@ impl Datapath {
         } else {
             let target = other(self.active);
             self.wait_idle(target)?;
-            let set = &mut self.sets[target as usize];
-            // Left unknown if the write fails: the next one compares instead.
-            match set.programmed.take() {
-                Some(old) => set.maps.write(&old, &compiled.tables)?,
-                None => {
-                    set.maps.repair(&compiled.tables)?;
-                }
-            }
-            set.programmed = Some(Arc::clone(&compiled.tables));
+            self.sets[target as usize].hold(&compiled.tables)?;
             Some(target)
         };
         self.attach_new(&compiled.ports)?;
@@ -823,15 +831,7 @@ impl Datapath {
             return Ok(false);
         }
         self.wait_idle(idle)?;
-        let set = &mut self.sets[idle as usize];
-        // Left unknown if the write fails: the next commit compares instead.
-        match set.programmed.take() {
-            Some(old) => set.maps.write(&old, &wanted)?,
-            None => {
-                set.maps.repair(&wanted)?;
-            }
-        }
-        set.programmed = Some(wanted);
+        self.sets[idle as usize].hold(&wanted)?;
         Ok(true)
     }
 
@@ -1577,15 +1577,14 @@ fn reopen<T>(map: &MapData, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map_err = |source| DatapathError::Map { map: name, source };
     let fd = map.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-        map_err(MapError::SyscallError(SyscallError {
+        map_err(name)(MapError::SyscallError(SyscallError {
             call: "dup",
             io_error,
         }))
     })?;
-    let data = MapData::from_fd(fd).map_err(map_err)?;
-    T::try_from(aya::maps::Map::from_map_data(data).map_err(map_err)?).map_err(map_err)
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
+    T::try_from(aya::maps::Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
 }
 
 /// Takes a map out of the object as its typed handle.
